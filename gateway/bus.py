@@ -1,0 +1,185 @@
+"""The Kafka bus: topic layout, the node's producer, and per-stream frame readers.
+
+Topics (``docs/architecture.md`` has the picture):
+
+- ``{prefix}.stream.{name}``: one per live stream, partition 0 = video, 1 = audio, one
+  frame per record (:mod:`gateway.frames`), deleted by retention after a few minutes.
+- ``{prefix}.streams``: compacted registry of live streams (:mod:`gateway.registry`).
+- ``{prefix}.control``: keyframe requests from egress to the ingest owning a stream.
+
+Only the Kafka protocol is used, so any Kafka-compatible cluster works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import TopicPartition
+
+from .frames import Frame, FrameFormatError, Track
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+# Hot-path consumers must not let the broker hold fetches: the default 500 ms wait
+# would add up to that much latency to every frame.
+FETCH_MAX_WAIT_MS = 5
+
+
+class Bus:
+    """A node's connection to Kafka: one producer shared by all its streams."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.producer: AIOKafkaProducer | None = None
+        self._prefix = settings.topic_prefix
+        self.produce_errors = 0
+
+    # Topic names
+    def stream_topic(self, stream: str) -> str:
+        return f"{self._prefix}.stream.{stream}"
+
+    @property
+    def registry_topic(self) -> str:
+        return f"{self._prefix}.streams"
+
+    @property
+    def control_topic(self) -> str:
+        return f"{self._prefix}.control"
+
+    async def start(self) -> None:
+        self.producer = AIOKafkaProducer(
+            **self.settings.kafka_client_options(),
+            acks=1,
+            linger_ms=0,
+            max_request_size=MAX_RECORD_BYTES,
+            request_timeout_ms=10000,
+        )
+        await self.producer.start()
+        await self._create_topics(
+            [
+                NewTopic(self.registry_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
+                NewTopic(self.control_topic, 1, 1, topic_configs={"retention.ms": "3600000"}),
+            ]
+        )
+
+    async def stop(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+
+    async def create_stream_topic(self, stream: str) -> None:
+        """Create (or keep) the stream's topic: a partition per track, short retention."""
+        configs = {
+            "retention.ms": str(self.settings.stream_retention_ms),
+            "max.message.bytes": str(MAX_RECORD_BYTES),
+            "message.timestamp.type": "LogAppendTime",
+        }
+        await self._create_topics([NewTopic(self.stream_topic(stream), len(Track), 1, configs)])
+
+    async def _create_topics(self, topics: list[NewTopic]) -> None:
+        admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())
+        await admin.start()
+        try:
+            for topic in topics:
+                try:
+                    await admin.create_topics([topic])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            await admin.close()
+
+    async def send_frame(self, topic: str, frame: Frame) -> None:
+        """Queue a frame for sending; returns once queued, not when acknowledged."""
+        assert self.producer is not None
+        future = await self.producer.send(topic, frame.encode(), partition=frame.track)
+        future.add_done_callback(self._count_error)
+
+    def _count_error(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.produce_errors += 1
+            logger.warning("frame not written to Kafka: %s", future.exception())
+
+    async def send_record(self, topic: str, key: str, value: bytes | None) -> None:
+        """Send a control or registry record and wait until the broker has it."""
+        assert self.producer is not None
+        await self.producer.send_and_wait(topic, value, key=key.encode())
+
+    def consumer(self) -> AIOKafkaConsumer:
+        """A group-less consumer for manual assignment, tuned for low latency."""
+        return AIOKafkaConsumer(
+            **self.settings.kafka_client_options(),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            max_partition_fetch_bytes=MAX_RECORD_BYTES,
+            fetch_max_bytes=4 * MAX_RECORD_BYTES,
+        )
+
+
+@dataclass(slots=True)
+class ReadFrame:
+    frame: Frame
+    history: bool
+    """Written before the reader started: feeds the GOP cache, is not sent live."""
+
+
+class FrameReader:
+    """Reads one stream's frames for one egress node; all its viewers share it.
+
+    It starts ``lookback`` video frames back so the current GOP can be rebuilt from
+    Kafka and a first viewer can start on a keyframe without waiting for the next one.
+    """
+
+    def __init__(self, bus: Bus, stream: str, lookback: int) -> None:
+        self.topic = bus.stream_topic(stream)
+        self._consumer = bus.consumer()
+        self._lookback = lookback
+        self._live_from: dict[int, int] = {}
+        self.malformed = 0
+        self.lag_ms = 0.0
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        partitions = [TopicPartition(self.topic, track) for track in Track]
+        self._consumer.assign(partitions)
+        ends = await self._consumer.end_offsets(partitions)
+        begins = await self._consumer.beginning_offsets(partitions)
+        for tp in partitions:
+            self._live_from[tp.partition] = ends[tp]
+            if tp.partition == Track.VIDEO:
+                self._consumer.seek(tp, max(begins[tp], ends[tp] - self._lookback))
+            else:
+                self._consumer.seek(tp, ends[tp])
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def read(self) -> AsyncIterator[list[ReadFrame]]:
+        """Batches of frames in partition order, as soon as the broker has them."""
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=1000, max_records=500)
+            out = []
+            for tp, records in batches.items():
+                live_from = self._live_from[tp.partition]
+                for record in records:
+                    try:
+                        frame = Frame.decode(record.value)
+                    except FrameFormatError:
+                        self.malformed += 1
+                        continue
+                    out.append(ReadFrame(frame, record.offset < live_from))
+            if out:
+                self.lag_ms = time.time() * 1000 - out[-1].frame.arrival_us / 1000
+                yield out

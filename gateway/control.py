@@ -1,0 +1,74 @@
+"""Keyframe requests travel upstream as Kafka records, never as calls.
+
+An egress node that needs a keyframe (a viewer sent PLI/FIR, or the cached GOP grew too
+long) writes a record to the control topic; the ingest that owns the stream reads it
+and asks its publisher for a keyframe. Egress and ingest may live in different
+processes, so this is the only way back up the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from aiokafka.structs import TopicPartition
+
+from .bus import Bus
+
+logger = logging.getLogger(__name__)
+
+
+class KeyframeRequester:
+    """Egress side: coalesces requests per stream to at most one per ``interval``."""
+
+    def __init__(self, bus: Bus, interval: float) -> None:
+        self._bus = bus
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self.sent = 0
+        self.coalesced = 0
+
+    def request(self, stream: str, session: int, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(stream, -1e9) < self._interval:
+            self.coalesced += 1
+            return
+        self._last[stream] = now
+        self.sent += 1
+        value = json.dumps({"type": "keyframe", "session": session, "reason": reason}).encode()
+        task = asyncio.ensure_future(self._bus.send_record(self._bus.control_topic, stream, value))
+        task.add_done_callback(_log_failure)
+
+    def forget(self, stream: str) -> None:
+        self._last.pop(stream, None)
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("keyframe request not sent: %s", task.exception())
+
+
+async def follow_keyframe_requests(bus: Bus, handler: Callable[[str, int], None]) -> None:
+    """Ingest side: call ``handler(stream, session)`` for every new request, for ever."""
+    consumer = bus.consumer()
+    await consumer.start()
+    try:
+        tp = TopicPartition(bus.control_topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_end(tp)
+        while True:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    try:
+                        message = json.loads(record.value)
+                        stream = record.key.decode()
+                        session = int(message["session"])
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        continue
+                    if message.get("type") == "keyframe":
+                        handler(stream, session)
+    finally:
+        await consumer.stop()

@@ -1,0 +1,314 @@
+"""Egress: frames from Kafka out to WHEP viewers, one Kafka read per stream per node.
+
+:class:`StreamFanout` reads a stream once, keeps the current GOP, splits each frame into
+RTP payloads once, and hands it to every :class:`ViewerSession` on this node. A viewer
+joins on a keyframe at once: the cached GOP is sent first with its timestamps packed
+together, so the player decodes up to the live frame immediately instead of waiting
+for the publisher's next keyframe. A viewer that cannot keep up queues a bounded number
+of frames, then is dropped to the next keyframe; the others never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+from aiortc import RTCSessionDescription
+
+from . import codecs
+from .bus import Bus, FrameReader
+from .control import KeyframeRequester
+from .frames import Codec, Track
+from .peer import NotLive, PeerSession, UnprocessableOffer, answer_offer, parse_offer
+from .registry import RegistryView, StreamInfo
+from .rtpsend import FanoutSender, PreparedFrame
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BURST_CHUNK = 8  # GOP frames sent to a joining viewer between two yields to the loop
+
+
+@dataclass
+class ViewerStats:
+    frames_sent: int = 0
+    keyframe_drops: int = 0
+    keyframe_requests: int = 0
+    first_frame_s: float | None = None
+    """Seconds from the WHEP request to the first video frame sent."""
+
+
+class ViewerSession(PeerSession):
+    """One WHEP viewer: its peer connection and one :class:`FanoutSender` per track."""
+
+    def __init__(self, node: EgressNode, stream: str) -> None:
+        super().__init__(node.settings, stream, "whep")
+        self.node = node
+        self.created = time.monotonic()
+        self.stats = ViewerStats()
+        self.senders: dict[Track, FanoutSender] = {}
+        self.fanout: StreamFanout | None = None
+        self._queue: collections.deque[PreparedFrame] = collections.deque()
+        self._video_started = False
+        self._skip_to_keyframe = False
+
+    async def start(self, offer_sdp: str, info: StreamInfo) -> str:
+        offer = parse_offer(offer_sdp, direction="recvonly")
+        matched = {}
+        for media in offer.media:
+            source = info.codec(media.kind)
+            if source is not None:
+                matched[media.kind] = codecs.match_viewer_codec(
+                    media.rtp.codecs, source, media.kind
+                )
+        if not matched:
+            raise UnprocessableOffer("the offer asks for no track this stream has")
+        pc = self.pc = self.create_peer_connection()
+        for media in offer.media:
+            pc.addTransceiver(
+                media.kind, direction="sendonly" if media.kind in matched else "inactive"
+            )
+        await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind not in matched:
+                continue
+            transceiver._codecs = matched[transceiver.kind]
+            track = Track.VIDEO if transceiver.kind == "video" else Track.AUDIO
+            sender = FanoutSender(
+                transceiver.kind, transceiver.receiver.transport, self.keyframe_requested
+            )
+            sender._stream_id = transceiver.sender._stream_id
+            transceiver.receiver._set_rtcp_ssrc(sender._ssrc)
+            transceiver._RTCRtpTransceiver__sender = sender  # aiortc has no public hook
+            self.senders[track] = sender
+        answer = await answer_offer(pc, self.settings)
+        self.fanout = await self.node.fanout(info)
+        self.fanout.viewers.add(self)
+        if Track.VIDEO in self.senders:
+            self.spawn(self._start_video(self.senders[Track.VIDEO]))
+        return answer
+
+    async def _start_video(self, sender: FanoutSender) -> None:
+        """Once DTLS is up: the cached GOP, timestamps packed, then live frames."""
+        await sender.ready.wait()
+        fanout = self.fanout
+        assert fanout is not None
+        gop = list(fanout.gop)
+        if not gop:
+            fanout.request_keyframe("viewer joined without a cached GOP")
+            self._skip_to_keyframe = True
+            self._video_started = True
+            return
+        last_ts = gop[-1].frame.rtp_timestamp
+        for i, prepared in enumerate(gop):
+            sender.send_frame(prepared, (last_ts - (len(gop) - 1 - i)) & 0xFFFFFFFF)
+            self._count_sent()
+            if i % BURST_CHUNK == BURST_CHUNK - 1:
+                await asyncio.sleep(0.002)
+        # Frames that arrived during the burst, newer than the GOP's last one.
+        newest = gop[-1].frame.sequence
+        self._video_started = True
+        while self._queue:
+            prepared = self._queue.popleft()
+            if prepared.frame.sequence > newest:
+                sender.send_frame(prepared)
+                self._count_sent()
+
+    def _count_sent(self) -> None:
+        self.stats.frames_sent += 1
+        if self.stats.first_frame_s is None:
+            self.stats.first_frame_s = time.monotonic() - self.created
+
+    def deliver(self, prepared: PreparedFrame) -> None:
+        """Hand one live frame to this viewer; never blocks, never waits on the viewer."""
+        frame = prepared.frame
+        sender = self.senders.get(frame.track)
+        if sender is None or sender.layout is None:
+            return
+        if frame.track is Track.AUDIO:
+            sender.send_frame(prepared)
+            return
+        if self._skip_to_keyframe:
+            if not frame.keyframe:
+                return
+            self._skip_to_keyframe = False
+            self._queue.clear()
+        if not self._video_started or self._queue or not sender.writable():
+            self._queue.append(prepared)
+            if len(self._queue) > self.settings.viewer_queue_frames:
+                self.stats.keyframe_drops += 1
+                self._queue.clear()
+                self._skip_to_keyframe = True
+                self.keyframe_requested("viewer queue overflow")
+            elif self._video_started and sender.writable():
+                while self._queue:
+                    sender.send_frame(self._queue.popleft())
+                    self._count_sent()
+            return
+        sender.send_frame(prepared)
+        self._count_sent()
+
+    def keyframe_requested(self, reason: str) -> None:
+        self.stats.keyframe_requests += 1
+        if self.fanout is not None:
+            self.fanout.request_keyframe(f"viewer {reason}")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        if self.fanout is not None:
+            self.fanout.remove(self)
+        self.node.viewers.pop(self.resource_id, None)
+        await super().close()
+
+
+class StreamFanout:
+    """The single reader of one stream on this node, shared by all its viewers."""
+
+    def __init__(self, node: EgressNode, info: StreamInfo) -> None:
+        self.node = node
+        self.stream = info.stream
+        self.session = info.session
+        self.viewers: set[ViewerSession] = set()
+        self.gop: list[PreparedFrame] = []
+        self.frames = 0
+        self.gop_overflows = 0
+        self.latency_ms: collections.deque[float] = collections.deque(maxlen=2048)
+        self._reader = FrameReader(node.bus, info.stream, lookback=node.settings.gop_cache_frames)
+        self._packetizers = {}
+        for track, kind in ((Track.VIDEO, "video"), (Track.AUDIO, "audio")):
+            codec = info.codec(kind)
+            if codec is not None:
+                self._packetizers[track] = codecs.Packetizer(Codec.from_mime_type(codec.mimeType))
+        self._task: asyncio.Task | None = None
+        self._idle_since = time.monotonic()
+
+    async def start(self) -> None:
+        await self._reader.start()
+        self._task = asyncio.create_task(self._run(), name=f"fanout-{self.stream}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*(v.close() for v in list(self.viewers)))
+
+    def remove(self, viewer: ViewerSession) -> None:
+        self.viewers.discard(viewer)
+        if not self.viewers:
+            self._idle_since = time.monotonic()
+
+    def request_keyframe(self, reason: str) -> None:
+        self.node.keyframes.request(self.stream, self.session, reason)
+
+    async def _run(self) -> None:
+        try:
+            async for batch in self._reader.read():
+                for item in batch:
+                    self._on_frame(item.frame, item.history)
+        finally:
+            await self._reader.stop()
+
+    def _on_frame(self, frame, history: bool) -> None:
+        if frame.session != self.session:
+            return  # an earlier publish of the same stream name
+        packetizer = self._packetizers.get(frame.track)
+        if packetizer is None:
+            return
+        prepared = PreparedFrame(
+            frame, packetizer.packetize(frame.payload), frame.track is Track.VIDEO
+        )
+        if frame.track is Track.VIDEO:
+            if frame.keyframe:
+                self.gop = [prepared]
+            elif self.gop:
+                self.gop.append(prepared)
+                if len(self.gop) > self.node.settings.gop_cache_frames:
+                    self.gop = []
+                    self.gop_overflows += 1
+                    self.request_keyframe("cached GOP too long")
+        if history:
+            return
+        self.frames += 1
+        for viewer in list(self.viewers):
+            viewer.deliver(prepared)
+        self.latency_ms.append(time.time() * 1000 - frame.arrival_us / 1000)
+
+
+class EgressNode:
+    """The viewers and stream fan-outs of this process."""
+
+    def __init__(self, settings: Settings, bus: Bus, view: RegistryView) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.view = view
+        self.keyframes = KeyframeRequester(bus, settings.keyframe_request_interval)
+        self.viewers: dict[str, ViewerSession] = {}
+        self.fanouts: dict[str, StreamFanout] = {}
+        self._fanout_lock = asyncio.Lock()
+        self._janitor: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._janitor = asyncio.create_task(self._sweep(), name="egress-janitor")
+
+    async def stop(self) -> None:
+        if self._janitor:
+            self._janitor.cancel()
+            await asyncio.gather(self._janitor, return_exceptions=True)
+        await asyncio.gather(*(f.stop() for f in list(self.fanouts.values())))
+        self.fanouts.clear()
+
+    async def play(self, stream: str, offer_sdp: str) -> tuple[ViewerSession, str]:
+        info = self.view.get(stream)
+        if info is None:
+            raise NotLive(f"stream {stream!r} is not live")
+        viewer = ViewerSession(self, stream)
+        self.viewers[viewer.resource_id] = viewer
+        try:
+            answer = await viewer.start(offer_sdp, info)
+        except BaseException:
+            await viewer.close()
+            raise
+        return viewer, answer
+
+    def find(self, stream: str, resource_id: str) -> ViewerSession | None:
+        viewer = self.viewers.get(resource_id)
+        return viewer if viewer is not None and viewer.stream == stream else None
+
+    async def fanout(self, info: StreamInfo) -> StreamFanout:
+        async with self._fanout_lock:
+            fanout = self.fanouts.get(info.stream)
+            if fanout is not None and fanout.session != info.session:
+                await self._end(fanout)
+                fanout = None
+            if fanout is None:
+                fanout = StreamFanout(self, info)
+                await fanout.start()
+                self.fanouts[info.stream] = fanout
+            return fanout
+
+    async def _end(self, fanout: StreamFanout) -> None:
+        self.fanouts.pop(fanout.stream, None)
+        self.keyframes.forget(fanout.stream)
+        await fanout.stop()
+
+    async def _sweep(self) -> None:
+        """End fan-outs whose stream ended, and idle ones after a grace period."""
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for fanout in list(self.fanouts.values()):
+                info = self.view.get(fanout.stream)
+                ended = info is None or info.session != fanout.session
+                idle = not fanout.viewers and now - fanout._idle_since > self.settings.fanout_linger
+                if ended or idle:
+                    if ended:
+                        logger.info(
+                            "stream %s ended; closing %d viewers",
+                            fanout.stream,
+                            len(fanout.viewers),
+                        )
+                    await self._end(fanout)

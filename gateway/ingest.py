@@ -1,0 +1,403 @@
+"""Ingest: a WHIP publisher's RTP in, complete encoded frames out to Kafka.
+
+:class:`PassthroughReceiver` takes aiortc's place as the RTP receiver of a publisher's
+peer connection. It keeps what a receiver owes the publisher (RTCP receiver reports,
+NACKs, REMB bandwidth estimates, PLIs) and replaces the jitter buffer and decoder
+thread with :class:`~gateway.assembler.FrameAssembler`, so each frame is written to
+Kafka the moment its last packet arrives. :class:`IngestNode` owns the publishing
+sessions of one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiortc import RTCSessionDescription
+from aiortc.rate import RemoteBitrateEstimator
+from aiortc.rtcrtpparameters import RTCRtpReceiveParameters
+from aiortc.rtcrtpreceiver import NackGenerator, RTCRtpReceiver, StreamStatistics
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    RtcpByePacket,
+    RtcpPsfbPacket,
+    RtcpReceiverInfo,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    pack_remb_fci,
+    unwrap_rtx,
+)
+
+from . import codecs, registry
+from .assembler import FrameAssembler
+from .bus import Bus
+from .control import follow_keyframe_requests
+from .frames import Codec, Frame, Track, is_keyframe
+from .peer import PeerSession, SessionError, answer_offer, parse_offer
+from .registry import RegistryView, StreamInfo
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class StreamBusy(SessionError):
+    status = 409
+
+
+@dataclass
+class IngestStats:
+    packets: int = 0
+    frames: int = 0
+    keyframes: int = 0
+    bytes: int = 0
+    malformed_rtp: int = 0
+    frames_lost: int = 0
+    frames_skipped: int = 0
+    nacks_sent: int = 0
+    plis_sent: int = 0
+    keyframe_requests: int = 0
+
+
+class PassthroughReceiver(RTCRtpReceiver):
+    """An RTP receiver that reassembles encoded frames instead of decoding them."""
+
+    def __init__(self, kind: str, transport, rtcp_ssrc: int, session: IngestSession) -> None:
+        super().__init__(kind, transport)
+        self._rtcp_ssrc = rtcp_ssrc
+        self._session = session
+        self._track = Track.VIDEO if kind == "video" else Track.AUDIO
+        self._codecs: dict = {}
+        self._rtx_ssrc: dict[int, int] = {}
+        self._streams: dict[int, StreamStatistics] = {}
+        self._lsr: dict[int, tuple[int, float]] = {}
+        self._nack = NackGenerator() if kind == "video" else None
+        self._remb = RemoteBitrateEstimator() if kind == "video" else None
+        self._assembler = FrameAssembler()
+        self._audio_highest: int | None = None
+        self._rtcp_task: asyncio.Task | None = None
+        self.media_ssrc: int | None = None
+
+    async def receive(self, parameters: RTCRtpReceiveParameters) -> None:
+        if self._rtcp_task is not None:
+            return
+        self._codecs = {c.payloadType: c for c in parameters.codecs}
+        for encoding in parameters.encodings:
+            if encoding.rtx:
+                self._rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
+        self.transport._register_rtp_receiver(self, parameters)
+        self._rtcp_task = asyncio.create_task(self._run_rtcp())
+
+    async def stop(self) -> None:
+        if self._rtcp_task is not None:
+            self.transport._unregister_rtp_receiver(self)
+            self._rtcp_task.cancel()
+            await asyncio.gather(self._rtcp_task, return_exceptions=True)
+
+    def _handle_disconnect(self) -> None:
+        pass
+
+    async def _handle_rtcp_packet(self, packet) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            ntp = packet.sender_info.ntp_timestamp
+            self._lsr[packet.ssrc] = ((ntp >> 16) & 0xFFFFFFFF, time.time())
+        elif isinstance(packet, RtcpByePacket):
+            self._session.publisher_left("RTCP BYE")
+
+    async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        stats = self._session.stats
+        stats.packets += 1
+        self._session.last_packet = time.monotonic()
+        codec = self._codecs.get(packet.payload_type)
+        if codec is None:
+            stats.malformed_rtp += 1
+            return
+        if packet.ssrc not in self._streams:
+            self._streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        self._streams[packet.ssrc].add(packet)
+
+        if codec.mimeType.lower().endswith("/rtx"):
+            original_ssrc = self._rtx_ssrc.get(packet.ssrc)
+            apt = codec.parameters.get("apt")
+            if original_ssrc is None or apt not in self._codecs or len(packet.payload) < 2:
+                stats.malformed_rtp += 1
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
+            codec = self._codecs[apt]
+        self.media_ssrc = packet.ssrc
+
+        if self._remb is not None and packet.extensions.abs_send_time is not None:
+            remb = self._remb.add(
+                abs_send_time=packet.extensions.abs_send_time,
+                arrival_time_ms=arrival_time_ms,
+                payload_size=len(packet.payload) + packet.padding_size,
+                ssrc=packet.ssrc,
+            )
+            if remb is not None:
+                await self._send_rtcp(
+                    RtcpPsfbPacket(
+                        fmt=RTCP_PSFB_APP,
+                        ssrc=self._rtcp_ssrc,
+                        media_ssrc=0,
+                        fci=pack_remb_fci(*remb),
+                    )
+                )
+        if self._nack is not None and self._nack.add(packet):
+            stats.nacks_sent += 1
+            nack = RtcpRtpfbPacket(
+                fmt=RTCP_RTPFB_NACK, ssrc=self._rtcp_ssrc, media_ssrc=packet.ssrc
+            )
+            nack.lost = sorted(self._nack.missing)
+            await self._send_rtcp(nack)
+        if not packet.payload:
+            return  # padding-only probe
+
+        media_codec = Codec.from_mime_type(codec.mimeType)
+        try:
+            data = codecs.depayload(media_codec, packet.payload)
+        except ValueError:
+            stats.malformed_rtp += 1
+            return
+
+        if self._track is Track.AUDIO:
+            ext = self._assembler.unwrap(packet.sequence_number)
+            if self._audio_highest is not None and ext <= self._audio_highest:
+                return  # late or duplicate audio is useless downstream
+            self._audio_highest = ext
+            await self._session.emit(self._track, media_codec, packet.timestamp, data)
+            return
+
+        frames, lost = self._assembler.add(
+            packet.sequence_number,
+            packet.timestamp,
+            bool(packet.marker),
+            data,
+            _starts_frame(media_codec, packet.payload),
+            time.monotonic(),
+        )
+        if lost:
+            stats.frames_lost += 1
+            self._session.frame_lost()
+        for frame in frames:
+            await self._session.emit(self._track, media_codec, frame.timestamp, frame.payload)
+
+    async def send_pli(self) -> None:
+        if self.media_ssrc is not None:
+            await self._send_rtcp(
+                RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=self._rtcp_ssrc, media_ssrc=self.media_ssrc)
+            )
+
+    async def _run_rtcp(self) -> None:
+        while True:
+            await asyncio.sleep(0.5 + random.random())
+            reports = []
+            for ssrc, stream in self._streams.items():
+                lsr, dlsr = 0, 0
+                if ssrc in self._lsr:
+                    lsr, when = self._lsr[ssrc]
+                    dlsr = int((time.time() - when) * 65536) & 0xFFFFFFFF
+                reports.append(
+                    RtcpReceiverInfo(
+                        ssrc=ssrc,
+                        fraction_lost=stream.fraction_lost,
+                        packets_lost=stream.packets_lost,
+                        highest_sequence=stream.max_seq,
+                        jitter=stream.jitter,
+                        lsr=lsr,
+                        dlsr=dlsr,
+                    )
+                )
+            if reports:
+                await self._send_rtcp(RtcpRrPacket(ssrc=self._rtcp_ssrc, reports=reports))
+
+    async def _send_rtcp(self, packet) -> None:
+        try:
+            await self.transport._send_rtp(bytes(packet))
+        except ConnectionError:
+            pass
+
+
+def _starts_frame(codec: Codec, payload: bytes) -> bool:
+    """Whether an RTP payload is the first of a frame, by the codec's own flags."""
+    if codec is Codec.VP8:
+        # RFC 7741: S bit set and partition index 0.
+        return bool(payload[0] & 0x10) and payload[0] & 0x0F == 0
+    nal_type = payload[0] & 0x1F
+    if nal_type == 28:  # FU-A: only its first fragment starts a NAL unit
+        return len(payload) > 1 and bool(payload[1] & 0x80)
+    return True
+
+
+class IngestSession(PeerSession):
+    """One publisher: peer connection, stream topic, registry entry, keyframe policy."""
+
+    def __init__(self, node: IngestNode, stream: str) -> None:
+        super().__init__(node.settings, stream, "whip")
+        self.node = node
+        self.session_id = secrets.randbits(32)
+        self.topic = node.bus.stream_topic(stream)
+        self.stats = IngestStats()
+        self.info: StreamInfo | None = None
+        self.last_packet = time.monotonic()
+        self._receivers: list[PassthroughReceiver] = []
+        self._sequence = {Track.VIDEO: 0, Track.AUDIO: 0}
+        self._waiting_for_keyframe = True
+        self._last_keyframe = time.monotonic()
+        self._last_pli = 0.0
+        self._ended = False
+
+    async def start(self, offer_sdp: str) -> str:
+        offer = parse_offer(offer_sdp, direction="sendonly")
+        pc = self.pc = self.create_peer_connection()
+        for media in offer.media:
+            pc.addTransceiver(media.kind, direction="recvonly")
+        chosen = {}
+        for media in offer.media:
+            chosen[media.kind] = codecs.choose_publish_codec(media.rtp.codecs, media.kind)
+        await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        for transceiver in pc.getTransceivers():
+            transceiver._codecs = chosen[transceiver.kind]  # answer with exactly one codec
+            receiver = PassthroughReceiver(
+                transceiver.kind, transceiver.receiver.transport, transceiver.sender._ssrc, self
+            )
+            transceiver._RTCRtpTransceiver__receiver = receiver  # aiortc has no public hook
+            self._receivers.append(receiver)
+        answer = await answer_offer(pc, self.settings)
+        self.info = StreamInfo(
+            stream=self.stream,
+            session=self.session_id,
+            node=self.settings.node_id,
+            video=registry.codec_to_dict(chosen["video"][0]) if "video" in chosen else None,
+            audio=registry.codec_to_dict(chosen["audio"][0]) if "audio" in chosen else None,
+        )
+        await self.node.bus.create_stream_topic(self.stream)
+        await registry.publish(self.node.bus, self.info)
+        self.spawn(self._watch())
+        return answer
+
+    async def emit(self, track: Track, codec: Codec, timestamp: int, payload: bytes) -> None:
+        """Write one complete frame to Kafka (called as soon as it is complete)."""
+        keyframe = is_keyframe(codec, payload)
+        stats = self.stats
+        if track is Track.VIDEO:
+            if keyframe:
+                self._waiting_for_keyframe = False
+                self._last_keyframe = time.monotonic()
+                stats.keyframes += 1
+            elif self._waiting_for_keyframe:
+                stats.frames_skipped += 1
+                self.request_keyframe()
+                return
+        sequence = self._sequence[track]
+        self._sequence[track] = sequence + 1
+        frame = Frame(
+            track, codec, keyframe, timestamp, self.session_id, sequence,
+            time.time_ns() // 1000, payload,
+        )  # fmt: skip
+        stats.frames += 1
+        stats.bytes += len(payload)
+        await self.node.bus.send_frame(self.topic, frame)
+
+    def frame_lost(self) -> None:
+        """A video frame could not be completed: later ones are undecodable until a
+        keyframe, so skip them and ask for one."""
+        self._waiting_for_keyframe = True
+        self.request_keyframe()
+
+    def request_keyframe(self) -> None:
+        now = time.monotonic()
+        if now - self._last_pli < self.settings.keyframe_request_interval:
+            return
+        self._last_pli = now
+        self.stats.plis_sent += 1
+        for receiver in self._receivers:
+            if receiver.kind == "video":
+                self.spawn(receiver.send_pli())
+
+    def publisher_left(self, reason: str) -> None:
+        if not self._ended:
+            logger.info("publisher of %s left: %s", self.stream, reason)
+            self.spawn(self.close())
+
+    async def _watch(self) -> None:
+        """Heartbeat the registry, enforce the keyframe interval, notice a silent peer."""
+        while True:
+            await asyncio.sleep(min(registry.HEARTBEAT_S, 0.5))
+            now = time.monotonic()
+            if now - self.last_packet > self.settings.publisher_timeout:
+                self.publisher_left(f"no media for {self.settings.publisher_timeout:.0f} s")
+                return
+            interval = self.settings.max_keyframe_interval
+            if interval and now - self._last_keyframe > interval:
+                self.request_keyframe()
+            if self.info and time.time() - self.info.updated_at >= registry.HEARTBEAT_S:
+                await registry.publish(self.node.bus, self.info)
+
+    def on_connection_state(self, state: str) -> None:
+        if state in ("failed", "closed"):
+            self.publisher_left(f"connection {state}")
+
+    async def close(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.node.sessions.pop(self.stream, None)
+        if self.info is not None:
+            self.info.state = "ended"
+            try:
+                await registry.publish(self.node.bus, self.info)
+            except Exception as exc:  # the broker may be gone; the heartbeat then lapses
+                logger.warning("could not mark %s ended: %s", self.stream, exc)
+        await super().close()
+
+
+class IngestNode:
+    """The publishing sessions of this process, keyed by stream name."""
+
+    def __init__(self, settings: Settings, bus: Bus, view: RegistryView) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.view = view
+        self.sessions: dict[str, IngestSession] = {}
+        self._listener: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(
+            follow_keyframe_requests(self.bus, self._on_keyframe_request), name="keyframe-requests"
+        )
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self.sessions.values())))
+        if self._listener:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+
+    def _on_keyframe_request(self, stream: str, session_id: int) -> None:
+        session = self.sessions.get(stream)
+        if session is not None and session.session_id == session_id:
+            session.stats.keyframe_requests += 1
+            session.request_keyframe()
+
+    async def publish(self, stream: str, offer_sdp: str) -> tuple[IngestSession, str]:
+        """Start a publishing session; raises StreamBusy if the stream is already live."""
+        if stream in self.sessions or self.view.get(stream) is not None:
+            raise StreamBusy(f"stream {stream!r} already has a publisher")
+        session = IngestSession(self, stream)
+        self.sessions[stream] = session
+        try:
+            answer = await session.start(offer_sdp)
+        except BaseException:
+            await session.close()
+            raise
+        return session, answer
+
+    def find(self, stream: str, resource_id: str) -> IngestSession | None:
+        session = self.sessions.get(stream)
+        return session if session is not None and session.resource_id == resource_id else None

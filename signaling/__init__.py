@@ -1,0 +1,1 @@
+"""HTTP control plane: WHIP/WHEP resources, auth, pages, and the node's lifecycle."""

@@ -1,0 +1,72 @@
+"""Health, the stream directory API, and the pages in ``web/``."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from gateway.bus import STREAM_NAME
+
+if TYPE_CHECKING:
+    from .app import Node
+
+PAGES = {"/": "index.html", "/publish/{stream}": "publish.html", "/watch/{stream}": "watch.html"}
+
+
+def add_routes(app: web.Application, node: Node, with_pages: bool) -> None:
+    async def healthz(request: web.Request) -> web.Response:
+        if not node.ready:
+            return web.json_response({"status": "starting"}, status=503)
+        return web.json_response(
+            {"status": "ok", "node": node.settings.node_id, "roles": list(node.roles)}
+        )
+
+    async def streams(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"streams": [_describe(node, i.stream) for i in node.view.live_streams()]}
+        )
+
+    async def stream(request: web.Request) -> web.Response:
+        name = request.match_info["stream"]
+        if not STREAM_NAME.match(name) or node.view.get(name) is None:
+            raise web.HTTPNotFound(reason=f"stream {name!r} is not live")
+        return web.json_response(_describe(node, name))
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/api/streams", streams)
+    app.router.add_get("/api/streams/{stream}", stream)
+    if not with_pages:
+        return
+    root = node.settings.web_root
+    for path, filename in PAGES.items():
+        app.router.add_get(path, _page(root / filename))
+    app.router.add_static("/web/", root, follow_symlinks=False)
+
+
+def _page(path):
+    async def handler(request: web.Request) -> web.FileResponse:
+        if "stream" in request.match_info and not STREAM_NAME.match(request.match_info["stream"]):
+            raise web.HTTPNotFound(reason="no such stream page")
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return handler
+
+
+def _describe(node: Node, name: str) -> dict:
+    info = node.view.get(name)
+    assert info is not None
+    described: dict = {
+        "stream": name,
+        "live": True,
+        "uptime_s": round(time.time() - info.started_at, 1),
+        "video": info.video,
+        "audio": info.audio,
+    }
+    if node.egress is not None and name in node.egress.fanouts:
+        fanout = node.egress.fanouts[name]
+        described["viewers_here"] = len(fanout.viewers)
+    if node.ingest is not None and name in node.ingest.sessions:
+        described["ingest"] = vars(node.ingest.sessions[name].stats)
+    return described

@@ -1,0 +1,37 @@
+"""WHEP endpoint (draft-ietf-wish-whep): ``POST /whep/{stream}`` starts playing."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.egress import EgressNode
+from gateway.settings import Settings
+
+from . import resources
+
+
+def add_routes(app: web.Application, egress: EgressNode, settings: Settings) -> None:
+    async def play(request: web.Request) -> web.Response:
+        stream = resources.stream_name(request)
+        offer = await resources.read_body(request, resources.SDP, settings.max_sdp_bytes)
+        viewer, answer = await egress.play(stream, offer)
+        location = f"/whep/{stream}/{viewer.resource_id}"
+        return resources.created(viewer, answer, location, settings)
+
+    async def probe(request: web.Request) -> web.Response:
+        """HEAD/GET on the endpoint lets players recognise a WHEP URL."""
+        resources.stream_name(request)
+        return web.Response(status=200, content_type=resources.SDP)
+
+    async def patch(request: web.Request) -> web.Response:
+        return await resources.patch(request, egress.find, settings)
+
+    async def delete(request: web.Request) -> web.Response:
+        return await resources.delete(request, egress.find)
+
+    app.router.add_post("/whep/{stream}", play)
+    app.router.add_get("/whep/{stream}", probe)  # aiohttp answers HEAD from GET
+    app.router.add_options("/whep/{stream}", resources.options)
+    app.router.add_patch("/whep/{stream}/{resource}", patch)
+    app.router.add_delete("/whep/{stream}/{resource}", delete)
+    app.router.add_options("/whep/{stream}/{resource}", resources.options)

@@ -1,0 +1,185 @@
+"""Real aiortc peers for tests: a WHIP publisher whose frames carry a counter in their
+pixels, and a WHEP viewer that decodes what it receives and reads the counters back."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import (
+    AudioStreamTrack,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+    VideoStreamTrack,
+)
+from aiortc.mediastreams import MediaStreamError
+
+WIDTH, HEIGHT = 320, 240
+BITS = 16
+CELL = WIDTH // BITS
+
+
+def draw_counter(counter: int) -> av.VideoFrame:
+    """A frame whose top band holds ``counter`` as 16 black/white cells (survives any
+    sane encoder), over a moving gradient so the encoder has real work."""
+    image = np.full((HEIGHT, WIDTH, 3), 64, dtype=np.uint8)
+    image[HEIGHT // 2 :, :, 1] = (np.arange(WIDTH) + counter * 4) % 256
+    for bit in range(BITS):
+        if counter >> bit & 1:
+            image[0:CELL, bit * CELL : (bit + 1) * CELL] = 255
+        else:
+            image[0:CELL, bit * CELL : (bit + 1) * CELL] = 0
+    return av.VideoFrame.from_ndarray(image, format="rgb24")
+
+
+def read_counter(frame: av.VideoFrame) -> int:
+    image = frame.to_ndarray(format="gray")
+    if image.shape[1] != WIDTH:
+        image = frame.reformat(width=WIDTH, height=HEIGHT).to_ndarray(format="gray")
+    value = 0
+    for bit in range(BITS):
+        cell = image[CELL // 4 : CELL * 3 // 4, bit * CELL + CELL // 4 : (bit + 1) * CELL - CELL // 4]
+        if cell.mean() > 128:
+            value |= 1 << bit
+    return value
+
+
+class CounterTrack(VideoStreamTrack):
+    def __init__(self, fps: int = 30) -> None:
+        super().__init__()
+        self.fps = fps
+        self.counter = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.VideoFrame:
+        if self._start is None:
+            self._start = time.monotonic()
+        target = self._start + self.counter / self.fps
+        await asyncio.sleep(max(0.0, target - time.monotonic()))
+        frame = draw_counter(self.counter)
+        frame.pts = self.counter * (90000 // self.fps)
+        frame.time_base = fractions.Fraction(1, 90000)
+        self.counter += 1
+        return frame
+
+
+def prefer(pc: RTCPeerConnection, kind: str, mime: str) -> None:
+    codecs = [c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType == mime]
+    rtx = [c for c in RTCRtpSender.getCapabilities(kind).codecs if c.mimeType.endswith("/rtx")]
+    for t in pc.getTransceivers():
+        if t.kind == kind:
+            t.setCodecPreferences(codecs + rtx[:1])
+
+
+@dataclass
+class Publisher:
+    pc: RTCPeerConnection
+    location: str
+    track: CounterTrack
+    session: aiohttp.ClientSession
+
+    async def close(self, delete: bool = True) -> int | None:
+        status = None
+        if delete:
+            async with self.session.delete(self.location) as response:
+                status = response.status
+        await self.pc.close()
+        await self.session.close()
+        return status
+
+
+async def post_sdp(session: aiohttp.ClientSession, url: str, sdp: str, headers=None):
+    headers = {"Content-Type": "application/sdp", **(headers or {})}
+    async with session.post(url, data=sdp, headers=headers) as response:
+        return response.status, dict(response.headers), await response.text()
+
+
+async def publish(base: str, stream: str, codec: str = "video/H264", token: str | None = None,
+                  fps: int = 30, audio: bool = True) -> Publisher:  # fmt: skip
+    pc = RTCPeerConnection()
+    track = CounterTrack(fps)
+    pc.addTransceiver(track, direction="sendonly")
+    if audio:
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    prefer(pc, "video", codec)
+    await pc.setLocalDescription(await pc.createOffer())
+    session = aiohttp.ClientSession(base_url=base)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, response_headers, body = await post_sdp(
+        session, f"/whip/{stream}", pc.localDescription.sdp, headers
+    )
+    if status != 201:
+        await pc.close()
+        await session.close()
+        raise AssertionError(f"WHIP POST answered {status}: {body}")
+    await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    return Publisher(pc, response_headers["Location"], track, session)
+
+
+@dataclass
+class Viewer:
+    pc: RTCPeerConnection
+    location: str
+    session: aiohttp.ClientSession
+    posted_at: float
+    frames: list[tuple[float, int, bool]] = field(default_factory=list)
+    """(arrival monotonic time, decoded counter, decoded frame was a keyframe)"""
+    audio_frames: int = 0
+    codec: str = ""
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def wait_frames(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.frames) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"viewer got {len(self.frames)} of {count} frames")
+            await asyncio.sleep(0.02)
+
+    async def close(self, delete: bool = True) -> int | None:
+        status = None
+        if delete:
+            async with self.session.delete(self.location) as response:
+                status = response.status
+        for task in self._tasks:
+            task.cancel()
+        await self.pc.close()
+        await self.session.close()
+        return status
+
+
+async def play(base: str, stream: str) -> Viewer:
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    session = aiohttp.ClientSession(base_url=base)
+    await pc.setLocalDescription(await pc.createOffer())
+    posted = time.monotonic()
+    status, headers, body = await post_sdp(session, f"/whep/{stream}", pc.localDescription.sdp)
+    if status != 201:
+        await pc.close()
+        await session.close()
+        raise AssertionError(f"WHEP POST answered {status}: {body}")
+    viewer = Viewer(pc, headers["Location"], session, posted)
+    await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    for transceiver in pc.getTransceivers():
+        track = transceiver.receiver.track
+        viewer._tasks.append(asyncio.create_task(_consume(viewer, track)))
+    return viewer
+
+
+async def _consume(viewer: Viewer, track) -> None:
+    try:
+        while True:
+            frame = await track.recv()
+            if track.kind == "video":
+                viewer.frames.append((time.monotonic(), read_counter(frame), frame.key_frame))
+            else:
+                viewer.audio_frames += 1
+    except MediaStreamError:
+        pass
