@@ -43,6 +43,7 @@ class Bus:
         self.settings = settings
         self.producer: AIOKafkaProducer | None = None
         self._prefix = settings.topic_prefix
+        self._replicas = settings.topic_replication_factor
         self.produce_errors = 0
 
     # Topic names
@@ -68,8 +69,15 @@ class Bus:
         await self.producer.start()
         await self._create_topics(
             [
-                NewTopic(self.registry_topic, 1, 1, topic_configs={"cleanup.policy": "compact"}),
-                NewTopic(self.control_topic, 1, 1, topic_configs={"retention.ms": "3600000"}),
+                NewTopic(
+                    self.registry_topic,
+                    1,
+                    self._replicas,
+                    topic_configs={"cleanup.policy": "compact"},
+                ),
+                NewTopic(
+                    self.control_topic, 1, self._replicas, topic_configs={"retention.ms": "3600000"}
+                ),
             ]
         )
 
@@ -85,7 +93,10 @@ class Bus:
             "max.message.bytes": str(MAX_RECORD_BYTES),
             "message.timestamp.type": "LogAppendTime",
         }
-        await self._create_topics([NewTopic(self.stream_topic(stream), len(Track), 1, configs)])
+        topic = NewTopic(
+            self.stream_topic(stream), len(Track), self._replicas, topic_configs=configs
+        )
+        await self._create_topics([topic])
 
     async def _create_topics(self, topics: list[NewTopic]) -> None:
         admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())
@@ -147,6 +158,8 @@ class FrameReader:
         self._consumer = bus.consumer()
         self._lookback = lookback
         self._live_from: dict[int, int] = {}
+        self.caught_up = asyncio.Event()
+        """Set once the history (the GOP in Kafka before this reader started) is read."""
         self.malformed = 0
         self.lag_ms = 0.0
 
@@ -159,7 +172,10 @@ class FrameReader:
         for tp in partitions:
             self._live_from[tp.partition] = ends[tp]
             if tp.partition == Track.VIDEO:
-                self._consumer.seek(tp, max(begins[tp], ends[tp] - self._lookback))
+                start = max(begins[tp], ends[tp] - self._lookback)
+                self._consumer.seek(tp, start)
+                if start == ends[tp]:
+                    self.caught_up.set()
             else:
                 self._consumer.seek(tp, ends[tp])
 
@@ -180,6 +196,8 @@ class FrameReader:
                         self.malformed += 1
                         continue
                     out.append(ReadFrame(frame, record.offset < live_from))
+                    if tp.partition == Track.VIDEO and record.offset >= live_from - 1:
+                        self.caught_up.set()
             if out:
                 self.lag_ms = time.time() * 1000 - out[-1].frame.arrival_us / 1000
                 yield out

@@ -93,9 +93,10 @@ class ViewerSession(PeerSession):
 
     async def _start_video(self, sender: FanoutSender) -> None:
         """Once DTLS is up: the cached GOP, timestamps packed, then live frames."""
-        await sender.ready.wait()
         fanout = self.fanout
         assert fanout is not None
+        await sender.ready.wait()
+        await fanout.caught_up()
         gop = list(fanout.gop)
         if not gop:
             fanout.request_keyframe("viewer joined without a cached GOP")
@@ -195,6 +196,10 @@ class StreamFanout:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await asyncio.gather(*(v.close() for v in list(self.viewers)))
+
+    async def caught_up(self) -> None:
+        """Wait until the GOP cache holds what Kafka had when this reader started."""
+        await self._reader.caught_up.wait()
 
     def remove(self, viewer: ViewerSession) -> None:
         self.viewers.discard(viewer)

@@ -73,7 +73,7 @@ class PassthroughReceiver(RTCRtpReceiver):
         super().__init__(kind, transport)
         self._rtcp_ssrc = rtcp_ssrc
         self._session = session
-        self._track = Track.VIDEO if kind == "video" else Track.AUDIO
+        self.media_track = Track.VIDEO if kind == "video" else Track.AUDIO
         self._codecs: dict = {}
         self._rtx_ssrc: dict[int, int] = {}
         self._streams: dict[int, StreamStatistics] = {}
@@ -166,12 +166,12 @@ class PassthroughReceiver(RTCRtpReceiver):
             stats.malformed_rtp += 1
             return
 
-        if self._track is Track.AUDIO:
+        if self.media_track is Track.AUDIO:
             ext = self._assembler.unwrap(packet.sequence_number)
             if self._audio_highest is not None and ext <= self._audio_highest:
                 return  # late or duplicate audio is useless downstream
             self._audio_highest = ext
-            await self._session.emit(self._track, media_codec, packet.timestamp, data)
+            await self._session.emit(self.media_track, media_codec, packet.timestamp, data)
             return
 
         frames, lost = self._assembler.add(
@@ -186,7 +186,7 @@ class PassthroughReceiver(RTCRtpReceiver):
             stats.frames_lost += 1
             self._session.frame_lost()
         for frame in frames:
-            await self._session.emit(self._track, media_codec, frame.timestamp, frame.payload)
+            await self._session.emit(self.media_track, media_codec, frame.timestamp, frame.payload)
 
     async def send_pli(self) -> None:
         if self.media_ssrc is not None:
@@ -318,7 +318,7 @@ class IngestSession(PeerSession):
         self._last_pli = now
         self.stats.plis_sent += 1
         for receiver in self._receivers:
-            if receiver.kind == "video":
+            if receiver.media_track is Track.VIDEO:
                 self.spawn(receiver.send_pli())
 
     def publisher_left(self, reason: str) -> None:

@@ -82,7 +82,7 @@ def created(session: PeerSession, answer: str, location: str, settings: Settings
     return response
 
 
-def options(request: web.Request) -> web.Response:
+async def options(request: web.Request) -> web.Response:
     """CORS preflight and capability discovery; never needs auth."""
     headers = {"Accept-Post": SDP, "Allow": ALLOWED_METHODS}
     if request.match_info.get("resource"):

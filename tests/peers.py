@@ -44,7 +44,9 @@ def read_counter(frame: av.VideoFrame) -> int:
         image = frame.reformat(width=WIDTH, height=HEIGHT).to_ndarray(format="gray")
     value = 0
     for bit in range(BITS):
-        cell = image[CELL // 4 : CELL * 3 // 4, bit * CELL + CELL // 4 : (bit + 1) * CELL - CELL // 4]
+        cell = image[
+            CELL // 4 : CELL * 3 // 4, bit * CELL + CELL // 4 : (bit + 1) * CELL - CELL // 4
+        ]
         if cell.mean() > 128:
             value |= 1 << bit
     return value

@@ -1,0 +1,66 @@
+"""Shared fixtures: one real Apache Kafka broker per test session, and whipcast nodes
+on loopback ports that use it. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+
+from gateway.broker import EmbeddedKafka
+from gateway.settings import Settings
+from signaling.app import NODE, Node, make_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+async def kafka():
+    async with EmbeddedKafka(Settings.from_env()) as broker:
+        yield broker
+
+
+@dataclass
+class Server:
+    url: str
+    settings: Settings
+    node: Node
+    runner: web.AppRunner
+
+
+async def start_server(kafka: EmbeddedKafka, **overrides) -> Server:
+    port = free_port()
+    settings = Settings.from_env(
+        env={},
+        host="127.0.0.1",
+        port=port,
+        kafka_bootstrap=kafka.bootstrap,
+        kafka_cache_dir=Settings.from_env().kafka_cache_dir,
+        fanout_linger=1.0,
+        **overrides,
+    )
+    app = make_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return Server(f"http://127.0.0.1:{port}", settings, app[NODE], runner)
+
+
+@pytest.fixture(scope="session")
+async def server(kafka):
+    """A whipcast node with every role, shared by the tests that need no special
+    settings (each test uses its own stream names)."""
+    node = await start_server(kafka)
+    yield node
+    await node.runner.cleanup()
+
+
+@pytest.fixture
+def stream_name(request) -> str:
+    return request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:60]
