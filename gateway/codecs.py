@@ -16,6 +16,7 @@ from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
 from aiortc.sdp import parse_h264_profile_level_id
 
+from .errors import UnprocessableOffer
 from .frames import Codec
 
 # Feedback whipcast acts on: NACK (retransmission), PLI/FIR (keyframes), REMB
@@ -27,8 +28,8 @@ _FEEDBACK = {("nack", None), ("nack", "pli"), ("ccm", "fir"), ("goog-remb", None
 _EXTRA_H264_PROFILES = ("4d001f", "64001f")
 
 
-class NegotiationError(ValueError):
-    """An offer whose media whipcast cannot take; the message says why, for a 4xx."""
+class NegotiationError(UnprocessableOffer):
+    """An offer whose media whipcast cannot take; the message says why."""
 
 
 def install_passthrough_codecs() -> None:

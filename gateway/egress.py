@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass
 
 from aiortc import RTCSessionDescription
+from aiortc.sdp import SessionDescription
 
 from . import codecs
 from .bus import Bus, FrameReader
 from .control import KeyframeRequester
+from .errors import NotLive, UnprocessableOffer
 from .frames import Codec, Track
-from .peer import NotLive, PeerSession, UnprocessableOffer, answer_offer, parse_offer
+from .peer import PeerSession, answer_offer, parse_offer
 from .registry import RegistryView, StreamInfo
 from .rtpsend import FanoutSender, PreparedFrame
 from .settings import Settings
@@ -55,8 +57,7 @@ class ViewerSession(PeerSession):
         self._video_started = False
         self._skip_to_keyframe = False
 
-    async def start(self, offer_sdp: str, info: StreamInfo) -> str:
-        offer = parse_offer(offer_sdp, direction="recvonly")
+    async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
         matched = {}
         for media in offer.media:
             source = info.codec(media.kind)
@@ -267,13 +268,14 @@ class EgressNode:
         self.fanouts.clear()
 
     async def play(self, stream: str, offer_sdp: str) -> tuple[ViewerSession, str]:
+        offer = parse_offer(offer_sdp, direction="recvonly")
         info = self.view.get(stream)
         if info is None:
             raise NotLive(f"stream {stream!r} is not live")
         viewer = ViewerSession(self, stream)
         self.viewers[viewer.resource_id] = viewer
         try:
-            answer = await viewer.start(offer_sdp, info)
+            answer = await viewer.start(offer, offer_sdp, info)
         except BaseException:
             await viewer.close()
             raise

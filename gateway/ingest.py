@@ -35,21 +35,19 @@ from aiortc.rtp import (
     pack_remb_fci,
     unwrap_rtx,
 )
+from aiortc.sdp import SessionDescription
 
 from . import codecs, registry
 from .assembler import FrameAssembler
 from .bus import Bus
 from .control import follow_keyframe_requests
+from .errors import StreamBusy
 from .frames import Codec, Frame, Track, is_keyframe
-from .peer import PeerSession, SessionError, answer_offer, parse_offer
+from .peer import PeerSession, answer_offer, parse_offer
 from .registry import RegistryView, StreamInfo
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class StreamBusy(SessionError):
-    status = 409
 
 
 @dataclass
@@ -253,8 +251,7 @@ class IngestSession(PeerSession):
         self._last_pli = 0.0
         self._ended = False
 
-    async def start(self, offer_sdp: str) -> str:
-        offer = parse_offer(offer_sdp, direction="sendonly")
+    async def start(self, offer: SessionDescription, offer_sdp: str) -> str:
         pc = self.pc = self.create_peer_connection()
         for media in offer.media:
             pc.addTransceiver(media.kind, direction="recvonly")
@@ -387,12 +384,13 @@ class IngestNode:
 
     async def publish(self, stream: str, offer_sdp: str) -> tuple[IngestSession, str]:
         """Start a publishing session; raises StreamBusy if the stream is already live."""
+        offer = parse_offer(offer_sdp, direction="sendonly")
         if stream in self.sessions or self.view.get(stream) is not None:
             raise StreamBusy(f"stream {stream!r} already has a publisher")
         session = IngestSession(self, stream)
         self.sessions[stream] = session
         try:
-            answer = await session.start(offer_sdp)
+            answer = await session.start(offer, offer_sdp)
         except BaseException:
             await session.close()
             raise

@@ -15,23 +15,10 @@ import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
+from .errors import SessionError, UnprocessableOffer
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
-
-
-class SessionError(Exception):
-    """A client error; ``status`` is the HTTP status to answer with."""
-
-    status = 400
-
-
-class UnprocessableOffer(SessionError):
-    status = 422
-
-
-class NotLive(SessionError):
-    status = 404
 
 
 class UnsupportedPatch(SessionError):

@@ -6,7 +6,7 @@ import hmac
 
 from aiohttp import web
 
-from gateway.peer import SessionError
+from gateway.errors import SessionError
 
 
 class Unauthorized(SessionError):

@@ -7,7 +7,7 @@ import logging
 
 from aiohttp import web
 
-from gateway.peer import SessionError
+from gateway.errors import SessionError
 
 logger = logging.getLogger(__name__)
 
