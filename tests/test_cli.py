@@ -1,0 +1,52 @@
+"""``whipcast dev`` starts everything, embedded Apache Kafka included, in one command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import aiohttp
+
+from .conftest import free_port
+
+
+async def test_dev_starts_and_answers_healthz():
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "signaling.cli", "dev", "--host", "127.0.0.1",
+        "--port", str(port), "--publish-token", "t0ken",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        status = None
+        async with aiohttp.ClientSession() as http:
+            for _ in range(120):  # the broker takes a few seconds to start
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        status = response.status
+                        body = await response.json()
+                        if status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.25)
+            assert status == 200, "whipcast dev never became healthy"
+            assert set(body["roles"]) == {"ingest", "egress", "signaling"}
+            async with http.get(f"http://127.0.0.1:{port}/watch/x") as response:
+                assert response.status == 200 and "text/html" in response.content_type
+            async with http.post(
+                f"http://127.0.0.1:{port}/whip/x",
+                data="v=0",
+                headers={"Content-Type": "application/sdp"},
+            ) as response:
+                assert response.status == 401, "--publish-token guards publishing"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, output.decode()[-2000:]
+    log = output.decode()
+    assert "embedded Kafka at 127.0.0.1:" in log
+    assert "t0ken" not in log, "the token must not be logged"
