@@ -125,3 +125,62 @@ async def test_vanished_publisher_ends_stream(quiet_server, stream_name):
     await publisher.pc.close()  # no DELETE: RTCP BYE and DTLS close_notify only
     assert await view.wait_for(lambda: view.get(second) is None, 5)
     await publisher.session.close()
+
+
+async def test_viewer_nack_is_retransmitted(server, stream_name):
+    publisher = await publish(server.url, stream_name, audio=False)
+    try:
+        await wait_live(server, stream_name)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(10)
+        session = next(iter(server.node.egress.fanouts[stream_name].viewers))
+        sender = next(iter(session.senders.values()))
+        receiver = next(t.receiver for t in viewer.pc.getTransceivers() if t.kind == "video")
+        media_ssrc = receiver.getSynchronizationSources()[0].source
+        recent = (sender._seq - 5) & 0xFFFF
+        before = sender.retransmitted
+        await receiver._send_rtcp_nack(media_ssrc, [recent, (recent + 1) & 0xFFFF])
+        for _ in range(50):
+            if sender.retransmitted >= before + 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sender.retransmitted == before + 2
+        # Sequence numbers the viewer never got are not invented.
+        await receiver._send_rtcp_nack(media_ssrc, [(sender._seq + 1000) & 0xFFFF])
+        await asyncio.sleep(0.2)
+        assert sender.retransmitted == before + 2
+        await viewer.close()
+    finally:
+        await publisher.close()
+
+
+async def test_malformed_rtp_is_dropped_and_counted(server, stream_name):
+    publisher = await publish(server.url, stream_name, audio=False)
+    try:
+        await wait_live(server, stream_name)
+        sender = next(t.sender for t in publisher.pc.getTransceivers() if t.kind == "video")
+        session = server.node.ingest.sessions[stream_name]
+        for _ in range(100):  # until media flows, so the receiver knows its codecs
+            if session.stats.frames:
+                break
+            await asyncio.sleep(0.05)
+        codecs = session._receivers[0]._codecs
+        video_pt = next(pt for pt, c in codecs.items() if c.mimeType == "video/H264")
+        before = session.stats.malformed_rtp
+        # A valid RTP header around an H.264 payload of a NAL type RTP never carries.
+        bad = (
+            bytes([0x80, video_pt, 0, 1, 0, 0, 0, 1])
+            + (0x5EED5EED).to_bytes(4, "big")  # own SSRC: a fresh SRTP replay window
+            + b"\x1f\x00"
+        )
+        await sender.transport._send_rtp(bad)
+        for _ in range(50):
+            if session.stats.malformed_rtp > before:
+                break
+            await asyncio.sleep(0.02)
+        assert session.stats.malformed_rtp == before + 1
+        viewer = await play(server.url, stream_name)  # the stream is unharmed
+        await viewer.wait_frames(10)
+        await viewer.close()
+    finally:
+        await publisher.close()

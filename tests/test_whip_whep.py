@@ -196,3 +196,31 @@ async def test_publish_token(kafka):
         assert await publisher.close() == 200
     finally:
         await server.runner.cleanup()
+
+
+async def test_ice_server_links_and_public_ip(kafka, stream_name):
+    server = await start_server(
+        kafka,
+        ice_servers=("stun:stun.example.net:3478", "turn:alice:s%40cret@turn.example.net:3478"),
+        public_ip="203.0.113.7",
+    )
+    try:
+        async with aiohttp.ClientSession(base_url=server.url) as http:
+            status, headers, answer = await post_sdp(
+                http, f"/whip/{stream_name}", await offer("video")
+            )
+            assert status == 201
+            async with http.post(
+                f"/whip/{stream_name}-2", data=await offer("video"),
+                headers={"Content-Type": "application/sdp"},
+            ) as response:  # fmt: skip
+                links = response.headers.getall("Link")
+        assert '<stun:stun.example.net:3478>; rel="ice-server"' in links
+        assert (
+            '<turn:turn.example.net:3478>; rel="ice-server"; username="alice"; '
+            'credential="s@cret"; credential-type="password"'
+        ) in links
+        candidates = [line for line in answer.splitlines() if line.startswith("a=candidate:")]
+        assert candidates and all(" 203.0.113.7 " in line for line in candidates)
+    finally:
+        await server.runner.cleanup()
