@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
 from .frames import Frame, FrameFormatError, Track
@@ -111,9 +111,18 @@ class Bus:
             await admin.close()
 
     async def send_frame(self, topic: str, frame: Frame) -> None:
-        """Queue a frame for sending; returns once queued, not when acknowledged."""
+        """Queue a frame for sending; returns once queued, not when acknowledged.
+
+        A frame that cannot even be queued (broker unreachable for longer than the
+        producer's timeouts) is counted and dropped: live media cannot wait for it.
+        """
         assert self.producer is not None
-        future = await self.producer.send(topic, frame.encode(), partition=frame.track)
+        try:
+            future = await self.producer.send(topic, frame.encode(), partition=frame.track)
+        except KafkaError as exc:
+            self.produce_errors += 1
+            logger.warning("frame dropped, Kafka unavailable: %s", exc)
+            return
         future.add_done_callback(self._count_error)
 
     def _count_error(self, future: asyncio.Future) -> None:
