@@ -1,0 +1,281 @@
+#!/usr/bin/env node
+// End-to-end browser check: publish a fake camera over WHIP, watch it over WHEP.
+//
+//   node publish_and_watch.mjs <base-url> <stream> <screenshot-dir>
+//        [--codec h264|vp8] [--token TOKEN] [--timeout 20] [--min-frames 30] [--verbose]
+//
+// Launches the system Chromium (/usr/bin/chromium, never a downloaded browser) headless
+// with fake media devices and a fresh profile, opens /publish/<stream> and presses Start,
+// then opens /watch/<stream> and waits until the <video> element presents decoded frames.
+// Prints one JSON line on stdout ({"ok": true, ...} or {"ok": false, "error": ...}),
+// writes publish.png and watch.png into <screenshot-dir>, exits 0 on success, 1 on a failed
+// check, 2 on bad usage.
+
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { chromium } from 'playwright-core';
+
+const CHROMIUM = process.env.WHIPCAST_CHROMIUM || '/usr/bin/chromium';
+const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--use-fake-device-for-media-stream',
+  '--use-fake-ui-for-media-stream',
+];
+const PUBLISH_CONNECT_TIMEOUT_MS = 15000;
+
+class CheckFailed extends Error {}
+
+function usage(message) {
+  process.stderr.write(
+    `${message}\nusage: node publish_and_watch.mjs <base-url> <stream> <screenshot-dir> ` +
+      '[--codec h264|vp8] [--token TOKEN] [--timeout SECONDS] [--min-frames N] [--verbose]\n',
+  );
+  process.exit(2);
+}
+
+function parseCommandLine() {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      allowPositionals: true,
+      options: {
+        codec: { type: 'string' },
+        token: { type: 'string' },
+        timeout: { type: 'string', default: '20' },
+        'min-frames': { type: 'string', default: '30' },
+        verbose: { type: 'boolean', default: false },
+      },
+    });
+  } catch (err) {
+    usage(err.message);
+  }
+  const { positionals, values } = parsed;
+  if (positionals.length !== 3) usage('expected 3 arguments');
+  const [baseUrl, stream, screenshotDir] = positionals;
+  try {
+    new URL(baseUrl);
+  } catch {
+    usage(`not a URL: ${baseUrl}`);
+  }
+  if (values.codec && !['h264', 'vp8'].includes(values.codec)) usage('--codec is h264 or vp8');
+  const timeoutS = Number(values.timeout);
+  const minFrames = Number(values['min-frames']);
+  if (!(timeoutS > 0) || !(minFrames > 0)) usage('--timeout and --min-frames must be positive');
+  return {
+    baseUrl: baseUrl.replace(/\/+$/, ''),
+    stream,
+    screenshotDir,
+    codec: values.codec || null,
+    token: values.token || null,
+    timeoutMs: timeoutS * 1000,
+    minFrames,
+    verbose: values.verbose,
+  };
+}
+
+/** Collect a page's console output and errors, for the failure report. */
+function recordLog(page, name, log) {
+  page.on('console', (msg) => log.push(`[${name}] console.${msg.type()}: ${msg.text()}`));
+  page.on('pageerror', (err) => log.push(`[${name}] page error: ${err.message}`));
+  page.on('requestfailed', (req) =>
+    log.push(`[${name}] request failed: ${req.method()} ${req.url()} ${req.failure()?.errorText}`),
+  );
+  page.on('response', (res) => {
+    const url = new URL(res.url());
+    if (/^\/(whip|whep)\//.test(url.pathname)) {
+      log.push(`[${name}] ${res.request().method()} ${url.pathname} -> ${res.status()}`);
+    }
+  });
+}
+
+async function statusText(page) {
+  try {
+    return await page.locator('#status').textContent({ timeout: 1000 });
+  } catch {
+    return null;
+  }
+}
+
+async function main() {
+  const opts = parseCommandLine();
+  const started = Date.now();
+  const log = [];
+  const result = {
+    ok: false,
+    stream: opts.stream,
+    codecRequested: opts.codec,
+    screenshots: [],
+  };
+  await mkdir(opts.screenshotDir, { recursive: true });
+  const userDataDir = await mkdtemp(path.join(tmpdir(), 'whipcast-chromium-'));
+  let context = null;
+  let publisher = null;
+  let viewer = null;
+
+  // Hard cap on the whole run, whatever hangs (browser launch, a stuck evaluate, ...).
+  const hardLimitMs = opts.timeoutMs + PUBLISH_CONNECT_TIMEOUT_MS + 30000;
+  const watchdog = setTimeout(() => {
+    result.error = `gave up after ${hardLimitMs} ms (hard limit)`;
+    process.stdout.write(`${JSON.stringify(result)}\n`);
+    process.stderr.write(`publish_and_watch: FAILED: ${result.error}\n${log.join('\n')}\n`);
+    process.exit(1);
+  }, hardLimitMs);
+  watchdog.unref();
+
+  try {
+    context = await chromium.launchPersistentContext(userDataDir, {
+      executablePath: CHROMIUM,
+      headless: true,
+      args: CHROMIUM_ARGS,
+      viewport: { width: 1280, height: 900 },
+      timeout: 30000,
+    });
+    result.browser = context.browser()?.version() ?? null;
+
+    // 1. Publisher: fake camera + microphone, press Start, wait for "connected".
+    publisher = await context.newPage();
+    recordLog(publisher, 'publish', log);
+    await publisher.goto(`${opts.baseUrl}/publish/${encodeURIComponent(opts.stream)}`);
+    if (opts.codec) await publisher.selectOption('#codec', opts.codec);
+    if (opts.token) await publisher.fill('#token', opts.token);
+    const clickedAt = Date.now();
+    await publisher.click('#start');
+    try {
+      await publisher.waitForFunction(
+        () =>
+          window.whipcast?.state === 'connected' ||
+          document.getElementById('status')?.dataset.tone === 'error',
+        null,
+        { timeout: PUBLISH_CONNECT_TIMEOUT_MS, polling: 100 },
+      );
+    } catch {
+      throw new CheckFailed(
+        `publisher not connected within ${PUBLISH_CONNECT_TIMEOUT_MS} ms ` +
+          `(state ${await publisher.evaluate(() => window.whipcast?.state)}, ` +
+          `status "${await statusText(publisher)}")`,
+      );
+    }
+    if ((await publisher.evaluate(() => window.whipcast.state)) !== 'connected') {
+      throw new CheckFailed(`publisher failed: ${await statusText(publisher)}`);
+    }
+    result.publishConnectedMs = Date.now() - clickedAt;
+
+    // 2. Viewer: open the watch page, count presented frames with requestVideoFrameCallback.
+    viewer = await context.newPage();
+    recordLog(viewer, 'watch', log);
+    const openedAt = Date.now();
+    await viewer.goto(`${opts.baseUrl}/watch/${encodeURIComponent(opts.stream)}`);
+    await viewer.evaluate(() => {
+      const video = document.getElementById('video');
+      window.__presentedFrames = 0;
+      if ('requestVideoFrameCallback' in video) {
+        const onFrame = () => {
+          window.__presentedFrames += 1;
+          video.requestVideoFrameCallback(onFrame);
+        };
+        video.requestVideoFrameCallback(onFrame);
+      }
+    });
+    const probe = () =>
+      viewer.evaluate(async () => {
+        const video = document.getElementById('video');
+        const stats = await window.whipcast.stats();
+        return {
+          state: window.whipcast.state,
+          presentedFrames: window.__presentedFrames,
+          videoWidth: video.videoWidth,
+          videoHeight: video.videoHeight,
+          currentTime: video.currentTime,
+          paused: video.paused,
+          ...stats,
+        };
+      });
+    const deadline = Date.now() + opts.timeoutMs;
+    let seen = null;
+    let firstFrameAt = null;
+    for (;;) {
+      seen = await probe();
+      if (firstFrameAt === null && seen.framesDecoded > 0) firstFrameAt = Date.now();
+      const playing =
+        seen.framesDecoded >= opts.minFrames &&
+        seen.presentedFrames >= opts.minFrames &&
+        seen.videoWidth > 0 &&
+        seen.videoHeight > 0 &&
+        seen.currentTime > 0 &&
+        !seen.paused;
+      if (playing) break;
+      if (Date.now() > deadline) {
+        throw new CheckFailed(
+          `viewer did not play ${opts.minFrames} frames within ${opts.timeoutMs} ms: ` +
+            `${JSON.stringify(seen)}, status "${await statusText(viewer)}"`,
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
+    result.firstFrameMs = firstFrameAt - openedAt;
+    result.framesDecoded = seen.framesDecoded;
+    result.presentedFrames = seen.presentedFrames;
+    result.videoWidth = seen.videoWidth;
+    result.videoHeight = seen.videoHeight;
+    result.codec = seen.codec;
+    result.audioCodec = seen.audioCodec;
+    result.packetsLost = seen.packetsLost;
+    const sent = await publisher.evaluate(() => window.whipcast.stats());
+    result.publisher = {
+      codec: sent.codec,
+      audioCodec: sent.audioCodec,
+      framesEncoded: sent.framesEncoded,
+      frameWidth: sent.frameWidth,
+      frameHeight: sent.frameHeight,
+    };
+    if (opts.codec && (result.codec || '').toLowerCase() !== opts.codec) {
+      throw new CheckFailed(`viewer decodes ${result.codec}, publisher asked for ${opts.codec}`);
+    }
+    result.ok = true;
+  } catch (err) {
+    const message = String(err.message).replace(/\x1b\[[0-9;]*m/g, ''); // Playwright colours
+    result.error = err instanceof CheckFailed ? message : `${err.name}: ${message}`;
+  } finally {
+    for (const [name, page] of [['publish', publisher], ['watch', viewer]]) {
+      if (!page) continue;
+      const file = path.join(opts.screenshotDir, `${name}.png`);
+      try {
+        await page.screenshot({ path: file, fullPage: true, timeout: 5000 });
+        result.screenshots.push(file);
+      } catch (err) {
+        log.push(`[${name}] screenshot failed: ${err.message}`);
+      }
+    }
+    // End both sessions (stop() sends DELETE to the Location and waits for the answer).
+    for (const page of [viewer, publisher]) {
+      try {
+        await page?.evaluate(() => window.whipcast?.session?.stop());
+      } catch (err) {
+        log.push(`stop failed: ${err.message}`);
+      }
+    }
+    await context?.close().catch(() => {});
+    await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+  }
+  result.elapsedMs = Date.now() - started;
+  clearTimeout(watchdog);
+  process.stdout.write(`${JSON.stringify(result)}\n`);
+  if (!result.ok) process.stderr.write(`publish_and_watch: FAILED: ${result.error}\n`);
+  if (log.length && (!result.ok || opts.verbose)) {
+    process.stderr.write(`browser log:\n${log.join('\n')}\n`);
+  }
+  process.exit(result.ok ? 0 : 1);
+}
+
+main().catch((err) => {
+  process.stderr.write(`publish_and_watch: ${err.stack || err}\n`);
+  process.exit(1);
+});
