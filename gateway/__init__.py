@@ -1,0 +1,1 @@
+"""Media plane: WHIP ingest, Kafka frame bus, WHEP egress."""
