@@ -44,7 +44,7 @@ from .frames import Frame
 
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 HISTORY_SIZE = 1024  # packets kept per viewer track for NACK (about 5 s of 720p video)
-_FIELDS = struct.Struct("!HII")  # sequence number, timestamp, SSRC at byte offset 2
+_FIELDS = struct.Struct("!HII")  # sequence number, timestamp, SSRC: RTP bytes 2-11
 _SEQ = struct.Struct("!H")
 
 
@@ -72,19 +72,21 @@ class PreparedFrame:
     frame: Frame
     payloads: list[bytes]
     marker_last: bool
-    _packets: dict[Layout, tuple[list[bytes], int]] = field(default_factory=dict)
+    _packets: dict[Layout, list[tuple[bytes, bytes]]] = field(default_factory=dict)
 
-    def packets(self, layout: Layout) -> tuple[list[bytes], int]:
-        """RTP packets for ``layout`` (built once, then shared) and the header size."""
+    def packets(self, layout: Layout) -> list[tuple[bytes, bytes]]:
+        """RTP packets for ``layout``, built once and shared by its viewers, each as
+        (bytes 0-1, bytes 12-end): a viewer's sequence number, timestamp and SSRC go
+        in between."""
         built = self._packets.get(layout)
         if built is None:
             last = len(self.payloads) - 1
             plain = layout.header(False)
             marked = layout.header(True) if self.marker_last else plain
-            built = (
-                [(marked if i == last else plain) + p for i, p in enumerate(self.payloads)],
-                len(plain),
-            )
+            built = [
+                ((marked if i == last else plain)[:2], plain[12:] + payload)
+                for i, payload in enumerate(self.payloads)
+            ]
             self._packets[layout] = built
         return built
 
@@ -102,7 +104,7 @@ class FanoutSender(RTCRtpSender):
         self._cname = ""
         self._seq = random.randint(0, 0x7FFF)  # low half: avoids early SRTP rollover
         self._rtx_seq = random.randint(0, 0x7FFF)
-        self._history: list[tuple[int, bytes, int, int] | None] = [None] * HISTORY_SIZE
+        self._history: list[tuple[int, tuple[bytes, bytes], int] | None] = [None] * HISTORY_SIZE
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
         self._last_arrival_us = 0
@@ -157,16 +159,16 @@ class FanoutSender(RTCRtpSender):
             return
         sock, addr = route
         protect = self.transport._tx_srtp.protect
-        packets, _ = prepared.packets(self.layout)
+        packets = prepared.packets(self.layout)
         ts = prepared.frame.rtp_timestamp if timestamp is None else timestamp
-        seq, ssrc, history, pack_into = self._seq, self._ssrc, self._history, _FIELDS.pack_into
+        seq, ssrc, history, pack = self._seq, self._ssrc, self._history, _FIELDS.pack
+        join, sendto = b"".join, sock.sendto
         octets = 0
         for packet in packets:
-            buf = bytearray(packet)
-            pack_into(buf, 2, seq, ts, ssrc)
-            history[seq % HISTORY_SIZE] = (seq, packet, ts, id(prepared))
-            sock.sendto(protect(bytes(buf)), addr)
-            octets += len(packet)
+            head, rest = packet
+            history[seq % HISTORY_SIZE] = (seq, packet, ts)
+            sendto(protect(join((head, pack(seq, ts, ssrc), rest))), addr)
+            octets += len(rest)
             seq = (seq + 1) & 0xFFFF
         self._seq = seq
         self.packets_sent += len(packets)
@@ -179,19 +181,18 @@ class FanoutSender(RTCRtpSender):
         route = self._route()
         if entry is None or entry[0] != seq or route is None or self.layout is None:
             return
-        _, packet, ts, _ = entry
+        _, (head, rest), ts = entry
         if self._rtx_pt is not None:
-            header_size = len(self.layout.header(False))
-            header = bytearray(packet[:header_size])
-            header[1] = (header[1] & 0x80) | self._rtx_pt
-            buf = header + _SEQ.pack(seq) + packet[header_size:]
-            _FIELDS.pack_into(buf, 2, self._rtx_seq, ts, self._rtx_ssrc)
+            # RFC 4588: RTX payload type and SSRC, own sequence, original seq first.
+            ext_size = len(self.layout.header(False)) - 12
+            head = bytes([head[0], (head[1] & 0x80) | self._rtx_pt])
+            fields = _FIELDS.pack(self._rtx_seq, ts, self._rtx_ssrc)
+            rest = rest[:ext_size] + _SEQ.pack(seq) + rest[ext_size:]
             self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
         else:
-            buf = bytearray(packet)
-            _FIELDS.pack_into(buf, 2, seq, ts, self._ssrc)
+            fields = _FIELDS.pack(seq, ts, self._ssrc)
         sock, addr = route
-        sock.sendto(self.transport._tx_srtp.protect(bytes(buf)), addr)
+        sock.sendto(self.transport._tx_srtp.protect(head + fields + rest), addr)
         self.retransmitted += 1
 
     async def _handle_rtcp_packet(self, packet) -> None:
