@@ -266,6 +266,7 @@ class IngestSession(PeerSession):
             )
             transceiver._RTCRtpTransceiver__receiver = receiver  # aiortc has no public hook
             self._receivers.append(receiver)
+        pc.on("iceconnectionstatechange", self._on_ice_state)
         answer = await answer_offer(pc, self.settings)
         self.info = StreamInfo(
             stream=self.stream,
@@ -340,6 +341,21 @@ class IngestSession(PeerSession):
     def on_connection_state(self, state: str) -> None:
         if state in ("failed", "closed"):
             self.publisher_left(f"connection {state}")
+
+    def _on_ice_state(self) -> None:
+        """Stop ICE consent checks (RFC 7675) once connected.
+
+        Consent guards what *we* send, and to a publisher ingest sends only RTCP. Some
+        WHIP clients (FFmpeg 8's muxer) never answer the checks, and aioice would then
+        close a healthy publish after 30 s; a publisher that really vanished is caught
+        by the media timeout, RTCP BYE or DTLS close instead.
+        """
+        if self.pc is not None and self.pc.iceConnectionState == "completed":
+            for transceiver in self.pc.getTransceivers():
+                connection = transceiver.receiver.transport.transport._connection
+                task = connection._query_consent_task
+                if task is not None:
+                    task.cancel()
 
     async def close(self) -> None:
         if self._ended:
