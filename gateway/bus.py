@@ -31,9 +31,12 @@ logger = logging.getLogger(__name__)
 
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_RECORD_BYTES = 8 * 1024 * 1024
-# Hot-path consumers must not let the broker hold fetches: the default 500 ms wait
-# would add up to that much latency to every frame.
+# How long the broker may hold a fetch that finds no new data. Apache Kafka answers a
+# waiting fetch as soon as a record arrives, but not every Kafka-compatible broker
+# does, so frame readers keep it short; registry and control readers, which are not on
+# the media path, wait longer and cost less CPU (every empty fetch is a wake-up).
 FETCH_MAX_WAIT_MS = 5
+CONTROL_FETCH_MAX_WAIT_MS = 200
 
 
 class Bus:
@@ -135,14 +138,14 @@ class Bus:
         assert self.producer is not None
         await self.producer.send_and_wait(topic, value, key=key.encode())
 
-    def consumer(self) -> AIOKafkaConsumer:
+    def consumer(self, max_wait_ms: int = FETCH_MAX_WAIT_MS) -> AIOKafkaConsumer:
         """A group-less consumer for manual assignment, tuned for low latency."""
         return AIOKafkaConsumer(
             **self.settings.kafka_client_options(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=max_wait_ms,
             max_partition_fetch_bytes=MAX_RECORD_BYTES,
             fetch_max_bytes=4 * MAX_RECORD_BYTES,
         )

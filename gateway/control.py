@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from aiokafka.structs import TopicPartition
 
-from .bus import Bus
+from .bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _log_failure(task: asyncio.Future) -> None:
 
 async def follow_keyframe_requests(bus: Bus, handler: Callable[[str, int], None]) -> None:
     """Ingest side: call ``handler(stream, session)`` for every new request, for ever."""
-    consumer = bus.consumer()
+    consumer = bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
     await consumer.start()
     try:
         tp = TopicPartition(bus.control_topic, 0)

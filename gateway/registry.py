@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from aiokafka.structs import TopicPartition
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from .bus import Bus
+from .bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class RegistryView:
 
     async def start(self) -> None:
         """Load the registry up to its current end, then keep following it."""
-        consumer = self._bus.consumer()
+        consumer = self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
         await consumer.start()
         tp = TopicPartition(self._bus.registry_topic, 0)
         consumer.assign([tp])
