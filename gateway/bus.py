@@ -25,6 +25,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
 from .frames import Frame, FrameFormatError, Track
+from .metrics import Metrics
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,14 +38,20 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 # the media path, wait longer and cost less CPU (every empty fetch is a wake-up).
 FETCH_MAX_WAIT_MS = 5
 CONTROL_FETCH_MAX_WAIT_MS = 200
+PROBE_INTERVAL_S = 2.0
 
 
 class Bus:
     """A node's connection to Kafka: one producer shared by all its streams."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.producer: AIOKafkaProducer | None = None
+        self._last_error_log = 0.0
+        self.reachable = False
+        """Whether the last metadata request (every 2 s) reached a broker."""
+        self._probe: asyncio.Task | None = None
         self._prefix = settings.topic_prefix
         self._replicas = settings.topic_replication_factor
         self.produce_errors = 0
@@ -83,8 +90,29 @@ class Bus:
                 ),
             ]
         )
+        self.reachable = True
+        self._probe = asyncio.create_task(self._watch_broker(), name="kafka-probe")
+
+    async def _watch_broker(self) -> None:
+        """Keep ``reachable`` current; readiness (``/readyz``) follows it."""
+        assert self.producer is not None
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self.producer.client.fetch_all_metadata(), PROBE_INTERVAL_S)
+            except (KafkaError, TimeoutError, OSError):
+                if self.reachable:
+                    logger.warning("Kafka unreachable")
+                self.reachable = False
+            else:
+                if not self.reachable:
+                    logger.info("Kafka reachable again")
+                self.reachable = True
 
     async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None
@@ -123,15 +151,26 @@ class Bus:
         try:
             future = await self.producer.send(topic, frame.encode(), partition=frame.track)
         except KafkaError as exc:
-            self.produce_errors += 1
-            logger.warning("frame dropped, Kafka unavailable: %s", exc)
+            self._produce_failed(exc)
             return
-        future.add_done_callback(self._count_error)
+        sent = time.perf_counter()
+        future.add_done_callback(lambda done: self._acked(done, sent))
 
-    def _count_error(self, future: asyncio.Future) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            self.produce_errors += 1
-            logger.warning("frame not written to Kafka: %s", future.exception())
+    def _acked(self, future: asyncio.Future, sent: float) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._produce_failed(future.exception())
+        else:
+            self.metrics.produce_latency.observe(time.perf_counter() - sent)
+
+    def _produce_failed(self, exc: BaseException | None) -> None:
+        """Count a lost frame; log at most every few seconds, not once per frame."""
+        self.produce_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log > 5:
+            self._last_error_log = now
+            logger.warning(
+                "frames are not reaching Kafka (%d so far): %s", self.produce_errors, exc
+            )
 
     async def send_record(self, topic: str, key: str, value: bytes | None) -> None:
         """Send a control or registry record and wait until the broker has it."""
@@ -174,6 +213,9 @@ class FrameReader:
         """Set once the history (the GOP in Kafka before this reader started) is read."""
         self.malformed = 0
         self.lag_ms = 0.0
+        """Age of the newest frame read: ingest arrival until now."""
+        self.lag_records = 0
+        """Video records written but not yet read."""
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -212,4 +254,8 @@ class FrameReader:
                         self.caught_up.set()
             if out:
                 self.lag_ms = time.time() * 1000 - out[-1].frame.arrival_us / 1000
+                video = TopicPartition(self.topic, Track.VIDEO)
+                if video in batches:
+                    highwater = self._consumer.highwater(video) or 0
+                    self.lag_records = max(0, highwater - batches[video][-1].offset - 1)
                 yield out

@@ -24,6 +24,7 @@ from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, UnprocessableOffer
 from .frames import Codec, Track
+from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
 from .registry import RegistryView, StreamInfo
 from .rtpsend import FanoutSender, PreparedFrame
@@ -38,9 +39,16 @@ BURST_CHUNK = 8  # GOP frames sent to a joining viewer between two yields to the
 class ViewerStats:
     frames_sent: int = 0
     keyframe_drops: int = 0
-    keyframe_requests: int = 0
+    plis: int = 0
+    firs: int = 0
+    nacks: int = 0
+    retransmissions: int = 0
     first_frame_s: float | None = None
     """Seconds from the WHEP request to the first video frame sent."""
+
+    def add(self, other: ViewerStats) -> None:
+        for name in ("frames_sent", "keyframe_drops", "plis", "firs", "nacks", "retransmissions"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class ViewerSession(PeerSession):
@@ -56,6 +64,7 @@ class ViewerSession(PeerSession):
         self._queue: collections.deque[PreparedFrame] = collections.deque()
         self._video_started = False
         self._skip_to_keyframe = False
+        self._ready_at = 0.0
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
         matched = {}
@@ -90,6 +99,7 @@ class ViewerSession(PeerSession):
         self.fanout.viewers.add(self)
         if Track.VIDEO in self.senders:
             self.spawn(self._start_video(self.senders[Track.VIDEO]))
+        self.log(logging.INFO, "viewer joined")
         return answer
 
     async def _start_video(self, sender: FanoutSender) -> None:
@@ -97,6 +107,7 @@ class ViewerSession(PeerSession):
         fanout = self.fanout
         assert fanout is not None
         await sender.ready.wait()
+        self._ready_at = time.monotonic()
         await fanout.caught_up()
         gop = list(fanout.gop)
         if not gop:
@@ -121,8 +132,12 @@ class ViewerSession(PeerSession):
 
     def _count_sent(self) -> None:
         self.stats.frames_sent += 1
-        if self.stats.first_frame_s is None:
-            self.stats.first_frame_s = time.monotonic() - self.created
+        if self.stats.first_frame_s is None:  # always a keyframe: viewers start on one
+            now = time.monotonic()
+            self.stats.first_frame_s = now - self.created
+            metrics = self.node.bus.metrics
+            metrics.time_to_first_frame.observe(self.stats.first_frame_s)
+            metrics.keyframe_wait.observe(now - self._ready_at)
 
     def deliver(self, prepared: PreparedFrame) -> None:
         """Hand one live frame to this viewer; never blocks, never waits on the viewer."""
@@ -154,9 +169,18 @@ class ViewerSession(PeerSession):
         self._count_sent()
 
     def keyframe_requested(self, reason: str) -> None:
-        self.stats.keyframe_requests += 1
+        if reason == "PLI":
+            self.stats.plis += 1
+        elif reason == "FIR":
+            self.stats.firs += 1
         if self.fanout is not None:
             self.fanout.request_keyframe(f"viewer {reason}")
+
+    def final_stats(self) -> ViewerStats:
+        stats = ViewerStats(**vars(self.stats))
+        stats.nacks = sum(s.nacks_received for s in self.senders.values())
+        stats.retransmissions = sum(s.retransmitted for s in self.senders.values())
+        return stats
 
     async def close(self) -> None:
         if self._closed:
@@ -164,6 +188,7 @@ class ViewerSession(PeerSession):
         if self.fanout is not None:
             self.fanout.remove(self)
         self.node.viewers.pop(self.resource_id, None)
+        self.log(logging.INFO, "viewer left after %d frames", self.stats.frames_sent)
         await super().close()
 
 
@@ -179,6 +204,7 @@ class StreamFanout:
         self.frames = 0
         self.gop_overflows = 0
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=2048)
+        self._departed = ViewerStats()
         self._reader = FrameReader(node.bus, info.stream, lookback=node.settings.gop_cache_frames)
         self._packetizers = {}
         for track, kind in ((Track.VIDEO, "video"), (Track.AUDIO, "audio")):
@@ -202,7 +228,17 @@ class StreamFanout:
         """Wait until the GOP cache holds what Kafka had when this reader started."""
         await self._reader.caught_up.wait()
 
+    def totals(self) -> ViewerStats:
+        """Viewer counters summed over present and departed viewers."""
+        total = ViewerStats()
+        total.add(self._departed)
+        for viewer in self.viewers:
+            total.add(viewer.final_stats())
+        return total
+
     def remove(self, viewer: ViewerSession) -> None:
+        if viewer in self.viewers:
+            self._departed.add(viewer.final_stats())
         self.viewers.discard(viewer)
         if not self.viewers:
             self._idle_since = time.monotonic()
@@ -241,7 +277,15 @@ class StreamFanout:
         self.frames += 1
         for viewer in list(self.viewers):
             viewer.deliver(prepared)
-        self.latency_ms.append(time.time() * 1000 - frame.arrival_us / 1000)
+        latency_ms = time.time() * 1000 - frame.arrival_us / 1000
+        self.latency_ms.append(latency_ms)
+        if self.viewers:
+            self.node.bus.metrics.gateway_latency.observe(latency_ms / 1000)
+
+    @property
+    def lag(self) -> tuple[int, float]:
+        """(records, ms) this reader is behind the stream's newest frame."""
+        return self._reader.lag_records, self._reader.lag_ms
 
 
 class EgressNode:
@@ -280,6 +324,77 @@ class EgressNode:
             await viewer.close()
             raise
         return viewer, answer
+
+    def snapshot(self, series: StreamSeries) -> None:
+        """Per-stream counters for a metrics scrape (read, never reset)."""
+        for name, fanout in self.fanouts.items():
+            totals = fanout.totals()
+            lag_records, lag_ms = fanout.lag
+            series.add(
+                "gauge",
+                "whipcast_egress_viewers",
+                "Viewers on this node",
+                name,
+                len(fanout.viewers),
+            )
+            series.add(
+                "counter",
+                "whipcast_egress_frames_read",
+                "Frames read from Kafka",
+                name,
+                fanout.frames,
+            )
+            series.add(
+                "counter",
+                "whipcast_egress_frames_sent",
+                "Frames sent, summed over viewers",
+                name,
+                totals.frames_sent,
+            )
+            series.add(
+                "counter",
+                "whipcast_egress_viewer_keyframe_drops",
+                "Viewers dropped to the next keyframe after a queue overflow",
+                name,
+                totals.keyframe_drops,
+            )
+            for kind, value in (("nack", totals.nacks), ("pli", totals.plis), ("fir", totals.firs)):
+                series.add(
+                    "counter",
+                    "whipcast_rtcp_feedback_received",
+                    "RTCP feedback received from viewers",
+                    name,
+                    value,
+                    type=kind,
+                )
+            series.add(
+                "counter",
+                "whipcast_egress_retransmissions",
+                "Packets resent on NACK",
+                name,
+                totals.retransmissions,
+            )
+            series.add(
+                "counter",
+                "whipcast_egress_gop_overflows",
+                "Cached GOPs dropped for being too long",
+                name,
+                fanout.gop_overflows,
+            )
+            series.add(
+                "gauge",
+                "whipcast_egress_consumer_lag_records",
+                "Video records in Kafka not yet read",
+                name,
+                lag_records,
+            )
+            series.add(
+                "gauge",
+                "whipcast_egress_consumer_lag_seconds",
+                "Age of the newest frame read (ingest arrival to now)",
+                name,
+                lag_ms / 1000,
+            )
 
     def find(self, stream: str, resource_id: str) -> ViewerSession | None:
         viewer = self.viewers.get(resource_id)

@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiortc import RTCSessionDescription
 from aiortc.rate import RemoteBitrateEstimator
@@ -43,6 +43,7 @@ from .bus import Bus
 from .control import follow_keyframe_requests
 from .errors import StreamBusy
 from .frames import Codec, Frame, Track, is_keyframe
+from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
 from .registry import RegistryView, StreamInfo
 from .settings import Settings
@@ -53,9 +54,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class IngestStats:
     packets: int = 0
-    frames: int = 0
+    frames: list[int] = field(default_factory=lambda: [0, 0])  # indexed by Track
+    bytes: list[int] = field(default_factory=lambda: [0, 0])
     keyframes: int = 0
-    bytes: int = 0
+    keyframe_interval_s: float = 0.0
     malformed_rtp: int = 0
     frames_lost: int = 0
     frames_skipped: int = 0
@@ -186,6 +188,10 @@ class PassthroughReceiver(RTCRtpReceiver):
         for frame in frames:
             await self._session.emit(self.media_track, media_codec, frame.timestamp, frame.payload)
 
+    @property
+    def packets_lost(self) -> int:
+        return sum(stream.packets_lost for stream in self._streams.values())
+
     async def send_pli(self) -> None:
         if self.media_ssrc is not None:
             await self._send_rtcp(
@@ -278,6 +284,11 @@ class IngestSession(PeerSession):
         await self.node.bus.create_stream_topic(self.stream)
         await registry.publish(self.node.bus, self.info)
         self.spawn(self._watch())
+        self.log(
+            logging.INFO,
+            "publish started: %s",
+            ", ".join(codecs.describe(c[0]) for c in chosen.values()),
+        )
         return answer
 
     async def emit(self, track: Track, codec: Codec, timestamp: int, payload: bytes) -> None:
@@ -286,8 +297,10 @@ class IngestSession(PeerSession):
         stats = self.stats
         if track is Track.VIDEO:
             if keyframe:
+                now = time.monotonic()
                 self._waiting_for_keyframe = False
-                self._last_keyframe = time.monotonic()
+                stats.keyframe_interval_s = now - self._last_keyframe
+                self._last_keyframe = now
                 stats.keyframes += 1
             elif self._waiting_for_keyframe:
                 stats.frames_skipped += 1
@@ -296,12 +309,22 @@ class IngestSession(PeerSession):
         sequence = self._sequence[track]
         self._sequence[track] = sequence + 1
         frame = Frame(
-            track, codec, keyframe, timestamp, self.session_id, sequence,
-            time.time_ns() // 1000, payload,
-        )  # fmt: skip
-        stats.frames += 1
-        stats.bytes += len(payload)
+            track,
+            codec,
+            keyframe,
+            timestamp,
+            self.session_id,
+            sequence,
+            time.time_ns() // 1000,
+            payload,
+        )
+        stats.frames[track] += 1
+        stats.bytes[track] += len(payload)
         await self.node.bus.send_frame(self.topic, frame)
+
+    @property
+    def rtp_packets_lost(self) -> int:
+        return sum(r.packets_lost for r in self._receivers)
 
     def frame_lost(self) -> None:
         """A video frame could not be completed: later ones are undecodable until a
@@ -321,7 +344,7 @@ class IngestSession(PeerSession):
 
     def publisher_left(self, reason: str) -> None:
         if not self._ended:
-            logger.info("publisher of %s left: %s", self.stream, reason)
+            self.log(logging.INFO, "publisher left: %s", reason)
             self.spawn(self.close())
 
     async def _watch(self) -> None:
@@ -411,6 +434,89 @@ class IngestNode:
             await session.close()
             raise
         return session, answer
+
+    def snapshot(self, series: StreamSeries) -> None:
+        """Per-stream counters for a metrics scrape (read, never reset)."""
+        for session in self.sessions.values():
+            name, stats = session.stream, session.stats
+            for track in Track:
+                kind = track.name.lower()
+                series.add(
+                    "counter",
+                    "whipcast_ingest_frames",
+                    "Frames written to Kafka",
+                    name,
+                    stats.frames[track],
+                    track=kind,
+                )
+                series.add(
+                    "counter",
+                    "whipcast_ingest_bytes",
+                    "Encoded bytes written to Kafka",
+                    name,
+                    stats.bytes[track],
+                    track=kind,
+                )
+            series.add(
+                "counter",
+                "whipcast_ingest_keyframes",
+                "Keyframes from the publisher",
+                name,
+                stats.keyframes,
+            )
+            series.add(
+                "gauge",
+                "whipcast_ingest_keyframe_interval_seconds",
+                "Time between the publisher's last two keyframes",
+                name,
+                stats.keyframe_interval_s,
+            )
+            series.add(
+                "counter",
+                "whipcast_ingest_rtp_packets",
+                "RTP packets from the publisher",
+                name,
+                stats.packets,
+            )
+            series.add(
+                "counter",
+                "whipcast_ingest_rtp_malformed",
+                "RTP packets dropped as malformed",
+                name,
+                stats.malformed_rtp,
+            )
+            series.add(
+                "gauge",
+                "whipcast_ingest_rtp_lost_packets",
+                "Publisher RTP packets lost so far (RFC 3550)",
+                name,
+                session.rtp_packets_lost,
+            )
+            for reason, value in (("lost", stats.frames_lost), ("skipped", stats.frames_skipped)):
+                series.add(
+                    "counter",
+                    "whipcast_ingest_frames_dropped",
+                    "Video frames not written: lost (incomplete) or skipped (no keyframe)",
+                    name,
+                    value,
+                    reason=reason,
+                )
+            for kind, value in (("nack", stats.nacks_sent), ("pli", stats.plis_sent)):
+                series.add(
+                    "counter",
+                    "whipcast_rtcp_feedback_sent",
+                    "RTCP feedback sent to publishers",
+                    name,
+                    value,
+                    type=kind,
+                )
+            series.add(
+                "counter",
+                "whipcast_ingest_keyframe_requests",
+                "Keyframe requests received from egress nodes",
+                name,
+                stats.keyframe_requests,
+            )
 
     def find(self, stream: str, resource_id: str) -> IngestSession | None:
         session = self.sessions.get(stream)

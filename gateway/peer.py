@@ -100,6 +100,12 @@ class PeerSession:
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
 
+    def log(self, level: int, message: str, *args: object) -> None:
+        """Log a media event with the stream and resource it concerns."""
+        logger.log(
+            level, message, *args, extra={"stream": self.stream, "resource": self.resource_id}
+        )
+
     def create_peer_connection(self) -> RTCPeerConnection:
         # An explicit empty list: aiortc otherwise asks a public STUN server, which
         # stalls gathering for seconds on a machine without Internet access.
@@ -122,7 +128,10 @@ class PeerSession:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error(
-                "%s session task failed for %s", self.kind, self.stream, exc_info=task.exception()
+                "%s session task failed",
+                self.kind,
+                exc_info=task.exception(),
+                extra={"stream": self.stream, "resource": self.resource_id},
             )
 
     async def add_candidates(self, fragment: str) -> None:

@@ -111,6 +111,7 @@ class FanoutSender(RTCRtpSender):
         self.packets_sent = 0
         self.octets_sent = 0
         self.retransmitted = 0
+        self.nacks_received = 0
         self.rtt: float | None = None
         self.fraction_lost = 0
 
@@ -197,6 +198,7 @@ class FanoutSender(RTCRtpSender):
 
     async def _handle_rtcp_packet(self, packet) -> None:
         if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            self.nacks_received += 1
             for seq in packet.lost:
                 self._retransmit(seq)
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):

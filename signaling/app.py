@@ -18,11 +18,12 @@ from gateway.bus import Bus
 from gateway.codecs import install_passthrough_codecs
 from gateway.egress import EgressNode
 from gateway.ingest import IngestNode
+from gateway.metrics import GatewayCollector, Metrics
 from gateway.peer import use_host_addresses
 from gateway.registry import RegistryView
 from gateway.settings import Settings
 
-from . import pages, whep, whip
+from . import observability, pages, whep, whip
 from .problem import problems_middleware
 from .resources import cors_middleware
 
@@ -35,6 +36,7 @@ ROLES = ("ingest", "egress", "signaling")
 class Node:
     settings: Settings
     roles: tuple[str, ...]
+    metrics: Metrics = field(init=False)
     bus: Bus = field(init=False)
     view: RegistryView = field(init=False)
     ingest: IngestNode | None = None
@@ -43,12 +45,32 @@ class Node:
     ready: bool = False
 
     def __post_init__(self) -> None:
-        self.bus = Bus(self.settings)
+        self.metrics = Metrics()
+        self.bus = Bus(self.settings, self.metrics)
         self.view = RegistryView(self.bus)
         if "ingest" in self.roles:
             self.ingest = IngestNode(self.settings, self.bus, self.view)
         if "egress" in self.roles:
             self.egress = EgressNode(self.settings, self.bus, self.view)
+        sources = [part.snapshot for part in (self.ingest, self.egress) if part is not None]
+        self.metrics.registry.register(GatewayCollector(sources, self._node_metrics()))
+
+    def _node_metrics(self) -> dict:
+        bus = self.bus
+        publishers = self.ingest.sessions if self.ingest else {}
+        viewers = self.egress.viewers if self.egress else {}
+        return {
+            "whipcast_kafka_up": ("gauge", "1 while Kafka answers", lambda: int(bus.reachable)),
+            "whipcast_kafka_produce_errors": (
+                "counter", "Frames Kafka did not take", lambda: bus.produce_errors,
+            ),
+            "whipcast_publishers": (
+                "gauge", "Open publisher connections", lambda: len(publishers),
+            ),
+            "whipcast_viewers": (
+                "gauge", "Open viewer connections", lambda: len(viewers),
+            ),
+        }  # fmt: skip
 
     async def start(self) -> None:
         install_passthrough_codecs()
@@ -74,12 +96,13 @@ NODE = web.AppKey("node", Node)
 
 
 def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Application:
+    node = Node(settings, roles)
     app = web.Application(
-        middlewares=[cors_middleware, problems_middleware],
+        middlewares=[count_requests(node.metrics), cors_middleware, problems_middleware],
         client_max_size=settings.max_sdp_bytes + 1024,
     )
-    node = Node(settings, roles)
     app[NODE] = node
+    observability.add_routes(app, node)
     if node.ingest is not None:
         whip.add_routes(app, node.ingest, settings)
     if node.egress is not None:
@@ -93,3 +116,24 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def count_requests(metrics: Metrics):
+    """Count every request by route pattern (not path: bounded labels) and status."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.http_requests.labels(route, request.method, str(status)).inc()
+
+    return middleware

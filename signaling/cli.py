@@ -15,6 +15,7 @@ from aiohttp import web
 from gateway import broker
 from gateway.settings import Settings
 
+from . import logs
 from .app import ROLES, make_app
 
 logger = logging.getLogger("whipcast")
@@ -40,6 +41,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention-minutes", type=float, help="how long frames stay in Kafka")
     parser.add_argument("--node-id", help="this node's name in the registry")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["human", "json"], default="human",
+                        help="human-readable lines or JSON lines")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,12 +120,7 @@ def _run(coro) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aioice").setLevel(logging.WARNING)
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logs.configure(settings.log_level, getattr(args, "log_format", "human"), settings.node_id)
     try:
         if args.command == "kafka":
             if args.kafka_command == "fetch":

@@ -12,17 +12,15 @@ from gateway.bus import STREAM_NAME
 if TYPE_CHECKING:
     from .app import Node
 
-PAGES = {"/": "index.html", "/publish/{stream}": "publish.html", "/watch/{stream}": "watch.html"}
+PAGES = {
+    "/": "index.html",
+    "/publish/{stream}": "publish.html",
+    "/watch/{stream}": "watch.html",
+    "/dashboard": "dashboard.html",
+}
 
 
 def add_routes(app: web.Application, node: Node, with_pages: bool) -> None:
-    async def healthz(request: web.Request) -> web.Response:
-        if not node.ready:
-            return web.json_response({"status": "starting"}, status=503)
-        return web.json_response(
-            {"status": "ok", "node": node.settings.node_id, "roles": list(node.roles)}
-        )
-
     async def streams(request: web.Request) -> web.Response:
         return web.json_response(
             {"streams": [_describe(node, i.stream) for i in node.view.live_streams()]}
@@ -34,7 +32,6 @@ def add_routes(app: web.Application, node: Node, with_pages: bool) -> None:
             raise web.HTTPNotFound(reason=f"stream {name!r} is not live")
         return web.json_response(_describe(node, name))
 
-    app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/streams", streams)
     app.router.add_get("/api/streams/{stream}", stream)
     if not with_pages:

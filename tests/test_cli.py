@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -12,11 +13,11 @@ import aiohttp
 from .conftest import free_port
 
 
-async def test_dev_starts_and_answers_healthz():
+async def test_dev_starts_and_becomes_ready():
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "signaling.cli", "dev", "--host", "127.0.0.1",
-        "--port", str(port), "--publish-token", "t0ken",
+        "--port", str(port), "--publish-token", "t0ken", "--log-format", "json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -25,7 +26,7 @@ async def test_dev_starts_and_answers_healthz():
         async with aiohttp.ClientSession() as http:
             for _ in range(120):  # the broker takes a few seconds to start
                 try:
-                    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
                         status = response.status
                         body = await response.json()
                         if status == 200:
@@ -33,7 +34,7 @@ async def test_dev_starts_and_answers_healthz():
                 except aiohttp.ClientConnectionError:
                     pass
                 await asyncio.sleep(0.25)
-            assert status == 200, "whipcast dev never became healthy"
+            assert status == 200, "whipcast dev never became ready"
             assert set(body["roles"]) == {"ingest", "egress", "signaling"}
             async with http.get(f"http://127.0.0.1:{port}/watch/x") as response:
                 assert response.status == 200 and "text/html" in response.content_type
@@ -48,5 +49,7 @@ async def test_dev_starts_and_answers_healthz():
         output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, output.decode()[-2000:]
     log = output.decode()
-    assert "embedded Kafka at 127.0.0.1:" in log
     assert "t0ken" not in log, "the token must not be logged"
+    entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any("embedded Kafka at 127.0.0.1:" in e["message"] for e in entries)
+    assert all(e["node"] and e["level"] and e["time"] for e in entries)

@@ -161,7 +161,7 @@ async def test_malformed_rtp_is_dropped_and_counted(server, stream_name):
         sender = next(t.sender for t in publisher.pc.getTransceivers() if t.kind == "video")
         session = server.node.ingest.sessions[stream_name]
         for _ in range(100):  # until media flows, so the receiver knows its codecs
-            if session.stats.frames:
+            if sum(session.stats.frames):
                 break
             await asyncio.sleep(0.05)
         codecs = session._receivers[0]._codecs

@@ -1,0 +1,149 @@
+"""Metrics, readiness and alert rules, checked against live nodes with media flowing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.broker import EmbeddedKafka
+from gateway.settings import Settings
+
+from .conftest import free_port, start_server
+from .peers import play, publish
+
+ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
+
+
+async def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+async def test_metrics_move_with_media(server, stream_name):
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(20)
+        first = await scrape(server.url)
+        await asyncio.sleep(1.5)
+        second = await scrape(server.url)
+        s = stream_name
+        for name in ("whipcast_ingest_frames_total", "whipcast_egress_frames_sent_total"):
+            assert value(second, name, stream=s) > value(first, name, stream=s) > 0, name
+        assert value(second, "whipcast_ingest_frames_total", stream=s, track="audio") > 0
+        assert value(second, "whipcast_egress_viewers", stream=s) == 1
+        assert value(second, "whipcast_gateway_latency_seconds_count") > 0
+        assert value(second, "whipcast_egress_time_to_first_frame_seconds_count") >= 1
+        assert value(second, "whipcast_kafka_produce_latency_seconds_count") > 0
+        assert value(second, "whipcast_kafka_up") == 1
+        assert value(second, "whipcast_process_resident_memory_bytes") > 0
+        # The reader keeps up: lag returns to about zero.
+        assert value(second, "whipcast_egress_consumer_lag_records", stream=s) <= 5
+        assert value(second, "whipcast_egress_consumer_lag_seconds", stream=s) < 1
+        # No per-viewer label anywhere.
+        assert not any("viewer" in dict(labels) or "resource" in dict(labels)
+                       for _, labels in second)  # fmt: skip
+        await viewer.close()
+    finally:
+        await publisher.close()
+
+
+async def test_status_codes_are_counted(server):
+    route = {"route": "/whip/{stream}", "method": "POST", "status": "415"}
+    before = value(await scrape(server.url), "whipcast_http_requests_total", **route)
+    async with aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.post(f"{server.url}/whip/x", data="v=0") as response:
+                assert response.status == 415
+    after = value(await scrape(server.url), "whipcast_http_requests_total", **route)
+    assert after == before + 3
+
+
+async def test_stats_api(server, stream_name):
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(10)
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/stats") as r:
+            stats = await r.json()
+        stream = stats["streams"][stream_name]
+        assert stream["ingest"]["video_frames"] > 0 and stream["ingest"]["video_bytes"] > 0
+        assert stream["egress"]["viewers"] == 1
+        assert stream["egress"]["latency_ms_p50"] is not None
+        await viewer.close()
+    finally:
+        await publisher.close()
+
+
+async def readiness(url: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as response:
+        return response.status
+
+
+async def wait_status(url: str, status: int, timeout: float) -> bool:
+    for _ in range(int(timeout / 0.25)):
+        if await readiness(url) == status:
+            return True
+        await asyncio.sleep(0.25)
+    return False
+
+
+async def test_readiness_follows_the_broker(tmp_path):
+    """/readyz turns 503 while Kafka is down and 200 when it is back; /healthz stays 200."""
+    settings = Settings.from_env()
+    port = free_port()
+    broker = EmbeddedKafka(settings, data_dir=tmp_path / "kafka", port=port)
+    await broker.start()
+    server = await start_server(broker)
+    try:
+        assert await readiness(server.url) == 200
+        await broker.stop()
+        assert await wait_status(server.url, 503, 15), "readyz stayed 200 without Kafka"
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/healthz") as r:
+            assert r.status == 200
+        broker = EmbeddedKafka(settings, data_dir=tmp_path / "kafka", port=port)
+        await broker.start()
+        assert await wait_status(server.url, 200, 30), "readyz did not recover with Kafka"
+    finally:
+        await server.runner.cleanup()
+        await broker.stop()
+
+
+async def test_alert_rules_name_real_metrics(server, stream_name):
+    """Every metric an alert uses exists on a live node with a stream and a viewer."""
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    assert len(rules) >= 5
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(5)
+        async with aiohttp.ClientSession() as http:
+            await http.post(f"{server.url}/whip/x", data="v=0")
+        names = {name for name, _ in await scrape(server.url)}
+        await viewer.close()
+    finally:
+        await publisher.close()
+    for rule in rules:
+        used = set(re.findall(r"\b(whipcast_[a-z_]+)", rule["expr"]))
+        assert used, rule["alert"]
+        missing = used - names
+        assert not missing, f"{rule['alert']} uses metrics no node exports: {missing}"
