@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.broker import EmbeddedKafka
 from gateway.settings import Settings
+from signaling.logs import JsonFormatter
 
 from .conftest import free_port, start_server
 from .peers import play, publish
@@ -147,3 +150,26 @@ async def test_alert_rules_name_real_metrics(server, stream_name):
         assert used, rule["alert"]
         missing = used - names
         assert not missing, f"{rule['alert']} uses metrics no node exports: {missing}"
+
+
+async def test_media_events_are_logged_with_context(server, stream_name, caplog):
+    """Publish and view events name their stream and resource; JSON lines carry them,
+    and no SDP reaches the log."""
+    caplog.set_level(logging.INFO, logger="gateway")
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(3)
+        await viewer.close()
+    finally:
+        await publisher.close()
+    events = [r for r in caplog.records if getattr(r, "stream", None) == stream_name]
+    messages = [r.getMessage() for r in events]
+    assert any(m.startswith("publish started") for m in messages), messages
+    assert any(m == "viewer joined" for m in messages), messages
+    assert all(len(getattr(r, "resource", "")) >= 32 for r in events)
+    entry = json.loads(JsonFormatter().format(events[0]))
+    assert entry["stream"] == stream_name and entry["resource"] == events[0].resource
+    assert not any("a=fingerprint" in r.getMessage() or "v=0" in r.getMessage()
+                   for r in caplog.records)  # fmt: skip
