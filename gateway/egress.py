@@ -16,13 +16,14 @@ import logging
 import time
 from dataclasses import dataclass
 
+from aiokafka.errors import KafkaError
 from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from . import codecs
 from .bus import Bus, FrameReader
 from .control import KeyframeRequester
-from .errors import NotLive, UnprocessableOffer
+from .errors import NotLive, Unavailable, UnprocessableOffer
 from .frames import Codec, Track
 from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
@@ -313,6 +314,8 @@ class EgressNode:
 
     async def play(self, stream: str, offer_sdp: str) -> tuple[ViewerSession, str]:
         offer = parse_offer(offer_sdp, direction="recvonly")
+        if not self.bus.reachable:
+            raise Unavailable("the media bus (Kafka) is unreachable; try again shortly")
         info = self.view.get(stream)
         if info is None:
             raise NotLive(f"stream {stream!r} is not live")
@@ -320,6 +323,9 @@ class EgressNode:
         self.viewers[viewer.resource_id] = viewer
         try:
             answer = await viewer.start(offer, offer_sdp, info)
+        except KafkaError as exc:
+            await viewer.close()
+            raise Unavailable(f"the media bus (Kafka) failed: {exc.__class__.__name__}") from None
         except BaseException:
             await viewer.close()
             raise

@@ -7,6 +7,7 @@ the client and must never contain secrets or SDP.
 
 class SessionError(Exception):
     status = 400
+    headers: dict[str, str] = {}
 
 
 class UnprocessableOffer(SessionError):
@@ -21,3 +22,10 @@ class NotLive(SessionError):
 
 class StreamBusy(SessionError):
     status = 409
+
+
+class Unavailable(SessionError):
+    """Kafka cannot be reached: the client should try again shortly (or elsewhere)."""
+
+    status = 503
+    headers = {"Retry-After": "5"}

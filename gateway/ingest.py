@@ -17,6 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from aiokafka.errors import KafkaError
 from aiortc import RTCSessionDescription
 from aiortc.rate import RemoteBitrateEstimator
 from aiortc.rtcrtpparameters import RTCRtpReceiveParameters
@@ -41,7 +42,7 @@ from . import codecs, registry
 from .assembler import FrameAssembler
 from .bus import Bus
 from .control import follow_keyframe_requests
-from .errors import StreamBusy
+from .errors import StreamBusy, Unavailable
 from .frames import Codec, Frame, Track, is_keyframe
 from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
@@ -424,12 +425,17 @@ class IngestNode:
     async def publish(self, stream: str, offer_sdp: str) -> tuple[IngestSession, str]:
         """Start a publishing session; raises StreamBusy if the stream is already live."""
         offer = parse_offer(offer_sdp, direction="sendonly")
+        if not self.bus.reachable:
+            raise Unavailable("the media bus (Kafka) is unreachable; try again shortly")
         if stream in self.sessions or self.view.get(stream) is not None:
             raise StreamBusy(f"stream {stream!r} already has a publisher")
         session = IngestSession(self, stream)
         self.sessions[stream] = session
         try:
             answer = await session.start(offer, offer_sdp)
+        except KafkaError as exc:
+            await session.close()
+            raise Unavailable(f"the media bus (Kafka) failed: {exc.__class__.__name__}") from None
         except BaseException:
             await session.close()
             raise

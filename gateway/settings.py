@@ -64,6 +64,23 @@ class Settings:
     fanout_linger: float = 10.0
     """Seconds a stream's Kafka reader stays open on a node after its last viewer left."""
 
+    # Audience Q&A (signaling/qa.py)
+    qa_retention_ms: int = 7 * 24 * 3600 * 1000
+    """How long questions stay in Kafka: long enough to show them again with a replay."""
+    qa_max_questions: int = 5000
+    """Questions one stream accepts; bounds every node's memory per stream."""
+    qa_question_burst: int = 3
+    qa_question_interval: float = 20.0
+    """Each client may ask ``qa_question_burst`` questions at once, then one per interval."""
+    qa_vote_burst: int = 20
+    qa_vote_interval: float = 1.0
+    qa_heartbeat: float = 15.0
+    """Seconds between SSE comment lines; also how fast a vanished client is noticed."""
+    qa_subscriber_queue: int = 256
+    """Events one SSE client may have unsent; a client further behind is disconnected."""
+    qa_board_linger: float = 120.0
+    """Seconds a stream's Q&A log stays followed on a node after its last use."""
+
     # Kafka
     kafka_bootstrap: str | None = None
     """Existing cluster to use; ``None`` in dev mode starts an embedded broker."""

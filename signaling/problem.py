@@ -45,7 +45,7 @@ async def problems_middleware(request: web.Request, handler) -> web.StreamRespon
     try:
         return await handler(request)
     except SessionError as exc:
-        return problem(exc.status, str(exc))
+        return problem(exc.status, str(exc), headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/problem+json":
             raise

@@ -17,7 +17,8 @@ from gateway.settings import Settings
 from signaling.logs import JsonFormatter
 
 from .conftest import free_port, start_server
-from .peers import play, publish
+from .peers import play, post_sdp, publish
+from .test_whip_whep import offer
 
 ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "alerts.yml"
 
@@ -122,6 +123,14 @@ async def test_readiness_follows_the_broker(tmp_path):
         assert await wait_status(server.url, 503, 15), "readyz stayed 200 without Kafka"
         async with aiohttp.ClientSession() as http, http.get(f"{server.url}/healthz") as r:
             assert r.status == 200
+        # New sessions are refused with a retry hint instead of hanging or failing.
+        async with aiohttp.ClientSession(base_url=server.url) as http:
+            for endpoint in ("whip", "whep"):
+                direction = "sendonly" if endpoint == "whip" else "recvonly"
+                status, headers, _ = await post_sdp(
+                    http, f"/{endpoint}/down", await offer("video", direction=direction)
+                )
+                assert status == 503 and headers["Retry-After"] == "5", endpoint
         broker = EmbeddedKafka(settings, data_dir=tmp_path / "kafka", port=port)
         await broker.start()
         assert await wait_status(server.url, 200, 30), "readyz did not recover with Kafka"

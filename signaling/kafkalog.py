@@ -1,0 +1,84 @@
+"""Kafka topics the control plane keeps its state in (Q&A, directory details).
+
+Unlike frames, this state must never be lost once a client was told it is saved, so it
+is written by an idempotent producer with ``acks=all`` and acknowledged only after the
+broker has it. Readers rebuild their state by reading a topic from the beginning, so a
+restarted node, or a second one, sees exactly what the first one saw.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from gateway.settings import Settings
+
+PRODUCE_TIMEOUT_MS = 10_000
+
+
+def durable_producer(settings: Settings) -> AIOKafkaProducer:
+    """A producer whose acknowledgement means every in-sync replica has the record, and
+    whose retries cannot write it twice."""
+    return AIOKafkaProducer(
+        **settings.kafka_client_options(),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=0,
+        request_timeout_ms=PRODUCE_TIMEOUT_MS,
+    )
+
+
+class Topics:
+    """Creates topics on first use and remembers which exist, so a read of a stream
+    nobody ever wrote to does not create anything."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+        self._known: set[str] = set()
+
+    async def start(self) -> None:
+        await self._admin.start()
+
+    async def stop(self) -> None:
+        await self._admin.close()
+
+    async def exists(self, name: str) -> bool:
+        if name not in self._known and name in await self._admin.list_topics():
+            self._known.add(name)
+        return name in self._known
+
+    async def ensure(self, topic: NewTopic) -> None:
+        if topic.name in self._known:
+            return
+        try:
+            await self._admin.create_topics([topic])
+        except TopicAlreadyExistsError:
+            pass
+        self._known.add(topic.name)
+
+
+async def read_to_end(
+    consumer: AIOKafkaConsumer,
+    partition: TopicPartition,
+    apply: Callable[[ConsumerRecord], None],
+    timeout: float,
+) -> bool:
+    """Replay ``partition`` from its beginning up to its current end into ``apply``.
+
+    Returns False if the end was not reached within ``timeout`` seconds.
+    """
+    await consumer.seek_to_beginning(partition)
+    end = (await consumer.end_offsets([partition]))[partition]
+    deadline = time.monotonic() + timeout
+    while await consumer.position(partition) < end:
+        if time.monotonic() > deadline:
+            return False
+        for records in (await consumer.getmany(partition, timeout_ms=500)).values():
+            for record in records:
+                apply(record)
+    return True
