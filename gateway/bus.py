@@ -6,6 +6,7 @@ Topics (``docs/architecture.md`` has the picture):
   frame per record (:mod:`gateway.frames`), deleted by retention after a few minutes.
 - ``{prefix}.streams``: compacted registry of live streams (:mod:`gateway.registry`).
 - ``{prefix}.control``: keyframe requests from egress to the ingest owning a stream.
+- ``{prefix}.nodes``: compacted node registry: address and load (:mod:`gateway.nodes`).
 
 Only the Kafka protocol is used, so any Kafka-compatible cluster works.
 """
@@ -51,6 +52,7 @@ class Bus:
         self._last_error_log = 0.0
         self.reachable = False
         """Whether the last metadata request (every 2 s) reached a broker."""
+        self.reachable_since = time.monotonic()
         self._probe: asyncio.Task | None = None
         self._prefix = settings.topic_prefix
         self._replicas = settings.topic_replication_factor
@@ -67,6 +69,10 @@ class Bus:
     @property
     def control_topic(self) -> str:
         return f"{self._prefix}.control"
+
+    @property
+    def nodes_topic(self) -> str:
+        return f"{self._prefix}.nodes"
 
     async def start(self) -> None:
         self.producer = AIOKafkaProducer(
@@ -88,6 +94,12 @@ class Bus:
                 NewTopic(
                     self.control_topic, 1, self._replicas, topic_configs={"retention.ms": "3600000"}
                 ),
+                NewTopic(
+                    self.nodes_topic,
+                    1,
+                    self._replicas,
+                    topic_configs={"cleanup.policy": "compact", "segment.ms": "600000"},
+                ),
             ]
         )
         self.reachable = True
@@ -107,6 +119,7 @@ class Bus:
             else:
                 if not self.reachable:
                     logger.info("Kafka reachable again")
+                    self.reachable_since = time.monotonic()
                 self.reachable = True
 
     async def stop(self) -> None:

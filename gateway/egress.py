@@ -27,7 +27,7 @@ from .errors import NotLive, Unavailable, UnprocessableOffer
 from .frames import Codec, Track
 from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
-from .registry import RegistryView, StreamInfo
+from .registry import STALE_AFTER_S, RegistryView, StreamInfo
 from .rtpsend import FanoutSender, PreparedFrame
 from .settings import Settings
 
@@ -298,6 +298,7 @@ class EgressNode:
         self.view = view
         self.keyframes = KeyframeRequester(bus, settings.keyframe_request_interval)
         self.viewers: dict[str, ViewerSession] = {}
+        self.started = 0
         self.fanouts: dict[str, StreamFanout] = {}
         self._fanout_lock = asyncio.Lock()
         self._janitor: asyncio.Task | None = None
@@ -316,11 +317,14 @@ class EgressNode:
         offer = parse_offer(offer_sdp, direction="recvonly")
         if not self.bus.reachable:
             raise Unavailable("the media bus (Kafka) is unreachable; try again shortly")
+        if len(self.viewers) >= self.settings.max_viewers:
+            raise Unavailable("this egress node is full; try again shortly")
         info = self.view.get(stream)
         if info is None:
             raise NotLive(f"stream {stream!r} is not live")
         viewer = ViewerSession(self, stream)
         self.viewers[viewer.resource_id] = viewer
+        self.started += 1
         try:
             answer = await viewer.start(offer, offer_sdp, info)
         except KafkaError as exc:
@@ -424,13 +428,18 @@ class EgressNode:
         await fanout.stop()
 
     async def _sweep(self) -> None:
-        """End fan-outs whose stream ended, and idle ones after a grace period."""
+        """End fan-outs whose stream ended, and idle ones after a grace period.
+
+        While Kafka is unreachable, and until heartbeats had time to arrive after it is
+        back, nothing can be known about streams, so viewers are kept and resume.
+        """
         while True:
             await asyncio.sleep(0.5)
             now = time.monotonic()
+            informed = self.bus.reachable and now - self.bus.reachable_since > STALE_AFTER_S
             for fanout in list(self.fanouts.values()):
                 info = self.view.get(fanout.stream)
-                ended = info is None or info.session != fanout.session
+                ended = informed and (info is None or info.session != fanout.session)
                 idle = not fanout.viewers and now - fanout._idle_since > self.settings.fanout_linger
                 if ended or idle:
                     if ended:

@@ -51,6 +51,8 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+OUTBOX_FRAMES = 256  # about 3 s of 720p30 video with its audio
+
 
 @dataclass
 class IngestStats:
@@ -62,6 +64,8 @@ class IngestStats:
     malformed_rtp: int = 0
     frames_lost: int = 0
     frames_skipped: int = 0
+    frames_backlogged: int = 0
+    """Frames dropped because Kafka did not keep up (outbox full)."""
     nacks_sent: int = 0
     plis_sent: int = 0
     keyframe_requests: int = 0
@@ -172,7 +176,7 @@ class PassthroughReceiver(RTCRtpReceiver):
             if self._audio_highest is not None and ext <= self._audio_highest:
                 return  # late or duplicate audio is useless downstream
             self._audio_highest = ext
-            await self._session.emit(self.media_track, media_codec, packet.timestamp, data)
+            self._session.emit(self.media_track, media_codec, packet.timestamp, data)
             return
 
         frames, lost = self._assembler.add(
@@ -187,7 +191,7 @@ class PassthroughReceiver(RTCRtpReceiver):
             stats.frames_lost += 1
             self._session.frame_lost()
         for frame in frames:
-            await self._session.emit(self.media_track, media_codec, frame.timestamp, frame.payload)
+            self._session.emit(self.media_track, media_codec, frame.timestamp, frame.payload)
 
     @property
     def packets_lost(self) -> int:
@@ -257,6 +261,7 @@ class IngestSession(PeerSession):
         self._last_keyframe = time.monotonic()
         self._last_pli = 0.0
         self._ended = False
+        self._outbox: asyncio.Queue[Frame] = asyncio.Queue(OUTBOX_FRAMES)
 
     async def start(self, offer: SessionDescription, offer_sdp: str) -> str:
         pc = self.pc = self.create_peer_connection()
@@ -285,6 +290,7 @@ class IngestSession(PeerSession):
         await self.node.bus.create_stream_topic(self.stream)
         await registry.publish(self.node.bus, self.info)
         self.spawn(self._watch())
+        self.spawn(self._drain())
         self.log(
             logging.INFO,
             "publish started: %s",
@@ -292,8 +298,13 @@ class IngestSession(PeerSession):
         )
         return answer
 
-    async def emit(self, track: Track, codec: Codec, timestamp: int, payload: bytes) -> None:
-        """Write one complete frame to Kafka (called as soon as it is complete)."""
+    def emit(self, track: Track, codec: Codec, timestamp: int, payload: bytes) -> None:
+        """Hand one complete frame to Kafka (called as soon as it is complete).
+
+        Frames go through a bounded outbox drained by one task, so RTP handling never
+        waits on Kafka: during a broker outage the outbox fills, further frames are
+        dropped and counted, and the publisher's connection stays healthy.
+        """
         keyframe = is_keyframe(codec, payload)
         stats = self.stats
         if track is Track.VIDEO:
@@ -319,9 +330,20 @@ class IngestSession(PeerSession):
             time.time_ns() // 1000,
             payload,
         )
+        try:
+            self._outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            stats.frames_backlogged += 1
+            if track is Track.VIDEO:
+                self.frame_lost()
+            return
         stats.frames[track] += 1
         stats.bytes[track] += len(payload)
-        await self.node.bus.send_frame(self.topic, frame)
+
+    async def _drain(self) -> None:
+        while True:
+            frame = await self._outbox.get()
+            await self.node.bus.send_frame(self.topic, frame)
 
     @property
     def rtp_packets_lost(self) -> int:
@@ -360,7 +382,14 @@ class IngestSession(PeerSession):
             if interval and now - self._last_keyframe > interval:
                 self.request_keyframe()
             if self.info and time.time() - self.info.updated_at >= registry.HEARTBEAT_S:
-                await registry.publish(self.node.bus, self.info)
+                # Not awaited: a broker outage must not stall the media-timeout checks.
+                self.spawn(self._heartbeat(self.info))
+
+    async def _heartbeat(self, info: StreamInfo) -> None:
+        try:
+            await registry.publish(self.node.bus, info)
+        except KafkaError as exc:
+            self.log(logging.WARNING, "registry heartbeat not written: %s", exc)
 
     def on_connection_state(self, state: str) -> None:
         if state in ("failed", "closed"):
@@ -403,6 +432,7 @@ class IngestNode:
         self.bus = bus
         self.view = view
         self.sessions: dict[str, IngestSession] = {}
+        self.started = 0
         self._listener: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -427,10 +457,13 @@ class IngestNode:
         offer = parse_offer(offer_sdp, direction="sendonly")
         if not self.bus.reachable:
             raise Unavailable("the media bus (Kafka) is unreachable; try again shortly")
+        if len(self.sessions) >= self.settings.max_publishers:
+            raise Unavailable("this ingest node is full; try again shortly")
         if stream in self.sessions or self.view.get(stream) is not None:
             raise StreamBusy(f"stream {stream!r} already has a publisher")
         session = IngestSession(self, stream)
         self.sessions[stream] = session
+        self.started += 1
         try:
             answer = await session.start(offer, offer_sdp)
         except KafkaError as exc:
@@ -498,11 +531,15 @@ class IngestNode:
                 name,
                 session.rtp_packets_lost,
             )
-            for reason, value in (("lost", stats.frames_lost), ("skipped", stats.frames_skipped)):
+            for reason, value in (
+                ("lost", stats.frames_lost),
+                ("skipped", stats.frames_skipped),
+                ("backlog", stats.frames_backlogged),
+            ):
                 series.add(
                     "counter",
                     "whipcast_ingest_frames_dropped",
-                    "Video frames not written: lost (incomplete) or skipped (no keyframe)",
+                    "Frames not written: lost, skipped (no keyframe), backlog (Kafka slow)",
                     name,
                     value,
                     reason=reason,

@@ -10,19 +10,15 @@ into a :class:`RegistryView`; a record whose heartbeat is older than
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from aiokafka.structs import TopicPartition
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
-from .bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
-
-logger = logging.getLogger(__name__)
+from .bus import Bus
+from .compacted import CompactedView
+from .nodes import NodeView
 
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 3 * HEARTBEAT_S
@@ -78,83 +74,23 @@ async def publish(bus: Bus, info: StreamInfo) -> None:
     await bus.send_record(bus.registry_topic, info.stream, info.encode())
 
 
-class RegistryView:
-    """This node's copy of the registry, followed live from Kafka."""
+class RegistryView(CompactedView[StreamInfo]):
+    """This node's copy of the registry, followed live from Kafka.
 
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-        self._streams: dict[str, StreamInfo] = {}
-        self._listeners: list[Callable[[StreamInfo], None]] = []
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task | None = None
+    A stream counts as live while its record says so, its heartbeat is fresh, and the
+    ingest node that owns it has not stopped heartbeating (``nodes``).
+    """
 
-    async def start(self) -> None:
-        """Load the registry up to its current end, then keep following it."""
-        consumer = self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
-        await consumer.start()
-        tp = TopicPartition(self._bus.registry_topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        while await consumer.position(tp) < end:
-            for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                for record in records:
-                    self._apply(record.key, record.value)
-        self._task = asyncio.create_task(self._follow(consumer), name="registry-view")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _follow(self, consumer) -> None:
-        try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for records in batches.values():
-                    for record in records:
-                        self._apply(record.key, record.value)
-        finally:
-            await consumer.stop()
-
-    def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        if key is None:
-            return
-        name = key.decode(errors="replace")
-        if value is None:
-            self._streams.pop(name, None)
-            return
-        try:
-            info = StreamInfo.decode(value)
-        except (ValueError, TypeError):
-            logger.warning("ignoring malformed registry record for %r", name)
-            return
-        self._streams[name] = info
-        for listener in self._listeners:
-            listener(info)
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def on_change(self, listener: Callable[[StreamInfo], None]) -> None:
-        self._listeners.append(listener)
+    def __init__(self, bus: Bus, nodes: NodeView) -> None:
+        super().__init__(bus, bus.registry_topic, StreamInfo.decode)
+        self._nodes = nodes
 
     def get(self, stream: str) -> StreamInfo | None:
         """The stream's record if it is live now, else ``None``."""
-        info = self._streams.get(stream)
-        return info if info is not None and info.live else None
+        info = self.records.get(stream)
+        if info is None or not info.live or self._nodes.is_down(info.node):
+            return None
+        return info
 
     def live_streams(self) -> list[StreamInfo]:
-        return [info for info in self._streams.values() if info.live]
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait (bounded) until ``predicate()`` holds after some registry update."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                return predicate()
-        return True
+        return [info for name in list(self.records) if (info := self.get(name)) is not None]

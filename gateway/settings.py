@@ -25,6 +25,7 @@ ENV_VARS = {
     "KAFKA_HOME": "kafka_home",
     "WHIPCAST_PUBLIC_IP": "public_ip",
     "WHIPCAST_NODE_ID": "node_id",
+    "WHIPCAST_ADVERTISE_URL": "advertise_url",
 }
 
 
@@ -41,6 +42,8 @@ class Settings:
     publish_token: str | None = None
     web_root: Path = Path(__file__).resolve().parent.parent / "web"
     max_sdp_bytes: int = 64 * 1024
+    advertise_url: str | None = None
+    """Base URL other nodes send clients to (``http://host:port``); default from host/port."""
     ice_servers: tuple[str, ...] = ()
     """STUN/TURN URLs offered to clients in ``Link`` headers (``turn:`` entries may carry
     ``user:pass@`` credentials)."""
@@ -61,6 +64,11 @@ class Settings:
     """Frames a viewer may have waiting before it is dropped to the next keyframe."""
     gop_cache_frames: int = 300
     """Longest GOP kept for instant joins; a longer one is dropped and a keyframe asked for."""
+    max_viewers: int = 500
+    """Viewers an egress node takes before signaling places new ones elsewhere."""
+    max_publishers: int = 50
+    max_cpu_percent: float = 85.0
+    """A node above this CPU (% of one core) gets no new sessions while others have room."""
     fanout_linger: float = 10.0
     """Seconds a stream's Kafka reader stays open on a node after its last viewer left."""
 
@@ -113,6 +121,14 @@ class Settings:
 
     def with_(self, **changes: object) -> Settings:
         return replace(self, **changes)
+
+    @property
+    def url(self) -> str:
+        """Where clients reach this node's HTTP endpoints."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def ice_host_addresses(self) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from gateway.codecs import install_passthrough_codecs
 from gateway.egress import EgressNode
 from gateway.ingest import IngestNode
 from gateway.metrics import GatewayCollector, Metrics
+from gateway.nodes import Heartbeat, NodeInfo, NodeView
 from gateway.peer import use_host_addresses
 from gateway.registry import RegistryView
 from gateway.settings import Settings
@@ -26,6 +28,7 @@ from gateway.settings import Settings
 from . import observability, pages, whep, whip
 from .problem import problems_middleware
 from .resources import cors_middleware
+from .routing import Router
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,9 @@ class Node:
     roles: tuple[str, ...]
     metrics: Metrics = field(init=False)
     bus: Bus = field(init=False)
+    nodes: NodeView = field(init=False)
     view: RegistryView = field(init=False)
+    heartbeat: Heartbeat = field(init=False)
     ingest: IngestNode | None = None
     egress: EgressNode | None = None
     started_at: float = field(default_factory=time.time)
@@ -47,7 +52,9 @@ class Node:
     def __post_init__(self) -> None:
         self.metrics = Metrics()
         self.bus = Bus(self.settings, self.metrics)
-        self.view = RegistryView(self.bus)
+        self.nodes = NodeView(self.bus)
+        self.view = RegistryView(self.bus, self.nodes)
+        self.heartbeat = Heartbeat(self.bus, self.describe)
         if "ingest" in self.roles:
             self.ingest = IngestNode(self.settings, self.bus, self.view)
         if "egress" in self.roles:
@@ -76,20 +83,45 @@ class Node:
         install_passthrough_codecs()
         use_host_addresses(self.settings.ice_host_addresses)
         await self.bus.start()
+        await self.nodes.start()
         await self.view.start()
         for part in (self.ingest, self.egress):
             if part is not None:
                 await part.start()
+        await self.heartbeat.start()
         self.ready = True
         logger.info("node %s ready with roles %s", self.settings.node_id, ",".join(self.roles))
 
     async def stop(self) -> None:
         self.ready = False
+        await self.heartbeat.stop()
         for part in (self.egress, self.ingest):
             if part is not None:
                 await part.stop()
         await self.view.stop()
+        await self.nodes.stop()
         await self.bus.stop()
+
+    def describe(self) -> NodeInfo:
+        """This node's entry in the node registry (sent every heartbeat)."""
+        settings = self.settings
+        info = NodeInfo(
+            node=settings.node_id,
+            roles=list(self.roles),
+            url=settings.url,
+            max_publishers=settings.max_publishers,
+            max_viewers=settings.max_viewers,
+        )
+        if self.ingest is not None:
+            info.publishers = len(self.ingest.sessions)
+            info.sessions_started += self.ingest.started
+            info.streams.update({name: 1 for name in self.ingest.sessions})
+        if self.egress is not None:
+            info.viewers = len(self.egress.viewers)
+            info.sessions_started += self.egress.started
+            # Counted from sessions, which exist from the POST on, like sessions_started.
+            info.streams.update(Counter(v.stream for v in self.egress.viewers.values()))
+        return info
 
 
 NODE = web.AppKey("node", Node)
@@ -103,10 +135,15 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
     )
     app[NODE] = node
     observability.add_routes(app, node)
+    router = Router(settings, node.nodes, node.view)
     if node.ingest is not None:
         whip.add_routes(app, node.ingest, settings)
+    else:
+        whip.add_redirects(app, router, settings)
     if node.egress is not None:
         whep.add_routes(app, node.egress, settings)
+    else:
+        whep.add_redirects(app, router, settings)
     pages.add_routes(app, node, with_pages="signaling" in roles)
 
     async def lifecycle(app: web.Application):

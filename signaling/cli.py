@@ -40,6 +40,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="STUN/TURN URL for clients' Link headers (repeatable)")  # fmt: skip
     parser.add_argument("--retention-minutes", type=float, help="how long frames stay in Kafka")
     parser.add_argument("--node-id", help="this node's name in the registry")
+    parser.add_argument("--advertise-url", help="base URL clients are redirected to, "
+                        "e.g. http://10.0.0.5:8081 (env WHIPCAST_ADVERTISE_URL)")  # fmt: skip
+    parser.add_argument("--max-viewers", type=int, help="viewers this egress node takes")
+    parser.add_argument("--max-publishers", type=int, help="publishers this ingest node takes")
+    parser.add_argument("--max-cpu", type=float, dest="max_cpu_percent",
+                        help="%% of one core above which a node gets no new sessions")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -77,6 +83,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ice_servers=tuple(args.ice_servers) if getattr(args, "ice_servers", None) else None,
         stream_retention_ms=int(retention * 60_000) if retention else None,
         node_id=getattr(args, "node_id", None),
+        advertise_url=getattr(args, "advertise_url", None),
+        max_viewers=getattr(args, "max_viewers", None),
+        max_publishers=getattr(args, "max_publishers", None),
+        max_cpu_percent=getattr(args, "max_cpu_percent", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 
@@ -121,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
     logs.configure(settings.log_level, getattr(args, "log_format", "human"), settings.node_id)
+    if args.command == "loadtest":
+        loadtest_cli.run(args)
+        return
     try:
         if args.command == "kafka":
             if args.kafka_command == "fetch":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -36,7 +37,13 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    async def nodes(request: web.Request) -> web.Response:
+        """The media nodes this node knows to be up (from the node registry)."""
+        alive = [n for n in node.nodes.records.values() if n.alive and n.roles != ["signaling"]]
+        return web.json_response({"nodes": [asdict(n) for n in alive]})
+
     app.router.add_get("/api/stats", stats)
+    app.router.add_get("/api/nodes", nodes)
 
 
 def _percentile(values: list[float], q: float) -> float | None:

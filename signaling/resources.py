@@ -4,7 +4,7 @@ session-resource PATCH/DELETE, CORS, ``Link`` headers for ICE servers."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -133,6 +133,13 @@ async def cors_middleware(request: web.Request, handler) -> web.StreamResponse:
     return response
 
 
-def same_origin_location(request: web.Request, path: str) -> str:
-    """A relative resource URL (RFC 9725 allows it), independent of proxies in front."""
-    return urlsplit(str(request.url.with_path(path))).path
+def location(settings: Settings, path: str) -> str:
+    """The session URL: absolute when this node is reached through a redirect (clients
+    must come back to this node, not to the signaling node they first asked), else
+    relative, which RFC 9725 allows and which survives proxies in front."""
+    return f"{settings.url}{path}" if settings.advertise_url else path
+
+
+def redirect(base_url: str, request: web.Request) -> web.Response:
+    """307 keeps the method and body: the client re-sends its offer to ``base_url``."""
+    return web.Response(status=307, headers={"Location": f"{base_url}{request.path}"})

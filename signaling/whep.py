@@ -8,6 +8,13 @@ from gateway.egress import EgressNode
 from gateway.settings import Settings
 
 from . import resources
+from .routing import Router
+
+
+async def probe(request: web.Request) -> web.Response:
+    """HEAD/GET on the endpoint lets players recognise a WHEP URL."""
+    resources.stream_name(request)
+    return web.Response(status=200, content_type=resources.SDP)
 
 
 def add_routes(app: web.Application, egress: EgressNode, settings: Settings) -> None:
@@ -15,13 +22,8 @@ def add_routes(app: web.Application, egress: EgressNode, settings: Settings) -> 
         stream = resources.stream_name(request)
         offer = await resources.read_body(request, resources.SDP, settings.max_sdp_bytes)
         viewer, answer = await egress.play(stream, offer)
-        location = f"/whep/{stream}/{viewer.resource_id}"
+        location = resources.location(settings, f"/whep/{stream}/{viewer.resource_id}")
         return resources.created(viewer, answer, location, settings)
-
-    async def probe(request: web.Request) -> web.Response:
-        """HEAD/GET on the endpoint lets players recognise a WHEP URL."""
-        resources.stream_name(request)
-        return web.Response(status=200, content_type=resources.SDP)
 
     async def patch(request: web.Request) -> web.Response:
         return await resources.patch(request, egress.find, settings)
@@ -35,3 +37,14 @@ def add_routes(app: web.Application, egress: EgressNode, settings: Settings) -> 
     app.router.add_patch("/whep/{stream}/{resource}", patch)
     app.router.add_delete("/whep/{stream}/{resource}", delete)
     app.router.add_options("/whep/{stream}/{resource}", resources.options)
+
+
+def add_redirects(app: web.Application, router: Router, settings: Settings) -> None:
+    """On a node without the egress role: send viewers to an egress node."""
+
+    async def play(request: web.Request) -> web.Response:
+        return resources.redirect(router.place_viewer(resources.stream_name(request)), request)
+
+    app.router.add_post("/whep/{stream}", play)
+    app.router.add_get("/whep/{stream}", probe)
+    app.router.add_options("/whep/{stream}", resources.options)

@@ -1,0 +1,116 @@
+"""Which whipcast nodes are up, where they are reached, and how loaded they are.
+
+Every node writes a :class:`NodeInfo` to the compacted ``{prefix}.nodes`` topic every
+:data:`HEARTBEAT_S` and a tombstone when it stops; a node silent for
+:data:`STALE_AFTER_S` is down. Signaling routes publishers and viewers with it, and
+the stream registry treats streams of a down ingest as ended. Kafka is the only store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from aiokafka.errors import KafkaError
+
+from .bus import Bus
+from .compacted import CompactedView
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+STALE_AFTER_S = 2.0
+CPU_SMOOTHING = 0.15  # per heartbeat: about 3 s to follow a change
+
+
+@dataclass
+class NodeInfo:
+    node: str
+    roles: list[str]
+    url: str
+    """Base URL clients are redirected to (``--advertise-url``)."""
+    publishers: int = 0
+    viewers: int = 0
+    max_publishers: int = 0
+    max_viewers: int = 0
+    cpu_percent: float = 0.0
+    """CPU used by the node's process, in % of one core, smoothed over a few seconds
+    (joins cost a burst of DTLS handshakes that must not make a node look full)."""
+    bitrate_bps: int = 0
+    sessions_started: int = 0
+    """WHIP/WHEP sessions this node has taken so far: lets signaling tell which of its
+    redirects have arrived."""
+    streams: dict[str, int] = field(default_factory=dict)
+    """Streams this node serves: viewers per stream (egress), or 1 per publish (ingest)."""
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def alive(self) -> bool:
+        return time.time() - self.updated_at < STALE_AFTER_S
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> NodeInfo:
+        return cls(**json.loads(value))
+
+
+class NodeView(CompactedView[NodeInfo]):
+    def __init__(self, bus: Bus) -> None:
+        super().__init__(bus, bus.nodes_topic, NodeInfo.decode)
+
+    def alive(self, role: str) -> list[NodeInfo]:
+        return [n for n in self.records.values() if role in n.roles and n.alive]
+
+    def is_down(self, node_id: str) -> bool:
+        """Known, and silent for too long (a cleanly stopped node leaves no record)."""
+        info = self.records.get(node_id)
+        return info is not None and not info.alive
+
+
+class Heartbeat:
+    """Publishes this node's :class:`NodeInfo` until stopped, then a tombstone."""
+
+    def __init__(self, bus: Bus, describe: Callable[[], NodeInfo]) -> None:
+        self._bus = bus
+        self._describe = describe
+        self._task: asyncio.Task | None = None
+        self._cpu = (time.process_time(), time.monotonic())
+        self._cpu_percent = 0.0
+
+    async def start(self) -> None:
+        await self._beat()
+        self._task = asyncio.create_task(self._run(), name="node-heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self._bus.send_record(self._bus.nodes_topic, self._id, None), 2)
+        except (KafkaError, TimeoutError):
+            pass  # the record goes stale on its own
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await asyncio.wait_for(self._beat(), HEARTBEAT_S * 4)
+            except (KafkaError, TimeoutError) as exc:
+                logger.debug("node heartbeat not written: %s", exc)
+
+    async def _beat(self) -> None:
+        info = self._describe()
+        cpu, wall = time.process_time(), time.monotonic()
+        recent = 100 * (cpu - self._cpu[0]) / max(wall - self._cpu[1], 1e-3)
+        self._cpu = (cpu, wall)
+        self._cpu_percent += CPU_SMOOTHING * (recent - self._cpu_percent)
+        info.cpu_percent = round(self._cpu_percent, 1)
+        self._id = info.node
+        await self._bus.send_record(self._bus.nodes_topic, info.node, info.encode())
