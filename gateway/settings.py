@@ -26,6 +26,7 @@ ENV_VARS = {
     "WHIPCAST_PUBLIC_IP": "public_ip",
     "WHIPCAST_NODE_ID": "node_id",
     "WHIPCAST_ADVERTISE_URL": "advertise_url",
+    "WHIPCAST_WEB_ROOT": "web_root",
 }
 
 
