@@ -45,7 +45,9 @@ class NodeInfo:
     """WHIP/WHEP sessions this node has taken so far: lets signaling tell which of its
     redirects have arrived."""
     streams: dict[str, int] = field(default_factory=dict)
-    """Streams this node serves: viewers per stream (egress), or 1 per publish (ingest)."""
+    """Viewers per stream on this node (egress)."""
+    publishing: list[str] = field(default_factory=list)
+    """Streams published to this node (ingest)."""
     updated_at: float = field(default_factory=time.time)
 
     @property

@@ -25,8 +25,11 @@ from gateway.peer import use_host_addresses
 from gateway.registry import RegistryView
 from gateway.settings import Settings
 
-from . import observability, pages, whep, whip
+from . import directory, observability, openapi, pages, qa_api, whep, whip
+from .directory import Directory
+from .kafkalog import StateLog
 from .problem import problems_middleware
+from .qa import QAService
 from .resources import cors_middleware
 from .routing import Router
 
@@ -44,8 +47,11 @@ class Node:
     nodes: NodeView = field(init=False)
     view: RegistryView = field(init=False)
     heartbeat: Heartbeat = field(init=False)
+    state_log: StateLog = field(init=False)
+    directory: Directory = field(init=False)
     ingest: IngestNode | None = None
     egress: EgressNode | None = None
+    qa: QAService | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -59,6 +65,10 @@ class Node:
             self.ingest = IngestNode(self.settings, self.bus, self.view)
         if "egress" in self.roles:
             self.egress = EgressNode(self.settings, self.bus, self.view)
+        self.state_log = StateLog(self.settings)
+        self.directory = Directory(self.settings, self.bus, self.state_log)
+        if "signaling" in self.roles:
+            self.qa = QAService(self.settings, self.bus, self.view, self.state_log, self.metrics)
         sources = [part.snapshot for part in (self.ingest, self.egress) if part is not None]
         self.metrics.registry.register(GatewayCollector(sources, self._node_metrics()))
 
@@ -85,7 +95,9 @@ class Node:
         await self.bus.start()
         await self.nodes.start()
         await self.view.start()
-        for part in (self.ingest, self.egress):
+        await self.state_log.start()
+        await self.directory.start()
+        for part in (self.ingest, self.egress, self.qa):
             if part is not None:
                 await part.start()
         await self.heartbeat.start()
@@ -95,9 +107,11 @@ class Node:
     async def stop(self) -> None:
         self.ready = False
         await self.heartbeat.stop()
-        for part in (self.egress, self.ingest):
+        for part in (self.qa, self.egress, self.ingest):
             if part is not None:
                 await part.stop()
+        await self.directory.stop()
+        await self.state_log.stop()
         await self.view.stop()
         await self.nodes.stop()
         await self.bus.stop()
@@ -115,12 +129,12 @@ class Node:
         if self.ingest is not None:
             info.publishers = len(self.ingest.sessions)
             info.sessions_started += self.ingest.started
-            info.streams.update({name: 1 for name in self.ingest.sessions})
+            info.publishing = sorted(self.ingest.sessions)
         if self.egress is not None:
             info.viewers = len(self.egress.viewers)
             info.sessions_started += self.egress.started
             # Counted from sessions, which exist from the POST on, like sessions_started.
-            info.streams.update(Counter(v.stream for v in self.egress.viewers.values()))
+            info.streams = dict(Counter(v.stream for v in self.egress.viewers.values()))
         return info
 
 
@@ -145,6 +159,10 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
     else:
         whep.add_redirects(app, router, settings)
     pages.add_routes(app, node, with_pages="signaling" in roles)
+    directory.add_routes(app, node.directory, settings)
+    if node.qa is not None:
+        qa_api.add_routes(app, node.qa, settings)
+    openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):
         await node.start()

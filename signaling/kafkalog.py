@@ -33,26 +33,39 @@ def durable_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
-class Topics:
-    """Creates topics on first use and remembers which exist, so a read of a stream
-    nobody ever wrote to does not create anything."""
+class StateLog:
+    """A node's durable writer for control-plane state, and the topics it has made.
+
+    Topics are created on first use; the set of known ones lets a read of a name nobody
+    ever wrote to create nothing.
+    """
 
     def __init__(self, settings: Settings) -> None:
-        self._admin = AIOKafkaAdminClient(**settings.kafka_client_options())
+        self._settings = settings
+        self._admin: AIOKafkaAdminClient | None = None
+        self._producer: AIOKafkaProducer | None = None
         self._known: set[str] = set()
 
     async def start(self) -> None:
+        self._admin = AIOKafkaAdminClient(**self._settings.kafka_client_options())
         await self._admin.start()
+        self._producer = durable_producer(self._settings)
+        await self._producer.start()
 
     async def stop(self) -> None:
-        await self._admin.close()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._admin is not None:
+            await self._admin.close()
 
     async def exists(self, name: str) -> bool:
+        assert self._admin is not None
         if name not in self._known and name in await self._admin.list_topics():
             self._known.add(name)
         return name in self._known
 
     async def ensure(self, topic: NewTopic) -> None:
+        assert self._admin is not None
         if topic.name in self._known:
             return
         try:
@@ -60,6 +73,12 @@ class Topics:
         except TopicAlreadyExistsError:
             pass
         self._known.add(topic.name)
+
+    async def write(self, topic: str, key: str, value: bytes | None) -> int:
+        """Write one record; returns its offset once every in-sync replica has it."""
+        assert self._producer is not None
+        metadata = await self._producer.send_and_wait(topic, value, key=key.encode())
+        return metadata.offset
 
 
 async def read_to_end(

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 PAGES = {
     "/": "index.html",
-    "/publish/{stream}": "publish.html",
+    "/studio/{stream}": "studio.html",
     "/watch/{stream}": "watch.html",
+    "/embed/{stream}": "embed.html",
     "/dashboard": "dashboard.html",
 }
 
@@ -39,6 +40,7 @@ def add_routes(app: web.Application, node: Node, with_pages: bool) -> None:
     root = node.settings.web_root
     for path, filename in PAGES.items():
         app.router.add_get(path, _page(root / filename))
+    app.router.add_get("/publish/{stream}", _to_studio)
     app.router.add_static("/web/", root, follow_symlinks=False)
 
 
@@ -51,12 +53,23 @@ def _page(path):
     return handler
 
 
+async def _to_studio(request: web.Request) -> web.Response:
+    """The publish page became the studio; old links keep working."""
+    name = request.match_info["stream"]
+    if not STREAM_NAME.match(name):
+        raise web.HTTPNotFound(reason="no such stream page")
+    raise web.HTTPFound(f"/studio/{name}")
+
+
 def _describe(node: Node, name: str) -> dict:
     info = node.view.get(name)
     assert info is not None
     described: dict = {
         "stream": name,
         "live": True,
+        **node.directory.details(name),
+        "viewers": _viewers(node, name),
+        "started_at": info.started_at,
         "uptime_s": round(time.time() - info.started_at, 1),
         "video": info.video,
         "audio": info.audio,
@@ -67,3 +80,14 @@ def _describe(node: Node, name: str) -> dict:
     if node.ingest is not None and name in node.ingest.sessions:
         described["ingest"] = vars(node.ingest.sessions[name].stats)
     return described
+
+
+def _viewers(node: Node, name: str) -> int:
+    """Viewers on every egress node: this one counted directly, others from their last
+    heartbeat in the node registry."""
+    here = node.egress.fanouts.get(name) if node.egress is not None else None
+    count = len(here.viewers) if here is not None else 0
+    for other in node.nodes.alive("egress"):
+        if other.node != node.settings.node_id:
+            count += other.streams.get(name, 0)
+    return count

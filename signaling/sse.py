@@ -10,16 +10,15 @@ from __future__ import annotations
 from aiohttp import web
 
 
-async def open_stream(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(
+def event_stream() -> web.StreamResponse:
+    """A response to ``prepare()`` (after setting any cookie) and then write events to."""
+    return web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache, no-transform",
             "X-Accel-Buffering": "no",  # nginx: pass events through at once
         }
     )
-    await response.prepare(request)
-    return response
 
 
 async def send(response: web.StreamResponse, event: str, data: str) -> None:

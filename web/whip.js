@@ -373,3 +373,196 @@ async function errorFromResponse(response) {
   const reason = [title, detail].filter(Boolean).join(': ') || 'request failed';
   return new WhipError(`${reason} (HTTP ${status})`, { status, title, detail, retryAfter });
 }
+
+/**
+ * Rates from successive getStats() reports: what a studio or a player shows as "live
+ * stats". Call sample() about once a second; rates cover the time since the last call.
+ *
+ *   const sampler = new StatsSampler(session.pc);
+ *   const s = await sampler.sample(); // { bitrateKbps, fps, rttMs, lossPercent, ... }
+ */
+export class StatsSampler {
+  constructor(pc) {
+    this.pc = pc;
+    this._last = null;
+  }
+
+  async sample() {
+    const now = performance.now();
+    const base = await mediaStats(this.pc);
+    const totals = { bytes: 0, packets: 0, lost: 0, frames: 0, jitterDelay: 0, emitted: 0 };
+    let rtt = null;
+    if (this.pc) {
+      const report = await this.pc.getStats();
+      report.forEach((s) => {
+        if (s.type === 'outbound-rtp' || s.type === 'inbound-rtp') {
+          totals.bytes += (s.bytesSent || 0) + (s.bytesReceived || 0);
+          totals.packets += (s.packetsSent || 0) + (s.packetsReceived || 0);
+          if (s.kind === 'video') {
+            totals.frames += s.type === 'outbound-rtp' ? (s.framesEncoded || 0) : (s.framesDecoded || 0);
+            totals.jitterDelay += s.jitterBufferDelay || 0;
+            totals.emitted += s.jitterBufferEmittedCount || 0;
+          }
+          if (s.type === 'inbound-rtp') totals.lost += s.packetsLost || 0;
+        } else if (s.type === 'remote-inbound-rtp') {
+          totals.lost += s.packetsLost || 0; // what the far end reports missing from us
+          if (s.roundTripTime !== undefined) rtt = s.roundTripTime;
+        } else if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+          if (s.currentRoundTripTime !== undefined) rtt = s.currentRoundTripTime;
+        }
+      });
+    }
+    const last = this._last;
+    this._last = { at: now, ...totals };
+    const seconds = last ? (now - last.at) / 1000 : 0;
+    const rate = (key) => (seconds > 0 ? Math.max(0, totals[key] - last[key]) / seconds : null);
+    const packets = last ? totals.packets - last.packets : 0;
+    const lost = last ? Math.max(0, totals.lost - last.lost) : 0;
+    const emitted = last ? totals.emitted - last.emitted : 0;
+    return {
+      ...base,
+      bitrateKbps: seconds > 0 ? Math.round((rate('bytes') * 8) / 1000) : null,
+      fps: seconds > 0 ? Math.round(rate('frames')) : null,
+      rttMs: rtt === null ? null : Math.round(rtt * 1000),
+      lossPercent: packets + lost > 0 ? Math.round((1000 * lost) / (packets + lost)) / 10 : 0,
+      jitterBufferMs: emitted > 0
+        ? Math.round((1000 * (totals.jitterDelay - last.jitterDelay)) / emitted) : null,
+    };
+  }
+}
+
+const RETRY_MIN_MS = 1000;
+const RETRY_MAX_MS = 8000;
+const DISCONNECTED_GRACE_MS = 5000; // 'disconnected' often recovers by itself
+const FIRST_FRAME_TIMEOUT_MS = 15000;
+const STALL_NOTICE_MS = 3000;
+const STALL_TIMEOUT_MS = 10000;
+
+/**
+ * Keep a WHEP stream playing: reconnect with exponential backoff and jitter whenever the
+ * stream ends or restarts, the connection fails, video stalls, or the egress goes away.
+ *
+ * onStatus({ state, message }) is called on every change; state is one of
+ * 'connecting', 'live', 'stalled', 'reconnecting', 'ended' (the broadcast stopped),
+ * 'offline' (the endpoint says the stream is not live: 404/409), 'error', 'stopped'.
+ *
+ *   const player = new Player('/whep/demo', video, { onStatus: (s) => show(s) });
+ *   player.start();  ...  await player.stop();
+ */
+export class Player {
+  constructor(url, video, { onStatus = () => {}, iceServers } = {}) {
+    this.url = url;
+    this.video = video;
+    this.session = null;
+    this.status = { state: 'connecting', message: 'Connecting…' };
+    this._onStatus = onStatus;
+    this._iceServers = iceServers;
+    this._attempt = null;
+    this._stopped = false;
+    this._retryDelay = RETRY_MIN_MS;
+  }
+
+  get pc() { return this.session?.pc ?? null; }
+
+  start() {
+    this._run().catch((err) => this._set('error', String(err?.message || err)));
+    return this;
+  }
+
+  async stop() {
+    this._stopped = true;
+    this._attempt?.abort();
+    await this.session?.stop();
+    this._set('stopped', 'Stopped');
+  }
+
+  _set(state, message) {
+    if (this.status.state === state && this.status.message === message) return;
+    this.status = { state, message };
+    try { this._onStatus(this.status); } catch (err) { console.error(err); }
+  }
+
+  async _run() {
+    let offline = false;
+    while (!this._stopped) {
+      this._attempt = new AbortController();
+      let retryAfterMs = 0;
+      try {
+        if (!offline) this._set('connecting', 'Connecting…');
+        this.session = await play(this.url, this.video, {
+          signal: this._attempt.signal,
+          iceServers: this._iceServers,
+          onState: (state) => {
+            if (state === 'disconnected') this._set('reconnecting', 'Connection interrupted, recovering…');
+          },
+        });
+        offline = false;
+        const [state, reason] = await this._untilSessionEnds(this.session);
+        if (this._stopped) break;
+        this._set(state, `${reason}. Reconnecting…`);
+      } catch (err) {
+        if (this._stopped) break;
+        offline = err?.status === 404 || err?.status === 409; // WHEP: not live (yet)
+        if (offline) this._set('offline', 'The stream is offline. Waiting for it to go live…');
+        else this._set('error', `${err?.message || err}. Retrying…`);
+        if (err?.retryAfter) retryAfterMs = err.retryAfter * 1000;
+      }
+      this._attempt.abort(); // stops the session (DELETE) if it is still up
+      this.session = null;
+      await sleep(Math.max(this._retryDelay * (0.8 + Math.random() * 0.4), retryAfterMs));
+      this._retryDelay = Math.min(this._retryDelay * 2, RETRY_MAX_MS);
+    }
+  }
+
+  /** Resolve with [state, reason] once the session failed, stayed disconnected or stalled. */
+  _untilSessionEnds(session) {
+    return new Promise((resolve) => {
+      const started = performance.now();
+      let lastFrames = 0;
+      let lastProgress = started;
+      let disconnectedSince = null;
+      let live = false;
+      let done = false;
+      const finish = (state, reason) => {
+        done = true;
+        clearInterval(timer);
+        resolve([state, reason]);
+      };
+      const tick = async () => {
+        const s = await mediaStats(session.pc);
+        if (done) return;
+        if (this._stopped) return finish('stopped', 'Stopped');
+        const now = performance.now();
+        if (session.state === 'ended') return finish('ended', 'The broadcast ended');
+        if (session.state === 'closed' || session.state === 'failed') {
+          return finish('reconnecting', 'Connection lost');
+        }
+        if (session.state !== 'disconnected') disconnectedSince = null;
+        else if (now - (disconnectedSince ??= now) > DISCONNECTED_GRACE_MS) {
+          return finish('reconnecting', 'Connection lost');
+        }
+        if (s.framesDecoded > lastFrames) {
+          lastFrames = s.framesDecoded;
+          lastProgress = now;
+          if (!live) this._retryDelay = RETRY_MIN_MS;
+          live = true;
+          if (session.state === 'connected') this._set('live', 'Live');
+          return;
+        }
+        if (!live) {
+          if (now - started > FIRST_FRAME_TIMEOUT_MS) finish('reconnecting', 'No video arrived');
+          else if (session.state === 'connected') this._set('connecting', 'Connected, waiting for video…');
+          return;
+        }
+        const idle = now - lastProgress;
+        if (idle > STALL_TIMEOUT_MS) return finish('reconnecting', 'The video stopped');
+        if (idle > STALL_NOTICE_MS) this._set('stalled', 'No video for a moment, waiting…');
+      };
+      const timer = setInterval(() => { tick().catch(() => {}); }, 500);
+    });
+  }
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,366 @@
+"""The HTTP API described in OpenAPI 3.1, served at ``/openapi.json``.
+
+Written by hand next to the handlers rather than generated from them: the document
+is the contract for clients, and ``tests/test_openapi.py`` checks that it is valid and
+that every path it names is routed. Every documented error is an RFC 9457 problem.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+PROBLEM = "application/problem+json"
+JSON = "application/json"
+SDP = "application/sdp"
+SDPFRAG = "application/trickle-ice-sdpfrag"
+
+_REASONS = {
+    400: "The request is malformed; `detail` says how",
+    401: "The publish token is missing or wrong",
+    404: "No such stream, session or question",
+    409: "Conflicts with the current state (stream busy, not live, question limit)",
+    412: "If-Match does not match the session's ETag",
+    413: "The body is too large",
+    415: "Wrong Content-Type",
+    422: "Well-formed, but asks for something whipcast does not do",
+    429: "Too many requests from this client; wait `Retry-After` seconds",
+    503: "Kafka or capacity is unavailable; try again after `Retry-After` seconds",
+}
+
+
+def _problem(status: int, reason: str) -> dict:
+    response: dict = {"description": reason, "content": {PROBLEM: {"schema": _ref("Problem")}}}
+    if status in (429, 503):
+        response["headers"] = {"Retry-After": {"description": "Seconds to wait",
+                                               "schema": {"type": "integer"}}}  # fmt: skip
+    return response
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _errors(*statuses: int) -> dict:
+    return {str(s): {"$ref": f"#/components/responses/E{s}"} for s in statuses}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+def _param(name: str, description: str, pattern: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "description": description,
+            "schema": {"type": "string", "pattern": pattern}}  # fmt: skip
+
+
+STREAM = _param("stream", "Stream name", "^[A-Za-z0-9_-]{1,64}$")
+RESOURCE = _param("resource", "Session resource id from `Location`", "^[A-Za-z0-9_-]+$")
+QUESTION = _param("question", "Question id", "^[A-Za-z0-9_-]{22}$")
+HOST = [{"publishToken": []}]
+HOST_VIEW = {"name": "view", "in": "query", "required": False,
+             "description": "`host` includes hidden questions; needs the publish token",
+             "schema": {"type": "string", "enum": ["host"]}}  # fmt: skip
+SEE_OTHER = {"description": "Placed on another node: re-send the offer to `Location` "
+             "(RFC 9725 4.5); only from nodes without the media role"}  # fmt: skip
+EMPTY = {"description": "Done"}
+
+
+def _session_endpoint(kind: str, protocol: str, auth: bool) -> dict:
+    created = {
+        "description": f"{protocol} session created; the body is the SDP answer",
+        "headers": {
+            "Location": {"description": "Session resource URL", "schema": {"type": "string"}},
+            "ETag": {
+                "description": "Strong entity tag of the ICE session",
+                "schema": {"type": "string"},
+            },  # fmt: skip
+            "Link": {
+                "description": 'STUN/TURN servers, `rel="ice-server"`',
+                "schema": {"type": "string"},
+            },  # fmt: skip
+        },
+        "content": {SDP: {"schema": {"type": "string"}}},
+    }
+    post = {
+        "tags": [protocol],
+        "summary": f"Start {kind}: POST an SDP offer",
+        "requestBody": {"required": True, "content": {SDP: {"schema": {"type": "string"}}}},
+        "responses": {
+            "201": created,
+            "307": SEE_OTHER,
+            **_errors(400, 401, 404, 409, 413, 415, 422, 503),
+        },  # fmt: skip
+    }
+    if auth:
+        post["security"] = HOST
+    else:
+        post["responses"].pop("401")
+    return {
+        "parameters": [STREAM],
+        "post": post,
+        "options": {
+            "tags": [protocol],
+            "summary": "CORS preflight and capabilities",
+            "responses": {"204": EMPTY},
+        },  # fmt: skip
+    }
+
+
+def _session_resource(protocol: str, auth: bool) -> dict:
+    patch = {
+        "tags": [protocol],
+        "summary": "Trickle ICE candidates (ICE restarts are refused with 422)",
+        "parameters": [
+            {"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"}}
+        ],  # fmt: skip
+        "requestBody": {"required": True, "content": {SDPFRAG: {"schema": {"type": "string"}}}},
+        "responses": {"204": EMPTY, **_errors(400, 401, 404, 412, 413, 415, 422)},
+    }
+    delete = {"tags": [protocol], "summary": "End the session",
+              "responses": {"200": EMPTY, **_errors(401, 404)}}  # fmt: skip
+    for operation in (patch, delete):
+        if auth:
+            operation["security"] = HOST
+        else:
+            operation["responses"].pop("401")
+    return {
+        "parameters": [STREAM, RESOURCE],
+        "patch": patch,
+        "delete": delete,
+        "options": {
+            "tags": [protocol],
+            "summary": "CORS preflight",
+            "responses": {"204": EMPTY},
+        },  # fmt: skip
+    }
+
+
+SCHEMAS: dict = {
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details; `detail` is written for people",
+        "required": ["title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+        },
+    },
+    "Codec": {
+        "type": "object",
+        "properties": {
+            "mimeType": {"type": "string", "examples": ["video/H264"]},
+            "clockRate": {"type": "integer"},
+            "channels": {"type": ["integer", "null"]},
+            "parameters": {"type": "object"},
+        },
+    },
+    "Stream": {
+        "type": "object",
+        "required": ["stream", "live", "viewers", "uptime_s"],
+        "properties": {
+            "stream": {"type": "string"},
+            "live": {"type": "boolean"},
+            "title": {"type": ["string", "null"]},
+            "width": {"type": ["integer", "null"], "description": "As reported by the host"},
+            "height": {"type": ["integer", "null"]},
+            "viewers": {"type": "integer", "description": "Viewers on all egress nodes"},
+            "started_at": {"type": "number", "description": "Unix time the broadcast began"},
+            "uptime_s": {"type": "number"},
+            "video": {"oneOf": [_ref("Codec"), {"type": "null"}]},
+            "audio": {"oneOf": [_ref("Codec"), {"type": "null"}]},
+        },
+    },
+    "Details": {
+        "type": "object",
+        "description": "JSON merge patch of the stream's details; `null` clears a field",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "title": {"type": ["string", "null"], "maxLength": 100},
+            "width": {"type": ["integer", "null"], "minimum": 1, "maximum": 16384},
+            "height": {"type": ["integer", "null"], "minimum": 1, "maximum": 16384},
+        },
+    },
+    "Question": {
+        "type": "object",
+        "required": ["id", "name", "text", "created_at", "votes", "pinned", "answered"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "text": {"type": "string"},
+            "created_at": {"type": "number", "description": "Unix time"},
+            "stream_time": {
+                "type": ["number", "null"],
+                "description": "Seconds into the broadcast when asked",
+            },
+            "votes": {"type": "integer"},
+            "pinned": {"type": "boolean"},
+            "answered": {"type": "boolean"},
+            "hidden": {"type": "boolean", "description": "Only hosts ever see true"},
+            "voted": {"type": "boolean", "description": "Whether this client voted"},
+        },
+    },  # fmt: skip
+    "QuestionList": {
+        "type": "object",
+        "properties": {
+            "stream": {"type": "string"},
+            "open": {"type": "boolean", "description": "Whether new questions are taken"},
+            "questions": {"type": "array", "items": _ref("Question")},
+        },
+    },
+    "NewQuestion": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["text"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 40, "description": "Default: Anonymous"},
+            "text": {"type": "string", "minLength": 1, "maxLength": 500},
+        },
+    },
+    "Moderation": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "pinned": {"type": "boolean", "description": "Pinning unpins the previous one"},
+            "answered": {"type": "boolean"},
+            "hidden": {"type": "boolean"},
+        },
+    },
+}
+
+_STREAMS = {"type": "object", "properties": {"streams": {"type": "array", "items": _ref("Stream")}}}
+_ACCEPTED = _json({"type": "object"}, "Saved in Kafka, not yet visible on this node")
+_CLIENT = [{"clientCookie": []}]
+
+PATHS: dict = {
+    "/whip/{stream}": _session_endpoint("publishing", "WHIP", auth=True),
+    "/whip/{stream}/{resource}": _session_resource("WHIP", auth=True),
+    "/whep/{stream}": {
+        **_session_endpoint("playing", "WHEP", auth=False),
+        "get": {"tags": ["WHEP"], "summary": "Probe: answers 200 for a WHEP endpoint",
+                "responses": {"200": EMPTY, **_errors(400)}},  # fmt: skip
+    },
+    "/whep/{stream}/{resource}": _session_resource("WHEP", auth=False),
+    "/api/streams": {
+        "get": {"tags": ["Directory"], "summary": "Live streams",
+                "responses": {"200": _json(_STREAMS, "Every live stream")}},  # fmt: skip
+    },
+    "/api/streams/{stream}": {
+        "parameters": [STREAM],
+        "get": {"tags": ["Directory"], "summary": "One live stream",
+                "responses": {"200": _json(_ref("Stream"), "The stream"), **_errors(404)}},
+        "patch": {
+            "tags": ["Directory"], "summary": "Set the title or reported resolution (host)",
+            "security": HOST,
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Details")}}},
+            "responses": {"200": _json(_ref("Details"), "The details now"),
+                          **_errors(400, 401, 413, 415, 503)},
+        },
+    },
+    "/api/streams/{stream}/questions": {
+        "parameters": [STREAM],
+        "get": {
+            "tags": ["Q&A"], "summary": "Questions, pinned first, then by votes",
+            "description": "Sets the client-id cookie if missing. Hidden questions are "
+                           "left out unless `view=host`.",
+            "parameters": [HOST_VIEW],
+            "responses": {"200": _json(_ref("QuestionList"), "The questions"),
+                          **_errors(400, 401, 404, 503)},
+        },
+        "post": {
+            "tags": ["Q&A"], "summary": "Ask a question (stream must be live)",
+            "description": "201 only once Kafka acknowledged it (acks=all).",
+            "security": _CLIENT,
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("NewQuestion")}}},
+            "responses": {"201": _json(_ref("Question"), "Saved"),
+                          **_errors(400, 404, 409, 413, 415, 429, 503)},
+        },
+    },
+    "/api/streams/{stream}/questions/events": {
+        "parameters": [STREAM],
+        "get": {
+            "tags": ["Q&A"], "summary": "Live updates (server-sent events)",
+            "description": "`snapshot` first (`QuestionList`), then `question` (a `Question` "
+                           "that is new or changed) and, for viewers, `removed` (`{id}`, "
+                           "hidden by the host). Comment lines are heartbeats. A client "
+                           "too far behind is disconnected and should reconnect.",
+            "parameters": [HOST_VIEW],
+            "responses": {"200": {"description": "Event stream",
+                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                          **_errors(400, 401, 404, 503)},
+        },
+    },
+    "/api/streams/{stream}/questions/{question}/vote": {
+        "parameters": [STREAM, QUESTION],
+        "post": {
+            "tags": ["Q&A"], "summary": "Vote for a question (once per client; repeats are no-ops)",
+            "security": _CLIENT,
+            "responses": {"200": _json(_ref("Question"), "The question now"), "202": _ACCEPTED,
+                          **_errors(400, 404, 429, 503)},
+        },
+    },
+    "/api/streams/{stream}/questions/{question}": {
+        "parameters": [STREAM, QUESTION],
+        "patch": {
+            "tags": ["Q&A"], "summary": "Pin, mark answered or hide (host)",
+            "security": HOST,
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Moderation")}}},
+            "responses": {"200": _json(_ref("Question"), "The question now"), "202": _ACCEPTED,
+                          **_errors(400, 401, 404, 413, 415, 503)},
+        },
+    },
+    "/healthz": {"get": {"tags": ["Health"], "summary": "Liveness",
+                         "responses": {"200": _json({"type": "object"}, "Serving")}}},
+    "/readyz": {"get": {"tags": ["Health"], "summary": "Readiness: started and Kafka reachable",
+                        "responses": {"200": _json({"type": "object"}, "Ready"),
+                                      "503": _json({"type": "object"}, "Not ready")}}},
+    "/metrics": {"get": {"tags": ["Health"], "summary": "Prometheus metrics",
+                         "responses": {"200": {"description": "Prometheus text format",
+                                               "content": {"text/plain": {}}}}}},
+    "/api/stats": {"get": {"tags": ["Health"], "summary": "Live per-stream figures",
+                           "responses": {"200": _json({"type": "object"}, "Snapshot")}}},
+    "/api/nodes": {"get": {"tags": ["Health"], "summary": "Media nodes that are up, with load",
+                           "responses": {"200": _json({"type": "object"}, "Node registry")}}},
+    "/openapi.json": {"get": {"tags": ["Health"], "summary": "This document",
+                              "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")}}},
+}  # fmt: skip
+
+DOCUMENT: dict = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "whipcast",
+        "version": "0.1.0",
+        "description": "Low-latency live video: WHIP in, Apache Kafka between, WHEP out; "
+        "a stream directory and audience Q&A.",
+    },
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "responses": {
+            f"E{status}": _problem(status, reason) for status, reason in _REASONS.items()
+        },
+        "securitySchemes": {
+            "publishToken": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The publish token (only when one is configured)",
+            },
+            "clientCookie": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": "whipcast_client",
+                "description": "Random client id, set by GET .../questions",
+            },
+        },  # fmt: skip
+    },
+}
+
+
+def add_routes(app: web.Application) -> None:
+    async def document(request: web.Request) -> web.Response:
+        return web.json_response(DOCUMENT)
+
+    app.router.add_get("/openapi.json", document)
