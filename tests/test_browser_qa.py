@@ -12,62 +12,27 @@ Setup (once):  apt-get install -y chromium && npm ci --prefix tests/browser
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 
+from .browser_harness import ARTIFACTS, NEEDS_CHROMIUM, run_script
 from .conftest import start_server
 
-TESTS = Path(__file__).resolve().parent
-BROWSER_DIR = TESTS / "browser"
-SCRIPT = BROWSER_DIR / "studio_qa.mjs"
-SHOTS = TESTS / "artifacts" / "pages"
-CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ARTIFACTS / "pages"
 TOKEN = "studio-test-token"
 MIN_FRAMES = 30
 RUN_TIMEOUT_S = 170  # the script's own hard limit is 150 s
 
-# Skipping is for a developer's machine without a browser; CI installs both and must
-# run these tests, so there a missing piece fails loudly instead.
-IN_CI = bool(os.environ.get("CI"))
-
-pytestmark = [
-    pytest.mark.skipif(
-        not CHROMIUM.exists() and not IN_CI,
-        reason=f"{CHROMIUM} not found (apt-get install -y chromium)",
-    ),
-    pytest.mark.skipif(
-        not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir() and not IN_CI,
-        reason="tests/browser/node_modules missing (npm ci --prefix tests/browser)",
-    ),
-]
+pytestmark = NEEDS_CHROMIUM
 
 
-async def run_script(base_url: str, stream: str) -> tuple[int, dict | None, str]:
-    node = shutil.which("node")
-    assert node, "node is not on PATH (needed for the browser test)"
-    args = [node, str(SCRIPT), base_url, stream, str(SHOTS), "--token", TOKEN]
-    args += ["--min-frames", str(MIN_FRAMES)]
-    proc = await asyncio.create_subprocess_exec(
-        *args, cwd=BROWSER_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-        pytest.fail(f"studio_qa.mjs ran past {RUN_TIMEOUT_S} s\n{err.decode(errors='replace')}")
-    result = None
-    for line in reversed(out.decode(errors="replace").splitlines()):
-        if line.startswith("{"):
-            result = json.loads(line)
-            break
-    return proc.returncode, result, err.decode(errors="replace")
+async def run_studio_qa(base_url: str, stream: str) -> tuple[int, dict | None, str]:
+    """Run the Node script; return (exit code, its JSON result or None, stderr)."""
+    args = [base_url, stream, str(SHOTS), "--token", TOKEN, "--min-frames", str(MIN_FRAMES)]
+    return await run_script("studio_qa.mjs", *args, timeout=RUN_TIMEOUT_S)
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
@@ -76,7 +41,7 @@ async def test_studio_watch_and_live_questions_in_chromium(kafka) -> None:
     server = await start_server(kafka, publish_token=TOKEN)
     try:
         stream = f"studio-{uuid.uuid4().hex[:8]}"
-        code, result, stderr = await run_script(server.url, stream)
+        code, result, stderr = await run_studio_qa(server.url, stream)
     finally:
         await server.runner.cleanup()
 

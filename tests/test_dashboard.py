@@ -12,70 +12,29 @@ Setup (once):  apt-get install -y chromium && npm ci --prefix tests/browser
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
 import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
+from .browser_harness import ARTIFACTS, NEEDS_CHROMIUM, run_script
 from .peers import play, publish
 
-TESTS = Path(__file__).resolve().parent
-BROWSER_DIR = TESTS / "browser"
-SCRIPT = BROWSER_DIR / "dashboard.mjs"
-SHOTS = TESTS / "artifacts" / "dashboard"
-CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = ARTIFACTS / "dashboard"
 
 DATA_TIMEOUT_S = 45  # inside the script: until the stream has MIN_POINTS samples
 MIN_POINTS = 5
 RUN_TIMEOUT_S = 150  # the whole script: browser start, charts, drill-down, outage
 
-# Skipping is for a developer's machine without a browser; CI installs both and must
-# run these tests, so there a missing piece fails loudly instead.
-IN_CI = bool(os.environ.get("CI"))
-
-pytestmark = [
-    pytest.mark.skipif(
-        not CHROMIUM.exists() and not IN_CI,
-        reason=f"{CHROMIUM} not found (apt-get install -y chromium)",
-    ),
-    pytest.mark.skipif(
-        not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir() and not IN_CI,
-        reason="tests/browser/node_modules missing (npm ci --prefix tests/browser)",
-    ),
-]
+pytestmark = NEEDS_CHROMIUM
 
 
 async def run_dashboard(base_url: str, stream: str, shots: Path) -> tuple[int, dict | None, str]:
     """Run the Node script; return (exit code, its JSON result or None, stderr)."""
-    node = shutil.which("node")
-    assert node, "node is not on PATH (needed for the browser test)"
-    args = [node, str(SCRIPT), base_url, stream, str(shots)]
+    args = [base_url, stream, str(shots)]
     args += ["--timeout", str(DATA_TIMEOUT_S), "--min-points", str(MIN_POINTS)]
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        cwd=BROWSER_DIR,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
-    except TimeoutError:
-        proc.kill()
-        out, err = await proc.communicate()
-        pytest.fail(
-            f"dashboard.mjs ran past {RUN_TIMEOUT_S} s\n"
-            f"stdout:\n{out.decode(errors='replace')}\nstderr:\n{err.decode(errors='replace')}"
-        )
-    result = None
-    for line in reversed(out.decode(errors="replace").splitlines()):
-        if line.startswith("{"):
-            result = json.loads(line)
-            break
-    return proc.returncode, result, err.decode(errors="replace")
+    return await run_script("dashboard.mjs", *args, timeout=RUN_TIMEOUT_S)
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)

@@ -14,69 +14,34 @@
 // then the recovery. Prints one JSON line on stdout ({"ok": true, ...} or {"ok": false,
 // "error": ...}); exits 0 on success, 1 on a failed check, 2 on bad usage.
 
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
-import { chromium } from 'playwright-core';
+import {
+  CHROMIUM_ARGS,
+  CheckFailed,
+  errorText,
+  launchChromium,
+  parseCommandLine,
+  runMain,
+  sleep,
+} from './chromium.mjs';
 
-const CHROMIUM = process.env.WHIPCAST_CHROMIUM || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const CHARTS = ['audience', 'bitrate', 'latency', 'lag'];
 const STATE_TIMEOUT_MS = 20000; // selection, disconnect and reconnect, each
 
-class CheckFailed extends Error {}
-
-function usage(message) {
-  process.stderr.write(
-    `${message}\nusage: node dashboard.mjs <base-url> <stream> <screenshot-dir> ` +
-      '[--timeout SECONDS] [--min-points N] [--verbose]\n',
+function parseOptions() {
+  const { values, usage, ...positionals } = parseCommandLine(
+    'node dashboard.mjs <base-url> <stream> <screenshot-dir> ' +
+      '[--timeout SECONDS] [--min-points N] [--verbose]',
+    {
+      timeout: { type: 'string', default: '45' },
+      'min-points': { type: 'string', default: '5' },
+    },
   );
-  process.exit(2);
-}
-
-function parseCommandLine() {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      allowPositionals: true,
-      options: {
-        timeout: { type: 'string', default: '45' },
-        'min-points': { type: 'string', default: '5' },
-        verbose: { type: 'boolean', default: false },
-      },
-    });
-  } catch (err) {
-    usage(err.message);
-  }
-  const { positionals, values } = parsed;
-  if (positionals.length !== 3) usage('expected 3 arguments');
-  const [baseUrl, stream, screenshotDir] = positionals;
-  try {
-    new URL(baseUrl);
-  } catch {
-    usage(`not a URL: ${baseUrl}`);
-  }
   const timeoutS = Number(values.timeout);
   const minPoints = Number(values['min-points']);
   if (!(timeoutS > 0) || !(minPoints > 1)) usage('--timeout > 0 and --min-points > 1 please');
-  return {
-    baseUrl: baseUrl.replace(/\/+$/, ''),
-    stream,
-    screenshotDir,
-    timeoutMs: timeoutS * 1000,
-    minPoints,
-    verbose: values.verbose,
-  };
+  return { ...positionals, timeoutMs: timeoutS * 1000, minPoints, verbose: values.verbose };
 }
 
 /** Poll fn() (in Node) until it returns a truthy value or timeoutMs passes. */
@@ -89,7 +54,7 @@ async function until(what, timeoutMs, fn) {
     if (Date.now() > deadline) {
       throw new CheckFailed(`${what} not seen within ${timeoutMs} ms: ${JSON.stringify(last)}`);
     }
-    await new Promise((resolve) => setTimeout(resolve, 250));
+    await sleep(250);
   }
 }
 
@@ -180,38 +145,21 @@ async function screenshot(page, dir, name, result) {
   result.screenshots.push(file);
 }
 
-async function main() {
-  const opts = parseCommandLine();
+async function main(opts, { result, log }) {
   const started = Date.now();
-  const log = [];
   const errors = [];
-  const result = { ok: false, stream: opts.stream, screenshots: [] };
   await mkdir(opts.screenshotDir, { recursive: true });
-  const userDataDir = await mkdtemp(path.join(tmpdir(), 'whipcast-chromium-'));
-  let context = null;
-
-  // Hard cap on the whole run, whatever hangs (browser launch, a stuck evaluate, ...).
-  const hardLimitMs = opts.timeoutMs + 4 * STATE_TIMEOUT_MS + 30000;
-  const watchdog = setTimeout(() => {
-    result.error = `gave up after ${hardLimitMs} ms (hard limit)`;
-    process.stdout.write(`${JSON.stringify(result)}\n`);
-    process.stderr.write(`dashboard: FAILED: ${result.error}\n${log.join('\n')}\n`);
-    process.exit(1);
-  }, hardLimitMs);
-  watchdog.unref();
+  let chrome = null;
 
   try {
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM,
-      headless: true,
-      args: CHROMIUM_ARGS,
+    chrome = await launchChromium({
+      args: ['--headless', ...CHROMIUM_ARGS],
       viewport: { width: 1280, height: 900 },
       deviceScaleFactor: 2,
       colorScheme: 'light',
-      timeout: 30000,
     });
-    result.browser = context.browser()?.version() ?? null;
-    const page = context.pages()[0] ?? (await context.newPage());
+    result.browser = chrome.browser?.version() ?? null;
+    const page = chrome.context.pages()[0] ?? (await chrome.context.newPage());
     recordLog(page, log, errors);
     await page.goto(`${opts.baseUrl}/dashboard`);
 
@@ -302,28 +250,23 @@ async function main() {
     if (errors.length) throw new CheckFailed(`page errors: ${errors.join('; ')}`);
     result.ok = true;
   } catch (err) {
-    const message = String(err.message).replace(/\x1b\[[0-9;]*m/g, ''); // Playwright colours
-    result.error = err instanceof CheckFailed ? message : `${err.name}: ${message}`;
+    result.error = errorText(err);
     if (errors.length) result.pageErrors = errors;
-    const page = context?.pages()[0];
+    const page = chrome?.context.pages()[0];
     if (page && !result.screenshots.length) {
       await screenshot(page, opts.screenshotDir, 'dashboard.png', result).catch(() => {});
     }
   } finally {
-    await context?.close().catch(() => {});
-    await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+    await chrome?.cleanup();
   }
   result.elapsedMs = Date.now() - started;
-  clearTimeout(watchdog);
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  if (!result.ok) process.stderr.write(`dashboard: FAILED: ${result.error}\n`);
-  if (log.length && (!result.ok || opts.verbose)) {
-    process.stderr.write(`browser log:\n${log.join('\n')}\n`);
-  }
-  process.exit(result.ok ? 0 : 1);
 }
 
-main().catch((err) => {
-  process.stderr.write(`dashboard: ${err.stack || err}\n`);
-  process.exit(1);
+const opts = parseOptions();
+runMain((run) => main(opts, run), {
+  name: 'dashboard',
+  result: { ok: false, stream: opts.stream, screenshots: [] },
+  // Hard cap on the whole run, whatever hangs (browser launch, a stuck evaluate, ...).
+  timeoutMs: opts.timeoutMs + 4 * STATE_TIMEOUT_MS + 30000,
+  verbose: opts.verbose,
 });

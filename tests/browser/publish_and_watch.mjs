@@ -11,68 +11,38 @@
 // writes publish.png and watch.png into <screenshot-dir>, exits 0 on success, 1 on a failed
 // check, 2 on bad usage.
 
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
-import { chromium } from 'playwright-core';
+import {
+  CHROMIUM_ARGS,
+  CheckFailed,
+  FAKE_MEDIA_ARGS,
+  errorText,
+  launchChromium,
+  parseCommandLine,
+  runMain,
+  sleep,
+} from './chromium.mjs';
 
-const CHROMIUM = process.env.WHIPCAST_CHROMIUM || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--use-fake-device-for-media-stream',
-  '--use-fake-ui-for-media-stream',
-];
 const PUBLISH_CONNECT_TIMEOUT_MS = 15000;
 
-class CheckFailed extends Error {}
-
-function usage(message) {
-  process.stderr.write(
-    `${message}\nusage: node publish_and_watch.mjs <base-url> <stream> <screenshot-dir> ` +
-      '[--codec h264|vp8] [--token TOKEN] [--timeout SECONDS] [--min-frames N] [--verbose]\n',
+function parseOptions() {
+  const { values, usage, ...positionals } = parseCommandLine(
+    'node publish_and_watch.mjs <base-url> <stream> <screenshot-dir> ' +
+      '[--codec h264|vp8] [--token TOKEN] [--timeout SECONDS] [--min-frames N] [--verbose]',
+    {
+      codec: { type: 'string' },
+      token: { type: 'string' },
+      timeout: { type: 'string', default: '20' },
+      'min-frames': { type: 'string', default: '30' },
+    },
   );
-  process.exit(2);
-}
-
-function parseCommandLine() {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      allowPositionals: true,
-      options: {
-        codec: { type: 'string' },
-        token: { type: 'string' },
-        timeout: { type: 'string', default: '20' },
-        'min-frames': { type: 'string', default: '30' },
-        verbose: { type: 'boolean', default: false },
-      },
-    });
-  } catch (err) {
-    usage(err.message);
-  }
-  const { positionals, values } = parsed;
-  if (positionals.length !== 3) usage('expected 3 arguments');
-  const [baseUrl, stream, screenshotDir] = positionals;
-  try {
-    new URL(baseUrl);
-  } catch {
-    usage(`not a URL: ${baseUrl}`);
-  }
   if (values.codec && !['h264', 'vp8'].includes(values.codec)) usage('--codec is h264 or vp8');
   const timeoutS = Number(values.timeout);
   const minFrames = Number(values['min-frames']);
   if (!(timeoutS > 0) || !(minFrames > 0)) usage('--timeout and --min-frames must be positive');
   return {
-    baseUrl: baseUrl.replace(/\/+$/, ''),
-    stream,
-    screenshotDir,
+    ...positionals,
     codec: values.codec || null,
     token: values.token || null,
     timeoutMs: timeoutS * 1000,
@@ -104,41 +74,20 @@ async function statusText(page) {
   }
 }
 
-async function main() {
-  const opts = parseCommandLine();
+async function main(opts, { result, log }) {
   const started = Date.now();
-  const log = [];
-  const result = {
-    ok: false,
-    stream: opts.stream,
-    codecRequested: opts.codec,
-    screenshots: [],
-  };
   await mkdir(opts.screenshotDir, { recursive: true });
-  const userDataDir = await mkdtemp(path.join(tmpdir(), 'whipcast-chromium-'));
-  let context = null;
+  let chrome = null;
   let publisher = null;
   let viewer = null;
 
-  // Hard cap on the whole run, whatever hangs (browser launch, a stuck evaluate, ...).
-  const hardLimitMs = opts.timeoutMs + PUBLISH_CONNECT_TIMEOUT_MS + 30000;
-  const watchdog = setTimeout(() => {
-    result.error = `gave up after ${hardLimitMs} ms (hard limit)`;
-    process.stdout.write(`${JSON.stringify(result)}\n`);
-    process.stderr.write(`publish_and_watch: FAILED: ${result.error}\n${log.join('\n')}\n`);
-    process.exit(1);
-  }, hardLimitMs);
-  watchdog.unref();
-
   try {
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM,
-      headless: true,
-      args: CHROMIUM_ARGS,
+    chrome = await launchChromium({
+      args: [...CHROMIUM_ARGS, ...FAKE_MEDIA_ARGS],
       viewport: { width: 1280, height: 900 },
-      timeout: 30000,
     });
-    result.browser = context.browser()?.version() ?? null;
+    const { context } = chrome;
+    result.browser = chrome.browser?.version() ?? null;
 
     // 1. Publisher: fake camera + microphone, press Start, wait for "connected".
     publisher = await context.newPage();
@@ -218,7 +167,7 @@ async function main() {
             `${JSON.stringify(seen)}, status "${await statusText(viewer)}"`,
         );
       }
-      await new Promise((resolve) => setTimeout(resolve, 250));
+      await sleep(250);
     }
     result.firstFrameMs = firstFrameAt - openedAt;
     result.framesDecoded = seen.framesDecoded;
@@ -241,8 +190,7 @@ async function main() {
     }
     result.ok = true;
   } catch (err) {
-    const message = String(err.message).replace(/\x1b\[[0-9;]*m/g, ''); // Playwright colours
-    result.error = err instanceof CheckFailed ? message : `${err.name}: ${message}`;
+    result.error = errorText(err);
   } finally {
     for (const [name, page] of [['publish', publisher], ['watch', viewer]]) {
       if (!page) continue;
@@ -262,20 +210,16 @@ async function main() {
         log.push(`stop failed: ${err.message}`);
       }
     }
-    await context?.close().catch(() => {});
-    await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+    await chrome?.cleanup();
   }
   result.elapsedMs = Date.now() - started;
-  clearTimeout(watchdog);
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  if (!result.ok) process.stderr.write(`publish_and_watch: FAILED: ${result.error}\n`);
-  if (log.length && (!result.ok || opts.verbose)) {
-    process.stderr.write(`browser log:\n${log.join('\n')}\n`);
-  }
-  process.exit(result.ok ? 0 : 1);
 }
 
-main().catch((err) => {
-  process.stderr.write(`publish_and_watch: ${err.stack || err}\n`);
-  process.exit(1);
+const opts = parseOptions();
+runMain((run) => main(opts, run), {
+  name: 'publish_and_watch',
+  result: { ok: false, stream: opts.stream, codecRequested: opts.codec, screenshots: [] },
+  // Hard cap on the whole run, whatever hangs (browser launch, a stuck evaluate, ...).
+  timeoutMs: opts.timeoutMs + PUBLISH_CONNECT_TIMEOUT_MS + 30000,
+  verbose: opts.verbose,
 });

@@ -17,51 +17,35 @@
 // watch-phone.png. Prints one JSON line ({"ok": true, ...} or {"ok": false, "error"});
 // exits 0 on success, 1 on a failed check, 2 on bad usage.
 
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
-import { chromium } from 'playwright-core';
+import {
+  CHROMIUM_ARGS,
+  CheckFailed,
+  FAKE_MEDIA_ARGS,
+  errorText,
+  launchChromium,
+  parseCommandLine,
+  runMain,
+  sleep,
+} from './chromium.mjs';
 
-const CHROMIUM = process.env.WHIPCAST_CHROMIUM || '/usr/bin/chromium';
-const CHROMIUM_ARGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--use-fake-device-for-media-stream',
-  '--use-fake-ui-for-media-stream',
-  '--autoplay-policy=no-user-gesture-required',
-];
 const LIVE_WITHIN_MS = 1000; // the issue's goal for questions and answered state
 const STEP_TIMEOUT_MS = 20000;
 const HARD_LIMIT_MS = 150000;
 const INJECTION = '<img src=x onerror="window.__pwned=1"><b>bold?</b> & <script>window.__pwned=2</script>';
 
-class CheckFailed extends Error {}
-
-function parseCommandLine() {
-  const { positionals, values } = parseArgs({
-    allowPositionals: true,
-    options: {
+function parseOptions() {
+  const { values, usage, ...positionals } = parseCommandLine(
+    'node studio_qa.mjs <base-url> <stream> <screenshot-dir> ' +
+      '[--token TOKEN] [--min-frames N] [--verbose]',
+    {
       token: { type: 'string' },
       'min-frames': { type: 'string', default: '30' },
-      verbose: { type: 'boolean', default: false },
     },
-  });
-  if (positionals.length !== 3) {
-    process.stderr.write('usage: node studio_qa.mjs <base-url> <stream> <screenshot-dir> '
-      + '[--token TOKEN] [--min-frames N] [--verbose]\n');
-    process.exit(2);
-  }
-  const [baseUrl, stream, screenshotDir] = positionals;
+  );
   return {
-    baseUrl: baseUrl.replace(/\/+$/, ''),
-    stream,
-    screenshotDir,
+    ...positionals,
     token: values.token || '',
     minFrames: Number(values['min-frames']),
     verbose: values.verbose,
@@ -161,22 +145,11 @@ function questionShown(text) {
   return [...document.querySelectorAll('#questions .q-text')].some((el) => el.textContent === text);
 }
 
-async function main() {
-  const opts = parseCommandLine();
+async function main(opts, { result, log }) {
   const shots = opts.screenshotDir;
-  const log = [];
-  const result = { ok: false, stream: opts.stream, screenshots: [] };
   await mkdir(shots, { recursive: true });
-  const userDataDir = await mkdtemp(path.join(tmpdir(), 'whipcast-chromium-'));
-  const watchdog = setTimeout(() => {
-    result.error = `gave up after ${HARD_LIMIT_MS} ms (hard limit)`;
-    process.stdout.write(`${JSON.stringify(result)}\n`);
-    process.stderr.write(`studio_qa: FAILED: ${result.error}\n${log.join('\n')}\n`);
-    process.exit(1);
-  }, HARD_LIMIT_MS);
-  watchdog.unref();
 
-  let context = null;
+  let chrome = null;
   const pages = {};
   const shoot = async (name, page) => {
     const file = path.join(shots, `${name}.png`);
@@ -184,7 +157,7 @@ async function main() {
     result.screenshots.push(file);
   };
   const open = async (name, url) => {
-    const page = await context.newPage();
+    const page = await chrome.context.newPage();
     recordLog(page, name, log);
     pages[name] = page;
     await page.goto(`${opts.baseUrl}${url}`);
@@ -193,12 +166,9 @@ async function main() {
   const streamPath = encodeURIComponent(opts.stream);
 
   try {
-    context = await chromium.launchPersistentContext(userDataDir, {
-      executablePath: CHROMIUM,
-      headless: true,
-      args: CHROMIUM_ARGS,
+    chrome = await launchChromium({
+      args: [...CHROMIUM_ARGS, ...FAKE_MEDIA_ARGS, '--autoplay-policy=no-user-gesture-required'],
       viewport: { width: 1280, height: 860 },
-      timeout: 30000,
     });
 
     // 1. Studio: title, token, H.264, go live.
@@ -283,7 +253,7 @@ async function main() {
     await viewerA.click('#stats-toggle');
     await until(viewerA, 'stats overlay empty', () =>
       document.querySelectorAll('#stats-overlay dd').length > 0);
-    await new Promise((resolve) => setTimeout(resolve, 1200)); // one more stats sample
+    await sleep(1200); // one more stats sample
     await shoot('directory', directory);
     await shoot('studio', studio);
     await shoot('watch', viewerA);
@@ -309,8 +279,7 @@ async function main() {
     result.reconnected = Boolean(before);
     result.ok = true;
   } catch (err) {
-    const message = String(err.message).replace(/\x1b\[[0-9;]*m/g, '');
-    result.error = err instanceof CheckFailed ? message : `${err.name}: ${message}`;
+    result.error = errorText(err);
     for (const [name, page] of Object.entries(pages)) {
       await shoot(`failed-${name}`, page).catch(() => {});
     }
@@ -318,17 +287,14 @@ async function main() {
     for (const page of Object.values(pages)) {
       await page.evaluate(() => window.whipcast?.session?.stop?.()).catch(() => {});
     }
-    await context?.close().catch(() => {});
-    await rm(userDataDir, { recursive: true, force: true }).catch(() => {});
+    await chrome?.cleanup();
   }
-  clearTimeout(watchdog);
-  process.stdout.write(`${JSON.stringify(result)}\n`);
-  if (!result.ok) process.stderr.write(`studio_qa: FAILED: ${result.error}\n`);
-  if (log.length && (!result.ok || opts.verbose)) process.stderr.write(`browser log:\n${log.join('\n')}\n`);
-  process.exit(result.ok ? 0 : 1);
 }
 
-main().catch((err) => {
-  process.stderr.write(`studio_qa: ${err.stack || err}\n`);
-  process.exit(1);
+const opts = parseOptions();
+runMain((run) => main(opts, run), {
+  name: 'studio_qa',
+  result: { ok: false, stream: opts.stream, screenshots: [] },
+  timeoutMs: HARD_LIMIT_MS,
+  verbose: opts.verbose,
 });
