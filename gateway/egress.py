@@ -188,7 +188,7 @@ class ViewerSession(PeerSession):
             return
         if self.fanout is not None:
             self.fanout.remove(self)
-        self.node.viewers.pop(self.resource_id, None)
+        self.node.forget(self)
         self.log(logging.INFO, "viewer left after %d frames", self.stats.frames_sent)
         await super().close()
 
@@ -299,6 +299,7 @@ class EgressNode:
         self.keyframes = KeyframeRequester(bus, settings.keyframe_request_interval)
         self.viewers: dict[str, ViewerSession] = {}
         self.started = 0
+        self._departed_octets = 0
         self.fanouts: dict[str, StreamFanout] = {}
         self._fanout_lock = asyncio.Lock()
         self._janitor: asyncio.Task | None = None
@@ -405,6 +406,17 @@ class EgressNode:
                 name,
                 lag_ms / 1000,
             )
+
+    def forget(self, viewer: ViewerSession) -> None:
+        if self.viewers.pop(viewer.resource_id, None) is not None:
+            self._departed_octets += sum(s.octets_sent for s in viewer.senders.values())
+
+    def octets_sent(self) -> int:
+        """RTP payload bytes sent to viewers so far (present and departed)."""
+        departed = self._departed_octets
+        return departed + sum(
+            s.octets_sent for v in self.viewers.values() for s in v.senders.values()
+        )
 
     def find(self, stream: str, resource_id: str) -> ViewerSession | None:
         viewer = self.viewers.get(resource_id)

@@ -40,7 +40,10 @@ class NodeInfo:
     cpu_percent: float = 0.0
     """CPU used by the node's process, in % of one core, smoothed over a few seconds
     (joins cost a burst of DTLS handshakes that must not make a node look full)."""
+    bytes_total: int = 0
+    """Media bytes this node has taken in (ingest) and sent (egress) so far."""
     bitrate_bps: int = 0
+    """Media throughput over the last heartbeat, from ``bytes_total``."""
     sessions_started: int = 0
     """WHIP/WHEP sessions this node has taken so far: lets signaling tell which of its
     redirects have arrived."""
@@ -84,6 +87,7 @@ class Heartbeat:
         self._task: asyncio.Task | None = None
         self._cpu = (time.process_time(), time.monotonic())
         self._cpu_percent = 0.0
+        self._bytes = 0
 
     async def start(self) -> None:
         await self._beat()
@@ -110,7 +114,10 @@ class Heartbeat:
     async def _beat(self) -> None:
         info = self._describe()
         cpu, wall = time.process_time(), time.monotonic()
-        recent = 100 * (cpu - self._cpu[0]) / max(wall - self._cpu[1], 1e-3)
+        elapsed = max(wall - self._cpu[1], 1e-3)
+        recent = 100 * (cpu - self._cpu[0]) / elapsed
+        info.bitrate_bps = int(8 * max(0, info.bytes_total - self._bytes) / elapsed)
+        self._bytes = info.bytes_total
         self._cpu = (cpu, wall)
         self._cpu_percent += CPU_SMOOTHING * (recent - self._cpu_percent)
         info.cpu_percent = round(self._cpu_percent, 1)

@@ -130,11 +130,13 @@ class Node:
             info.publishers = len(self.ingest.sessions)
             info.sessions_started += self.ingest.started
             info.publishing = sorted(self.ingest.sessions)
+            info.bytes_total += sum(sum(s.stats.bytes) for s in self.ingest.sessions.values())
         if self.egress is not None:
             info.viewers = len(self.egress.viewers)
             info.sessions_started += self.egress.started
             # Counted from sessions, which exist from the POST on, like sessions_started.
             info.streams = dict(Counter(v.stream for v in self.egress.viewers.values()))
+            info.bytes_total += self.egress.octets_sent()
         return info
 
 

@@ -156,6 +156,13 @@ async def test_routing_colocates_then_spills(cluster):
         assert placed[MAX_VIEWERS] != placed[0], placed
         for viewer in viewers:
             await viewer.wait_frames(10)
+        await asyncio.sleep(1)  # two heartbeats
+        async with cluster.http.get(f"{cluster.signaling.url}/api/nodes") as response:
+            nodes = {n["node"]: n for n in (await response.json())["nodes"]}
+        assert nodes["ingest-1"]["publishing"] == ["scale-a", "scale-b"]
+        assert nodes["ingest-1"]["bitrate_bps"] > 10_000
+        assert nodes[placed[0]]["streams"] == {"scale-a": MAX_VIEWERS}
+        assert nodes[placed[0]]["bitrate_bps"] > nodes["ingest-1"]["bitrate_bps"] / 2
         # Resource URLs point at the media node, so DELETE works after a redirect.
         assert await viewers.pop().close() == 200
     finally:
