@@ -37,6 +37,7 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+
     async def nodes(request: web.Request) -> web.Response:
         """The media nodes this node knows to be up (from the node registry)."""
         alive = [n for n in node.nodes.records.values() if n.alive and n.roles != ["signaling"]]
