@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway import broker
 from gateway.settings import Settings
+from loadtest import cli as loadtest_cli
 
 from . import logs
 from .app import ROLES, make_app
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     kafka_commands.add_parser("fetch", help="resolve and cache the broker's jars (Maven)")
     start = kafka_commands.add_parser("start", help="run the broker alone until Ctrl-C")
     start.add_argument("--data-dir", type=Path, help="keep the broker's data here")
+    loadtest_cli.add_parser(commands)
     return parser
 
 

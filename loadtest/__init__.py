@@ -1,0 +1,1 @@
+"""Load tests with headless WebRTC peers: ``whipcast loadtest`` (see README.md)."""
