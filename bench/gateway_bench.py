@@ -42,8 +42,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
-import signal
 import socket
 import statistics
 import struct
@@ -57,40 +55,21 @@ from pathlib import Path
 
 import aiohttp
 
+from loadtest.ffmpeg_cert import write_p256_certificate
+from loadtest.procs import CLK_TCK, WHIPCAST_BOOTSTRAP, die_with_parent, free_port, machine
+
 ROOT = Path(__file__).resolve().parent.parent
 STREAM = "bench"
 FPS = 30
 WIDTH, HEIGHT = 1280, 720
 VIDEO_CLOCK = 90000
 AUDIO_RATE = 48000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 90.0
 READY_TIMEOUT = 60.0
 
 
 # ---------------------------------------------------------------------------------------
 # Processes
-
-
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM when the parent dies (Linux), so nothing outlives a crash,
-    and leave Ctrl-C to the parent, which stops the children in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-# ``whipcast ROLE ...`` that dies with this process (a preexec_fn is unsafe with threads).
-ROLE_BOOTSTRAP = (
-    "import os, signal, sys, ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-    "os.getppid() == 1 and sys.exit(1); from signaling.cli import main; main(sys.argv[1:])"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_ticks(pid: int) -> tuple[int, int] | None:
@@ -129,65 +108,8 @@ def udp_ports(pid: int) -> set[int]:
     return ports
 
 
-def machine() -> dict:
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = {}
-    for module in ("aiortc", "aiokafka", "aiohttp", "av", "uvloop"):
-        with contextlib.suppress(Exception):
-            versions[module] = __import__(module).__version__
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "memory_gib": round(mem_gib, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "packages": versions,
-    }
-
-
 # ---------------------------------------------------------------------------------------
 # Publisher: pre-encoded media through FFmpeg's WHIP muxer, in its own process
-
-
-def write_p256_certificate(directory: Path) -> tuple[Path, Path]:
-    """FFmpeg's GnuTLS DTLS makes a secp224r1 certificate, which OpenSSL (aiortc) refuses;
-    the WHIP muxer's cert_file/key_file options give it a P-256 one instead."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whipcast-bench")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def preencode(seconds: float, bitrate_kbps: int):
@@ -257,7 +179,7 @@ def publisher_main(
     kind: str, url: str, cert: str, key: str, seconds: float, bitrate: int, conn
 ) -> None:
     """Publish the pre-encoded loop at real time until told to stop (then DELETE)."""
-    _die_with_parent()
+    die_with_parent()
     if kind == "ffmpeg":
         _publish_ffmpeg(url, cert, key, seconds, bitrate, conn)
         return
@@ -554,7 +476,7 @@ async def _worker(conn) -> None:
 
 
 def worker_main(conn) -> None:
-    _die_with_parent()
+    die_with_parent()
     try:
         import uvloop
 
@@ -670,10 +592,10 @@ class ArrivalIndex:
     """RTP timestamp -> ingest arrival time (µs) of the stream's video frames."""
 
     def __init__(self, settings) -> None:
-        from gateway.bus import Bus
+        from gateway.bus import stream_topic
 
         self._settings = settings
-        self._topic = Bus(settings).stream_topic(STREAM)
+        self._topic = stream_topic(settings.topic_prefix, STREAM)
         self.arrival_us: dict[int, int] = {}
         self._task: asyncio.Task | None = None
 
@@ -1027,7 +949,7 @@ async def run(args) -> dict:
                     log = await asyncio.to_thread(open, tmp_path / f"{role}.log", "w")
                     children.logs.append(log)
                     proc = await asyncio.create_subprocess_exec(
-                        sys.executable, "-c", ROLE_BOOTSTRAP, role, "--port", str(port),
+                        sys.executable, "-c", WHIPCAST_BOOTSTRAP, role, "--port", str(port),
                         "--kafka-bootstrap", kafka.bootstrap, "--node-id", f"bench-{role}",
                         "--log-level", args.log_level,
                         cwd=ROOT, stdout=log, stderr=asyncio.subprocess.STDOUT,

@@ -42,6 +42,11 @@ CONTROL_FETCH_MAX_WAIT_MS = 200
 PROBE_INTERVAL_S = 2.0
 
 
+def stream_topic(prefix: str, stream: str) -> str:
+    """The topic holding a stream's frames (any Kafka consumer can read it)."""
+    return f"{prefix}.stream.{stream}"
+
+
 class Bus:
     """A node's connection to Kafka: one producer shared by all its streams."""
 
@@ -60,7 +65,7 @@ class Bus:
 
     # Topic names
     def stream_topic(self, stream: str) -> str:
-        return f"{self._prefix}.stream.{stream}"
+        return stream_topic(self._prefix, stream)
 
     @property
     def registry_topic(self) -> str:

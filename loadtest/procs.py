@@ -205,7 +205,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for module in ("aiortc", "aiohttp", "aiokafka", "av"):
+    for module in ("aiortc", "aiohttp", "aiokafka", "av", "uvloop"):
         with contextlib.suppress(Exception):
             versions[module] = __import__(module).__version__
     return {

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import fractions
 import json
 import logging
@@ -39,6 +38,7 @@ import numpy as np
 import pytest
 
 from gateway.ingest import IngestStats
+from loadtest.ffmpeg_cert import write_p256_certificate
 
 from .peers import Viewer, play
 
@@ -56,38 +56,6 @@ CHILD = (
 pytestmark = pytest.mark.skipif(
     "whip" not in av.formats_available, reason="this PyAV build has no WHIP muxer"
 )
-
-
-def write_p256_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate and key (PEM) for FFmpeg's DTLS."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "whipcast-ffmpeg-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "ffmpeg-cert.pem", directory / "ffmpeg-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def publish_with_ffmpeg(url: str, seconds: float, cert_file: str, key_file: str) -> None:
