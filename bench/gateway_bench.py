@@ -54,9 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-
-from loadtest.ffmpeg_cert import write_p256_certificate
-from loadtest.procs import CLK_TCK, WHIPCAST_BOOTSTRAP, die_with_parent, free_port, machine
+from whipcast.loadtest.ffmpeg_cert import write_p256_certificate
+from whipcast.loadtest.procs import CLK_TCK, WHIPCAST_BOOTSTRAP, die_with_parent, free_port, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM = "bench"
@@ -249,8 +248,7 @@ async def _publish_aiortc(url: str, seconds: float, bitrate: int, conn) -> None:
         RTCRtpSender,
         RTCSessionDescription,
     )
-
-    from gateway.peer import use_host_addresses
+    from whipcast.gateway.peer import use_host_addresses
 
     use_host_addresses(("127.0.0.1",))
     _, _, video, audio = preencode(seconds, bitrate)
@@ -414,8 +412,7 @@ async def _close_viewer(http: aiohttp.ClientSession, base: str, viewer: BenchVie
 
 async def _worker(conn) -> None:
     from aiortc.rtcrtpreceiver import RTCRtpReceiver
-
-    from gateway.peer import use_host_addresses
+    from whipcast.gateway.peer import use_host_addresses
 
     use_host_addresses(("127.0.0.1",))
     RTCRtpReceiver._handle_rtp_packet = _count_rtp_packet
@@ -592,7 +589,7 @@ class ArrivalIndex:
     """RTP timestamp -> ingest arrival time (µs) of the stream's video frames."""
 
     def __init__(self, settings) -> None:
-        from gateway.bus import stream_topic
+        from whipcast.gateway.bus import stream_topic
 
         self._settings = settings
         self._topic = stream_topic(settings.topic_prefix, STREAM)
@@ -616,7 +613,7 @@ class ArrivalIndex:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        from gateway.frames import Frame, FrameFormatError
+        from whipcast.gateway.frames import Frame, FrameFormatError
 
         while True:
             batches = await self._consumer.getmany(timeout_ms=500)
@@ -919,8 +916,8 @@ async def measure(
 
 
 async def run(args) -> dict:
-    from gateway.broker import EmbeddedKafka
-    from gateway.settings import Settings
+    from whipcast.gateway.broker import EmbeddedKafka
+    from whipcast.gateway.settings import Settings
 
     command = " ".join(["python -m bench.gateway_bench", *sys.argv[1:]])
     info = {"machine": machine(), "command": command}

@@ -35,13 +35,13 @@ from types import TracebackType
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from .settings import Settings
+from .settings import Settings, package_dir
 
 __all__ = ["BrokerUnavailable", "EmbeddedKafka", "broker_classpath", "fetch", "run_broker_forever"]
 
 logger = logging.getLogger(__name__)
 
-KAFKA_DIR = Path(__file__).resolve().parent / "kafka"
+KAFKA_DIR = package_dir(__package__) / "kafka"
 POM = KAFKA_DIR / "pom.xml"
 LOG4J_CONFIG = KAFKA_DIR / "log4j2.yaml"
 

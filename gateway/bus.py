@@ -3,10 +3,10 @@
 Topics (``docs/architecture.md`` has the picture):
 
 - ``{prefix}.stream.{name}``: one per live stream, partition 0 = video, 1 = audio, one
-  frame per record (:mod:`gateway.frames`), deleted by retention after a few minutes.
-- ``{prefix}.streams``: compacted registry of live streams (:mod:`gateway.registry`).
+  frame per record (:mod:`whipcast.gateway.frames`), deleted by retention after a few minutes.
+- ``{prefix}.streams``: compacted registry of live streams (:mod:`whipcast.gateway.registry`).
 - ``{prefix}.control``: keyframe requests from egress to the ingest owning a stream.
-- ``{prefix}.nodes``: compacted node registry: address and load (:mod:`gateway.nodes`).
+- ``{prefix}.nodes``: compacted node registry: address and load (:mod:`whipcast.gateway.nodes`).
 
 Only the Kafka protocol is used, so any Kafka-compatible cluster works.
 """

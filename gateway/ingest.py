@@ -1,7 +1,7 @@
 """Ingest: a WHIP publisher's RTP in, complete encoded frames out to Kafka.
 
 An :class:`IngestSession` is one publisher: its peer connection (whose receivers are
-:class:`~gateway.receiver.PassthroughReceiver`), its stream topic and registry entry,
+:class:`~whipcast.gateway.receiver.PassthroughReceiver`), its stream topic and registry entry,
 and the keyframe policy. :class:`IngestNode` owns the publishing sessions of one
 process.
 """

@@ -3,8 +3,8 @@
 :class:`PassthroughReceiver` takes aiortc's place in the publisher's transceivers. It
 keeps what a receiver owes the publisher (RTCP receiver reports, NACKs, REMB bandwidth
 estimates, PLIs) and replaces aiortc's jitter buffer and decoder thread with
-:class:`~gateway.assembler.FrameAssembler`, handing each frame to its
-:class:`~gateway.ingest.IngestSession` the moment its last packet arrives.
+:class:`~whipcast.gateway.assembler.FrameAssembler`, handing each frame to its
+:class:`~whipcast.gateway.ingest.IngestSession` the moment its last packet arrives.
 """
 
 from __future__ import annotations

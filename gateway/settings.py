@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 
 # Environment variables understood by whipcast, and the setting each one fills.
@@ -30,6 +31,12 @@ ENV_VARS = {
 }
 
 
+def package_dir(package: str) -> Path:
+    """The folder of an installed package's data (pages, the Kafka pom): wheels and
+    editable installs both unpack to a real folder, which aiohttp and Maven need."""
+    return Path(str(resources.files(package)))
+
+
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "whipcast"
@@ -41,7 +48,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     publish_token: str | None = None
-    web_root: Path = Path(__file__).resolve().parent.parent / "web"
+    web_root: Path = field(default_factory=lambda: package_dir("whipcast.web"))
     max_sdp_bytes: int = 64 * 1024
     advertise_url: str | None = None
     """Base URL other nodes send clients to (``http://host:port``); default from host/port."""

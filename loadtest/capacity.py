@@ -1,6 +1,6 @@
 """Capacity model: nodes, Kafka throughput and bandwidth for one event's audience.
 
-``python -m loadtest.capacity [--viewers 1000 100000 ...] [--egress-viewers-per-core N]``
+``python -m whipcast.loadtest.capacity [--viewers 1000 100000 ...] [--egress-viewers-per-core N]``
 
 Per-node figures default to what ``bench/gateway_bench.py`` measured on this project's
 2-core machines (``docs/benchmarks.md``); pass your own from a load test of your
@@ -85,7 +85,9 @@ def plan(audience: int, a: Assumptions) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.capacity", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m whipcast.loadtest.capacity", description=__doc__
+    )
     parser.add_argument("--viewers", type=int, nargs="+",
                         default=[1_000, 100_000, 10_000_000, 500_000_000])  # fmt: skip
     defaults = Assumptions()

@@ -28,7 +28,7 @@ _PR_SET_PDEATHSIG = 1
 # threads, so the child sets the death signal itself before it starts).
 WHIPCAST_BOOTSTRAP = (
     "import os, signal, sys, ctypes; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-    "os.getppid() == 1 and sys.exit(1); from signaling.cli import main; main(sys.argv[1:])"
+    "os.getppid() == 1 and sys.exit(1); from whipcast.signaling.cli import main; main(sys.argv[1:])"
 )
 
 

@@ -140,7 +140,7 @@ async def _serve(conn: multiprocessing.connection.Connection, urls: list[str],
                  fmt: VideoFormat, token: str | None, lifetime_s: float,
                  loopback: bool) -> None:  # fmt: skip
     if loopback:
-        from gateway.peer import use_host_addresses
+        from whipcast.gateway.peer import use_host_addresses
 
         use_host_addresses(("127.0.0.1",))
     publisher = Publisher(fmt, token)
@@ -177,6 +177,6 @@ async def _serve(conn: multiprocessing.connection.Connection, urls: list[str],
 def publisher_main(conn: multiprocessing.connection.Connection, urls: list[str],
                    fmt: VideoFormat, token: str | None, lifetime_s: float,
                    loopback: bool) -> None:  # fmt: skip
-    """Process entry point (spawned by :class:`loadtest.procs.Children`)."""
+    """Process entry point (spawned by :class:`whipcast.loadtest.procs.Children`)."""
     die_with_parent()
     run_event_loop(_serve(conn, urls, fmt, token, lifetime_s, loopback))

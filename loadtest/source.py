@@ -3,7 +3,7 @@
 Rendering a 720p picture per frame in Python would saturate the load generator before
 the gateway, so the moving background (FFmpeg's ``testsrc2``) is rendered once, as
 raw I420, and each frame only copies it and paints the capture-time band
-(:mod:`loadtest.stamp`). Frames are encoded here, with libx264 (ultrafast, zerolatency,
+(:mod:`whipcast.loadtest.stamp`). Frames are encoded here, with libx264 (ultrafast, zerolatency,
 constrained baseline, one slice) or libvpx (realtime), so the publisher's WebRTC sender
 only packetizes them, and keyframe requests from the gateway reach this encoder.
 """

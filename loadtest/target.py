@@ -76,8 +76,8 @@ async def open_target(stack: contextlib.AsyncExitStack, children: Children, url:
             target.pids["kafka"] = brokers[0]
         return target
 
-    from gateway.broker import EmbeddedKafka
-    from gateway.settings import Settings
+    from whipcast.gateway.broker import EmbeddedKafka
+    from whipcast.gateway.settings import Settings
 
     kafka = await stack.enter_async_context(EmbeddedKafka(Settings.from_env()))
     stack.push_async_callback(children.stop)  # the roles stop before their broker

@@ -125,7 +125,7 @@ class Worker:
 async def _serve(conn: multiprocessing.connection.Connection, specs: list[ViewerSpec],
                  ramp_per_s: float, lifetime_s: float, loopback: bool) -> None:  # fmt: skip
     if loopback:
-        from gateway.peer import use_host_addresses
+        from whipcast.gateway.peer import use_host_addresses
 
         use_host_addresses(("127.0.0.1",))
     worker = Worker(specs, ramp_per_s)
@@ -161,6 +161,6 @@ async def _serve(conn: multiprocessing.connection.Connection, specs: list[Viewer
 
 def worker_main(conn: multiprocessing.connection.Connection, specs: list[ViewerSpec],
                 ramp_per_s: float, lifetime_s: float, loopback: bool) -> None:  # fmt: skip
-    """Process entry point (spawned by :class:`loadtest.procs.Children`)."""
+    """Process entry point (spawned by :class:`whipcast.loadtest.procs.Children`)."""
     die_with_parent()
     run_event_loop(_serve(conn, specs, ramp_per_s, lifetime_s, loopback))

@@ -14,16 +14,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web
-
-from gateway.bus import Bus
-from gateway.codecs import install_passthrough_codecs
-from gateway.egress import EgressNode
-from gateway.ingest import IngestNode
-from gateway.metrics import GatewayCollector, Metrics
-from gateway.nodes import Heartbeat, NodeInfo, NodeView
-from gateway.peer import use_host_addresses
-from gateway.registry import RegistryView
-from gateway.settings import Settings
+from whipcast.gateway.bus import Bus
+from whipcast.gateway.codecs import install_passthrough_codecs
+from whipcast.gateway.egress import EgressNode
+from whipcast.gateway.ingest import IngestNode
+from whipcast.gateway.metrics import GatewayCollector, Metrics
+from whipcast.gateway.nodes import Heartbeat, NodeInfo, NodeView
+from whipcast.gateway.peer import use_host_addresses
+from whipcast.gateway.registry import RegistryView
+from whipcast.gateway.settings import Settings
 
 from . import directory, observability, openapi, pages, qa_api, whep, whip
 from .directory import Directory

@@ -5,8 +5,7 @@ from __future__ import annotations
 import hmac
 
 from aiohttp import web
-
-from gateway.errors import SessionError
+from whipcast.gateway.errors import SessionError
 
 
 class Unauthorized(SessionError):

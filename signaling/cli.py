@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-
-from gateway import broker
-from gateway.settings import Settings
-from loadtest import cli as loadtest_cli
+from whipcast.gateway import broker
+from whipcast.gateway.settings import Settings
+from whipcast.loadtest import cli as loadtest_cli
 
 from . import logs
 from .app import ROLES, make_app

@@ -16,11 +16,10 @@ import time
 from aiohttp import web
 from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError
-
-from gateway.bus import Bus
-from gateway.compacted import CompactedView
-from gateway.errors import SessionError, Unavailable
-from gateway.settings import Settings
+from whipcast.gateway.bus import Bus
+from whipcast.gateway.compacted import CompactedView
+from whipcast.gateway.errors import SessionError, Unavailable
+from whipcast.gateway.settings import Settings
 
 from . import jsonbody, resources
 from .auth import require_token

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
-
-from gateway.errors import SessionError
+from whipcast.gateway.errors import SessionError
 
 from . import resources
 

@@ -15,8 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord, TopicPartition
-
-from gateway.settings import Settings
+from whipcast.gateway.settings import Settings
 
 PRODUCE_TIMEOUT_MS = 10_000
 

@@ -6,8 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-
-from gateway.bus import STREAM_NAME
+from whipcast.gateway.bus import STREAM_NAME
 
 if TYPE_CHECKING:
     from .app import Node

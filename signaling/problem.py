@@ -6,8 +6,7 @@ import json
 import logging
 
 from aiohttp import web
-
-from gateway.errors import SessionError
+from whipcast.gateway.errors import SessionError
 
 logger = logging.getLogger(__name__)
 

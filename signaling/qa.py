@@ -27,12 +27,11 @@ import unicodedata
 
 from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError
-
-from gateway.bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
-from gateway.errors import NotLive, SessionError, Unavailable
-from gateway.metrics import Metrics
-from gateway.registry import RegistryView
-from gateway.settings import Settings
+from whipcast.gateway.bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
+from whipcast.gateway.errors import NotLive, SessionError, Unavailable
+from whipcast.gateway.metrics import Metrics
+from whipcast.gateway.registry import RegistryView
+from whipcast.gateway.settings import Settings
 
 from .kafkalog import StateLog
 from .qa_board import Board, BoardMetrics, Question

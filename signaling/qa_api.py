@@ -1,4 +1,4 @@
-"""HTTP side of the audience Q&A (:mod:`signaling.qa`): JSON resources and SSE updates.
+"""HTTP side of the audience Q&A (:mod:`whipcast.signaling.qa`): JSON resources and SSE updates.
 
 Viewers are told apart by a random client id in an HttpOnly, SameSite cookie that the
 first read sets; writes need it, and rate limits and the one-vote rule count per id.
@@ -13,9 +13,8 @@ import re
 import secrets
 
 from aiohttp import web
-
-from gateway.errors import SessionError
-from gateway.settings import Settings
+from whipcast.gateway.errors import SessionError
+from whipcast.gateway.settings import Settings
 
 from . import jsonbody, resources, sse
 from .auth import require_token

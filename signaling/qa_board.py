@@ -1,5 +1,5 @@
 """One stream's questions on one node: folded from the stream's Q&A log (the event
-format is in :mod:`signaling.qa`), and the live-update subscriptions fed from it."""
+format is in :mod:`whipcast.signaling.qa`), and the live-update subscriptions fed from it."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Gauge
-
-from gateway.errors import Unavailable
-from gateway.metrics import Metrics
+from whipcast.gateway.errors import Unavailable
+from whipcast.gateway.metrics import Metrics
 
 from .kafkalog import read_to_end
 
@@ -39,7 +38,7 @@ class Question:
 
     @classmethod
     def from_event(cls, event: dict) -> Question:
-        """A new question from its ``question`` event (see :mod:`signaling.qa`)."""
+        """A new question from its ``question`` event (see :mod:`whipcast.signaling.qa`)."""
         return cls(
             id=str(event["id"]),
             name=str(event["name"]),

@@ -7,10 +7,9 @@ from collections.abc import Callable
 from urllib.parse import unquote
 
 from aiohttp import web
-
-from gateway.bus import STREAM_NAME
-from gateway.peer import PeerSession, SessionError
-from gateway.settings import Settings
+from whipcast.gateway.bus import STREAM_NAME
+from whipcast.gateway.peer import PeerSession, SessionError
+from whipcast.gateway.settings import Settings
 
 from .problem import problem
 

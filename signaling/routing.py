@@ -20,10 +20,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gateway.errors import NotLive, Unavailable
-from gateway.nodes import NodeInfo, NodeView
-from gateway.registry import RegistryView
-from gateway.settings import Settings
+from whipcast.gateway.errors import NotLive, Unavailable
+from whipcast.gateway.nodes import NodeInfo, NodeView
+from whipcast.gateway.registry import RegistryView
+from whipcast.gateway.settings import Settings
 
 RESERVATION_S = 3.0
 """A redirected client that has not reached its node by then is not coming."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from aiohttp import web
-
-from gateway.egress import EgressNode
-from gateway.settings import Settings
+from whipcast.gateway.egress import EgressNode
+from whipcast.gateway.settings import Settings
 
 from . import resources
 from .routing import Router

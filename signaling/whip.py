@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from aiohttp import web
-
-from gateway.ingest import IngestNode
-from gateway.settings import Settings
+from whipcast.gateway.ingest import IngestNode
+from whipcast.gateway.settings import Settings
 
 from . import resources
 from .auth import require_token

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
-
-from gateway.broker import EmbeddedKafka
-from gateway.settings import Settings
-from signaling.app import NODE, Node, make_app
+from whipcast.gateway.broker import EmbeddedKafka
+from whipcast.gateway.settings import Settings
+from whipcast.signaling.app import NODE, Node, make_app
 
 
 def free_port() -> int:

@@ -12,9 +12,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
-
-from gateway.broker import BrokerUnavailable, EmbeddedKafka, broker_classpath, fetch
-from gateway.settings import Settings
+from whipcast.gateway.broker import BrokerUnavailable, EmbeddedKafka, broker_classpath, fetch
+from whipcast.gateway.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,8 +116,8 @@ async def test_broker_dies_with_its_parent(settings: Settings, tmp_path: Path) -
     script = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
-        "from gateway.broker import EmbeddedKafka\n"
-        "from gateway.settings import Settings\n"
+        "from whipcast.gateway.broker import EmbeddedKafka\n"
+        "from whipcast.gateway.settings import Settings\n"
         "async def main():\n"
         "    kafka = EmbeddedKafka(Settings.from_env(), data_dir=Path(sys.argv[1]))\n"
         "    await kafka.start()\n"

@@ -1,6 +1,6 @@
 """The capacity model's arithmetic holds together."""
 
-from loadtest.capacity import Assumptions, main, plan
+from whipcast.loadtest.capacity import Assumptions, main, plan
 
 
 def test_plan_scales_and_spills_to_hls(capsys):

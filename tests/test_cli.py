@@ -16,7 +16,7 @@ from .conftest import free_port
 async def test_dev_starts_and_becomes_ready():
     port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "signaling.cli", "dev", "--host", "127.0.0.1",
+        sys.executable, "-m", "whipcast.signaling.cli", "dev", "--host", "127.0.0.1",
         "--port", str(port), "--publish-token", "t0ken", "--log-format", "json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from gateway.settings import ENV_VARS, Settings
-from signaling.app import make_app
-from signaling.cli import build_parser
+from whipcast.gateway.settings import ENV_VARS, Settings
+from whipcast.signaling.app import make_app
+from whipcast.signaling.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ROLES = {"signaling", "ingest", "egress"}

@@ -36,9 +36,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
-from gateway.ingest import IngestStats
-from loadtest.ffmpeg_cert import write_p256_certificate
+from whipcast.gateway.ingest import IngestStats
+from whipcast.loadtest.ffmpeg_cert import write_p256_certificate
 
 from .peers import Viewer, play
 
@@ -232,7 +231,7 @@ async def test_ffmpeg_whip_outlives_consent_checks(server, stream_name, tmp_path
         server_log = "\n".join(
             f"  {r.name}: {r.getMessage()}"
             for r in caplog.records
-            if r.name.startswith("gateway.ingest") or "Consent" in r.getMessage()
+            if r.name.startswith("whipcast.gateway.ingest") or "Consent" in r.getMessage()
         )
         pytest.fail(
             f"ingest dropped FFmpeg's session {run.session_lasted:.1f} s into a "

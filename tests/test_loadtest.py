@@ -9,13 +9,12 @@ import time
 import av
 import numpy as np
 import pytest
-
-from loadtest import chart, report
-from loadtest.report import SCHEMA_VERSION
-from loadtest.runner import LoadConfig, execute
-from loadtest.source import StampedSource, VideoFormat
-from loadtest.stamp import StampLayout, age_ms
-from signaling.cli import build_parser
+from whipcast.loadtest import chart, report
+from whipcast.loadtest.report import SCHEMA_VERSION
+from whipcast.loadtest.runner import LoadConfig, execute
+from whipcast.loadtest.source import StampedSource, VideoFormat
+from whipcast.loadtest.stamp import StampLayout, age_ms
+from whipcast.signaling.cli import build_parser
 
 DECODERS = {"h264": "h264", "vp8": "vp8"}
 

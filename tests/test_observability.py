@@ -11,10 +11,9 @@ from pathlib import Path
 import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
-from gateway.broker import EmbeddedKafka
-from gateway.settings import Settings
-from signaling.logs import JsonFormatter
+from whipcast.gateway.broker import EmbeddedKafka
+from whipcast.gateway.settings import Settings
+from whipcast.signaling.logs import JsonFormatter
 
 from .conftest import free_port, start_server
 from .peers import play, post_sdp, publish

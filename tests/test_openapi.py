@@ -7,8 +7,7 @@ import re
 
 import aiohttp
 import openapi_spec_validator
-
-from signaling.app import make_app
+from whipcast.signaling.app import make_app
 
 METHODS = {"get", "post", "put", "patch", "delete", "options"}
 # Served by whipcast but not part of the HTTP API: pages and their static files.

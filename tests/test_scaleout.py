@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from whipcast.gateway.broker import EmbeddedKafka
+from whipcast.gateway.settings import Settings
 from yarl import URL
-
-from gateway.broker import EmbeddedKafka
-from gateway.settings import Settings
 
 from .conftest import free_port
 from .peers import Viewer, play, publish
@@ -41,7 +40,7 @@ async def start_node(role: str, name: str, bootstrap: str, *extra: str) -> Proce
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "signaling.cli", role, "--port", str(port),
+        sys.executable, "-m", "whipcast.signaling.cli", role, "--port", str(port),
         "--kafka-bootstrap", bootstrap, "--node-id", name, "--advertise-url", url,
         "--log-level", "WARNING", *extra,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

@@ -1,0 +1,1 @@
+"""Browser pages and the WHIP/WHEP client module, shipped as package data."""
