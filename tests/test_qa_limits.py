@@ -5,6 +5,7 @@ when two signaling nodes serve one stream. Real Kafka and a real aiortc publishe
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from contextlib import asynccontextmanager
 
@@ -96,6 +97,10 @@ async def test_nodes_racing_to_create_the_secret_agree(kafka):
         found = await asyncio.gather(*(shared_secret(settings, bus, log) for log in logs))
         assert len(set(found)) == 1 and len(found[0]) >= 32
         assert await shared_secret(settings, bus, logs[0]) == found[0]  # read, not rewritten
+        # A node that lost the race wrote its own candidate after the first: still unused.
+        late = json.dumps({"secret": "a-later-candidate-secret"}).encode()
+        await logs[1].write(f"{settings.topic_prefix}.qa-secret", "late", late)
+        assert await shared_secret(settings, bus, logs[2]) == found[0]
         _, cookie = ClientIds(found[0]).issue()
         configured = settings.with_(qa_secret="x" * 16)
         assert ClientIds(await shared_secret(configured, bus, logs[0])).verify(cookie) is None
