@@ -4,10 +4,10 @@ format is in :mod:`whipcast.signaling.qa`), and the live-update subscriptions fe
 The fold is also where the Q&A's limits are enforced for every node at once: a vote
 from a client already counted, and a question or vote beyond its client's or address's
 rate (timed by the records' Kafka timestamps: the broker's append time on topics
-whipcast creates) or beyond the stream's question limit, is
-in the log but does not count. Every node folds the same records with the same settings
-in the same order, so every node leaves out the same ones, however many nodes took
-the writes; the node that wrote a record reads it back to learn whether it counted.
+whipcast creates) or beyond the stream's question limit, is in the log but does not
+count. Every node folds the same records with the same settings in the same order, so
+every node leaves out the same ones, however many nodes took the writes; the node that
+wrote a record reads it back to learn whether it counted.
 """
 
 from __future__ import annotations
