@@ -28,6 +28,7 @@ ENV_VARS = {
     "WHIPCAST_NODE_ID": "node_id",
     "WHIPCAST_ADVERTISE_URL": "advertise_url",
     "WHIPCAST_WEB_ROOT": "web_root",
+    "WHIPCAST_QA_SECRET": "qa_secret",
 }
 
 
@@ -96,6 +97,20 @@ class Settings:
     """Events one SSE client may have unsent; a client further behind is disconnected."""
     qa_board_linger: float = 120.0
     """Seconds a stream's Q&A log stays followed on a node after its last use."""
+
+    # Q&A client identity and per-address limits (signaling/clientid.py, qa_board.py).
+    # Every signaling node must run with the same values: each one folds the Q&A log
+    # with them, and nodes agree on what counts only if they fold alike.
+    qa_secret: str | None = field(default=None, repr=False)
+    """Key that signs client-id cookies (16+ characters); ``None``: one kept in Kafka."""
+    qa_address_question_burst: int = 20
+    qa_address_question_interval: float = 3.0
+    """Backstop per client address (IPv6: per /64), whatever cookies it sends."""
+    qa_address_vote_burst: int = 200
+    qa_address_vote_interval: float = 0.1
+    qa_trust_forwarded_for: bool = False
+    """Take the client address from the last ``X-Forwarded-For`` entry (only behind a
+    proxy that sets it); otherwise the connection's peer address is used."""
 
     # Kafka
     kafka_bootstrap: str | None = None

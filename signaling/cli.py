@@ -46,6 +46,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-publishers", type=int, help="publishers this ingest node takes")
     parser.add_argument("--max-cpu", type=float, dest="max_cpu_percent",
                         help="%% of one core above which a node gets no new sessions")  # fmt: skip
+    parser.add_argument("--qa-secret", help="key that signs Q&A client cookies, the same on "
+                        "every signaling node (env WHIPCAST_QA_SECRET, which keeps it out of "
+                        "ps; default: one kept in Kafka)")  # fmt: skip
+    parser.add_argument("--qa-trust-forwarded-for", action="store_true", default=None,
+                        help="limit Q&A by X-Forwarded-For's last entry (only behind a proxy "
+                        "that sets it)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -88,6 +94,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_viewers=getattr(args, "max_viewers", None),
         max_publishers=getattr(args, "max_publishers", None),
         max_cpu_percent=getattr(args, "max_cpu_percent", None),
+        qa_secret=getattr(args, "qa_secret", None),
+        qa_trust_forwarded_for=getattr(args, "qa_trust_forwarded_for", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

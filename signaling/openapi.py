@@ -23,7 +23,7 @@ _REASONS = {
     413: "The body is too large",
     415: "Wrong Content-Type",
     422: "Well-formed, but asks for something whipcast does not do",
-    429: "Too many requests from this client; wait `Retry-After` seconds",
+    429: "Too many requests from this client or its address; wait `Retry-After` seconds",
     503: "Kafka or capacity is unavailable; try again after `Retry-After` seconds",
 }
 
@@ -233,7 +233,24 @@ SCHEMAS: dict = {
 
 _STREAMS = {"type": "object", "properties": {"streams": {"type": "array", "items": _ref("Stream")}}}
 _ACCEPTED = _json({"type": "object"}, "Saved in Kafka, not yet visible on this node")
-_CLIENT = [{"clientCookie": []}]
+_CLIENT = [{"clientCookie": []}, {}]  # optional: a request without one gets one
+_SET_COOKIE = {
+    "Set-Cookie": {
+        "description": "`whipcast_client`, when the request had no valid one",
+        "schema": {"type": "string"},
+    }
+}
+_FIRST_WRITE = (
+    "Needs no earlier read: without a valid `whipcast_client` cookie the "
+    "answer sets a new one. Limited per client and per client address, per "
+    "stream, on every node together (429)."
+)
+
+
+def _cookie(response: dict) -> dict:
+    """A response that may carry a new client-id cookie."""
+    return {**response, "headers": _SET_COOKIE}
+
 
 PATHS: dict = {
     "/whip/{stream}": _session_endpoint("publishing", "WHIP", auth=True),
@@ -264,18 +281,20 @@ PATHS: dict = {
         "parameters": [STREAM],
         "get": {
             "tags": ["Q&A"], "summary": "Questions, pinned first, then by votes",
-            "description": "Sets the client-id cookie if missing. Hidden questions are "
-                           "left out unless `view=host`.",
+            "description": "Sets the client-id cookie if missing or not valid. Hidden "
+                           "questions are left out unless `view=host`.",
             "parameters": [HOST_VIEW],
-            "responses": {"200": _json(_ref("QuestionList"), "The questions"),
+            "responses": {"200": _cookie(_json(_ref("QuestionList"), "The questions")),
                           **_errors(400, 401, 404, 503)},
         },
         "post": {
             "tags": ["Q&A"], "summary": "Ask a question (stream must be live)",
-            "description": "201 only once Kafka acknowledged it (acks=all).",
+            "description": "201 only once Kafka acknowledged it (acks=all) and it counted "
+                           "within the limits. " + _FIRST_WRITE,
             "security": _CLIENT,
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("NewQuestion")}}},
-            "responses": {"201": _json(_ref("Question"), "Saved"),
+            "responses": {"201": _cookie(_json(_ref("Question"), "Saved")),
+                          "202": _cookie(_ACCEPTED),
                           **_errors(400, 404, 409, 413, 415, 429, 503)},
         },
     },
@@ -288,8 +307,8 @@ PATHS: dict = {
                            "hidden by the host). Comment lines are heartbeats. A client "
                            "too far behind is disconnected and should reconnect.",
             "parameters": [HOST_VIEW],
-            "responses": {"200": {"description": "Event stream",
-                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            "responses": {"200": _cookie({"description": "Event stream", "content": {
+                              "text/event-stream": {"schema": {"type": "string"}}}}),
                           **_errors(400, 401, 404, 503)},
         },
     },
@@ -297,8 +316,10 @@ PATHS: dict = {
         "parameters": [STREAM, QUESTION],
         "post": {
             "tags": ["Q&A"], "summary": "Vote for a question (once per client; repeats are no-ops)",
+            "description": _FIRST_WRITE,
             "security": _CLIENT,
-            "responses": {"200": _json(_ref("Question"), "The question now"), "202": _ACCEPTED,
+            "responses": {"200": _cookie(_json(_ref("Question"), "The question now")),
+                          "202": _cookie(_ACCEPTED),
                           **_errors(400, 404, 429, 503)},
         },
     },
@@ -352,7 +373,8 @@ DOCUMENT: dict = {
                 "type": "apiKey",
                 "in": "cookie",
                 "name": "whipcast_client",
-                "description": "Random client id, set by GET .../questions",
+                "description": "Signed random client id (`{id}.{HMAC tag}`), set by any "
+                "Q&A request that arrives without a valid one",
             },
         },  # fmt: skip
     },

@@ -4,16 +4,19 @@ Each stream has a topic ``{prefix}.qa.{stream}`` (one partition, so one order) h
 JSON events keyed by question id:
 
 - ``{"type": "question", "id", "name", "text", "created_at", "stream_time", "session",
-  "client"}``: ``stream_time`` is seconds since the broadcast started (``None`` if it
-  was not live), so a replay can show the question at the moment it was asked.
-- ``{"type": "vote", "id", "client", "at"}``: at most one vote per client counts.
+  "client", "addr"}``: ``stream_time`` is seconds since the broadcast started (``None``
+  if it was not live), so a replay can show the question at the moment it was asked.
+- ``{"type": "vote", "id", "client", "addr", "at"}``: at most one vote per client counts.
 - ``{"type": "moderate", "id", "pinned"?, "answered"?, "hidden"?, "at"}``: by the host;
   pinning a question unpins the one pinned before.
 
-``client`` is a hash of the viewer's client-id cookie, never the cookie itself. No node
-owns the state: every node folds the same log into a :class:`Board`, so a restarted
-node, or another one, shows the same questions. A write is acknowledged to the client
-only after Kafka has it (``acks=all``) and this node has read it back.
+``client`` is a hash of the viewer's signed client id (:mod:`.clientid`), never the id
+itself, and ``addr`` a keyed hash of its address, never the address. No node owns the
+state: every node folds the same log into a :class:`Board`, which also decides which
+questions and votes count (one vote per client, rates per client and per address), so
+a restarted node, or another one, shows the same questions and the limits hold however
+many nodes serve a stream. A write is acknowledged to the client only after Kafka has
+it (``acks=all``) and this node has read it back and seen it counted.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from whipcast.gateway.metrics import Metrics
 from whipcast.gateway.registry import RegistryView
 from whipcast.gateway.settings import Settings
 
+from .clientid import ClientIds, shared_secret
 from .kafkalog import StateLog
 from .qa_board import Board, BoardMetrics, Question
 
@@ -46,6 +50,16 @@ _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u20
 
 class QuestionsClosed(SessionError):
     status = 409
+
+
+class Limited(SessionError):
+    """Too many questions or votes from one client or address (429)."""
+
+    status = 429
+
+    def __init__(self, what: str, who: str, retry_after: int) -> None:
+        super().__init__(f"too many {what} from this {who}; try again in {retry_after} s")
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class NoSuchQuestion(SessionError):
@@ -91,6 +105,8 @@ class QAService:
         self._metrics = BoardMetrics(metrics)
         self._boards: dict[str, asyncio.Task[Board]] = {}
         self._sweeper: asyncio.Task | None = None
+        self.ids: ClientIds | None = None
+        """Signs and checks client ids; set by :meth:`start`."""
 
     def topic(self, stream: str) -> str:
         return f"{self.settings.topic_prefix}.qa.{stream}"
@@ -100,6 +116,10 @@ class QAService:
         return self._view.get(stream) is not None
 
     async def start(self) -> None:
+        try:
+            self.ids = ClientIds(await shared_secret(self.settings, self._bus, self._log))
+        except KafkaError as exc:
+            raise Unavailable(f"the Q&A secret could not be set up: {exc}") from exc
         self._sweeper = asyncio.create_task(self._sweep(), name="qa-sweeper")
 
     def close_subscriptions(self) -> None:
@@ -146,12 +166,14 @@ class QAService:
             if self._view.get(stream) is not None:
                 await self._log.ensure(
                     NewTopic(topic, 1, self.settings.topic_replication_factor,
-                             topic_configs={"retention.ms": str(self.settings.qa_retention_ms)})
+                             topic_configs={"retention.ms": str(self.settings.qa_retention_ms),
+                                            # one clock for the limits the fold applies
+                                            "message.timestamp.type": "LogAppendTime"})
                 )  # fmt: skip
             elif not await self._log.exists(topic):
                 raise NotLive(f"stream {stream!r} has no questions: it is not live")
             board = Board(stream, topic, self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS),
-                          self._metrics)  # fmt: skip
+                          self._metrics, self.settings)  # fmt: skip
             try:
                 await board.start()
             except BaseException:
@@ -182,8 +204,11 @@ class QAService:
                 if board is not None and not board.subscribers and now - board.last_used > linger:
                     await self._close(stream)
 
-    async def ask(self, stream: str, client_id: str, name: object, text: object) -> dict:
-        """Record a question; returns it once Kafka acknowledged it."""
+    async def ask(
+        self, stream: str, client_id: str, address: str, name: object, text: object
+    ) -> dict | None:
+        """Record a question; returns it once Kafka has it and it counted here, or None
+        if it is saved but not yet read back."""
         text = clean_text(text, "text", MAX_TEXT, multiline=True)
         if not text:
             raise SessionError("text must not be empty")
@@ -192,8 +217,8 @@ class QAService:
         if info is None:
             raise QuestionsClosed(f"stream {stream!r} is not live; questions open when it is")
         board = await self.board(stream)
-        if len(board.questions) >= self.settings.qa_max_questions:
-            raise QuestionsClosed("this stream has reached its limit of questions")
+        author = client_key(client_id)
+        self._check(board, "question", author, address)
         now = time.time()
         event = {
             "type": "question",
@@ -203,27 +228,47 @@ class QAService:
             "created_at": round(now, 3),
             "stream_time": round(max(0.0, now - info.started_at), 3),
             "session": info.session,
-            "client": client_key(client_id),
+            "client": author,
+            "addr": address,
         }
         offset = await self._write(stream, event)
+        if not await board.wait_applied(offset, READ_BACK_TIMEOUT_S):
+            return None
+        question = board.questions.get(event["id"])
+        if question is None:  # another node's writes used the budget first
+            self._check(board, "question", author, address)
+            raise Limited("questions", "client or address", 1)
         self._metrics.questions.inc()
-        await board.wait_applied(offset, READ_BACK_TIMEOUT_S)
-        question = board.questions.get(event["id"]) or Question.from_event(event)
-        return question.view(event["client"])
+        return question.view(author)
 
-    async def vote(self, stream: str, question_id: str, client_id: str) -> dict | None:
+    async def vote(
+        self, stream: str, question_id: str, client_id: str, address: str
+    ) -> dict | None:
         """Count the client's vote (once); the question as it is now, or None if the
         vote is saved but not yet visible here."""
         board = await self.board(stream)
         voter = client_key(client_id)
         question = _visible(board, question_id)
         if voter not in question.voters:
-            event = {"type": "vote", "id": question_id, "client": voter, "at": time.time()}
+            self._check(board, "vote", voter, address)
+            event = {"type": "vote", "id": question_id, "client": voter, "addr": address,
+                     "at": time.time()}  # fmt: skip
             offset = await self._write(stream, event)
-            self._metrics.votes.inc()
             if not await board.wait_applied(offset, READ_BACK_TIMEOUT_S):
                 return None
+            if voter not in question.voters:  # another node's writes used the budget first
+                self._check(board, "vote", voter, address)
+                raise Limited("votes", "client or address", 1)
+            self._metrics.votes.inc()
         return question.view(voter)
+
+    def _check(self, board: Board, kind: str, client: str, address: str) -> None:
+        """Refuse before writing what the log would not count (it counts per stream)."""
+        if kind == "question" and board.full:
+            raise QuestionsClosed("this stream has reached its limit of questions")
+        wait, who = board.retry_after(kind, client, address, time.time())
+        if wait:
+            raise Limited(f"{kind}s", who, wait)
 
     async def moderate(
         self, stream: str, question_id: str, changes: dict[str, bool]

@@ -1,5 +1,14 @@
 """One stream's questions on one node: folded from the stream's Q&A log (the event
-format is in :mod:`whipcast.signaling.qa`), and the live-update subscriptions fed from it."""
+format is in :mod:`whipcast.signaling.qa`), and the live-update subscriptions fed from it.
+
+The fold is also where the Q&A's limits are enforced for every node at once: a vote
+from a client already counted, and a question or vote beyond its client's or address's
+rate (timed by the records' Kafka timestamps: the broker's append time on topics
+whipcast creates) or beyond the stream's question limit, is in the log but does not
+count. Every node folds the same records with the same settings in the same order, so
+every node leaves out the same ones, however many nodes took the writes; the node that
+wrote a record reads it back to learn whether it counted.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +23,10 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from prometheus_client import Counter, Gauge
 from whipcast.gateway.errors import Unavailable
 from whipcast.gateway.metrics import Metrics
+from whipcast.gateway.settings import Settings
 
 from .kafkalog import read_to_end
+from .ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +117,10 @@ class Subscription:
 class Board:
     """One stream's questions on this node, folded from its topic and followed live."""
 
-    def __init__(self, stream: str, topic: str, consumer: AIOKafkaConsumer, metrics: BoardMetrics):
+    def __init__(
+        self, stream: str, topic: str, consumer: AIOKafkaConsumer, metrics: BoardMetrics,
+        settings: Settings,
+    ) -> None:  # fmt: skip
         self.stream = stream
         self.questions: dict[str, Question] = {}
         self.subscribers: set[Subscription] = set()
@@ -118,6 +132,18 @@ class Board:
         self._metrics = metrics
         self._applied = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._max_questions = settings.qa_max_questions
+        self._limits = {
+            "question": (
+                RateLimiter(settings.qa_question_burst, settings.qa_question_interval),
+                RateLimiter(settings.qa_address_question_burst,
+                            settings.qa_address_question_interval),
+            ),
+            "vote": (
+                RateLimiter(settings.qa_vote_burst, settings.qa_vote_interval),
+                RateLimiter(settings.qa_address_vote_burst, settings.qa_address_vote_interval),
+            ),
+        }  # fmt: skip
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -182,11 +208,25 @@ class Board:
         shown.sort(key=lambda q: (not q.pinned, q.answered, -len(q.voters), q.created_at))
         return [q.view(voter) for q in shown]
 
+    @property
+    def full(self) -> bool:
+        return len(self.questions) >= self._max_questions
+
+    def retry_after(self, kind: str, client: str, address: str, now: float) -> tuple[int, str]:
+        """Seconds until the log would count another ``kind`` ("question" or "vote") from
+        this client and address, and which of the two is limited; (0, "") if it would now."""
+        by_client, by_address = self._limits[kind]
+        wait = by_client.retry_after(client, now)
+        if wait:
+            return wait, "client"
+        wait = by_address.retry_after(address, now)
+        return (wait, "address") if wait else (0, "")
+
     def _apply(self, record: ConsumerRecord) -> None:
         self.next_offset = record.offset + 1
         try:
             event = json.loads(record.value)
-            changed = self._fold(event)
+            changed = self._fold(event, record.timestamp / 1000)
         except (ValueError, TypeError, KeyError, AttributeError):
             self._metrics.malformed.inc()
             changed = []
@@ -195,11 +235,27 @@ class Board:
         self._applied.set()
         self._applied = asyncio.Event()
 
-    def _fold(self, event: dict) -> list[Question]:
+    def _counts(self, kind: str, event: dict, at: float) -> bool:
+        """Whether the event's client and address may still do ``kind`` at ``at``; if so,
+        it is charged to both. Records from before addresses were logged have none."""
+        client, address = str(event["client"]), event.get("addr")
+        by_client, by_address = self._limits[kind]
+        if by_client.retry_after(client, at):
+            return False
+        if address is not None and by_address.retry_after(str(address), at):
+            return False
+        by_client.take(client, at)
+        if address is not None:
+            by_address.take(str(address), at)
+        return True
+
+    def _fold(self, event: dict, at: float) -> list[Question]:
         kind = event["type"]
         if kind == "question":
             question = Question.from_event(event)
-            if question.id in self.questions:
+            if question.id in self.questions or self.full:
+                return []
+            if not self._counts("question", event, at):
                 return []
             self.questions[question.id] = question
             return [question]
@@ -208,7 +264,7 @@ class Board:
             return []
         if kind == "vote":
             voter = str(event["client"])
-            if voter in question.voters:
+            if voter in question.voters or not self._counts("vote", event, at):
                 return []
             question.voters.add(voter)
             return [question]

@@ -1,4 +1,9 @@
-"""Token buckets per client, with memory bounded however many clients come and go."""
+"""Token buckets per key, with memory bounded however many keys come and go.
+
+The clock is a parameter so the same buckets can run on a node's monotonic clock (what
+one node lets through) or on the timestamps of a Kafka log (what counts on every node:
+folding the same records gives every node the same answer).
+"""
 
 from __future__ import annotations
 
@@ -16,18 +21,32 @@ class RateLimiter:
         self.interval = interval
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: str) -> int:
+    def take(self, key: str, now: float | None = None) -> int:
         """Spend one token: 0 if allowed, else whole seconds until one is available."""
-        now = time.monotonic()
-        tokens, at = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) / self.interval)
+        now = time.monotonic() if now is None else now
+        tokens, at = self._state(key, now)
         if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            return max(1, math.ceil((1.0 - tokens) * self.interval))
+            self._buckets[key] = (tokens, at)
+            return self._wait(tokens)
         if key not in self._buckets and len(self._buckets) >= MAX_TRACKED:
             self._forget_full(now)
-        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - 1.0, at)
         return 0
+
+    def retry_after(self, key: str, now: float | None = None) -> int:
+        """Like :meth:`take` but spends nothing: 0 if a token is available now."""
+        tokens, _ = self._state(key, time.monotonic() if now is None else now)
+        return 0 if tokens >= 1.0 else self._wait(tokens)
+
+    def _state(self, key: str, now: float) -> tuple[float, float]:
+        """(tokens, as of when) at ``now``; a clock that steps back refills nothing."""
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        if now <= at:
+            return tokens, at
+        return min(float(self.burst), tokens + (now - at) / self.interval), now
+
+    def _wait(self, tokens: float) -> int:
+        return max(1, math.ceil((1.0 - tokens) * self.interval))
 
     def _forget_full(self, now: float) -> None:
         """Drop buckets that have refilled: forgetting them changes nothing."""

@@ -19,11 +19,15 @@ from .peers import publish
 TOKEN = "qa-host-token"
 HOST = {"Authorization": f"Bearer {TOKEN}"}
 LIVE_WITHIN_S = 1.0  # the goal for answered/pinned state to reach everyone
+# Every client here comes from 127.0.0.1: the per-address backstop is raised so that
+# only the per-client limits are under test (tests/test_qa_limits.py tests it). Nodes
+# that share a stream's log must fold it with the same limits.
+SHARED_ADDRESS = {"qa_address_question_burst": 1000, "qa_address_vote_burst": 1000}
 
 
 @pytest.fixture(scope="module")
 async def qa_server(kafka):
-    server = await start_server(kafka, publish_token=TOKEN, qa_heartbeat=0.5)
+    server = await start_server(kafka, publish_token=TOKEN, qa_heartbeat=0.5, **SHARED_ADDRESS)
     yield server
     await server.runner.cleanup()
 
@@ -240,9 +244,6 @@ async def test_bad_questions_are_rejected_with_a_reason(qa_server, live, body, r
 async def test_bad_requests(qa_server, live):
     url = f"/api/streams/{live}/questions"
     async with viewer(qa_server) as anonymous:
-        async with anonymous.post(url, json={"text": "no cookie yet"}) as response:
-            assert response.status == 400 and "cookie" in (await response.json())["detail"]
-        await questions(anonymous, live)
         async with anonymous.post(url, data="text=hi") as response:
             assert response.status == 415
         async with anonymous.post(
@@ -337,7 +338,7 @@ async def test_a_second_node_rebuilds_the_same_questions_from_kafka(kafka, qa_se
         assert (await moderate(alice, live, qid, answered=True)).status == 200
         before = await questions(alice, live, host=True)
 
-    second = await start_server(kafka, publish_token=TOKEN)
+    second = await start_server(kafka, publish_token=TOKEN, **SHARED_ADDRESS)
     try:
         async with viewer(second) as carol:
             after = await questions(carol, live, host=True)

@@ -66,10 +66,11 @@ export class QAClient {
     this._abort?.abort();
   }
 
-  /** Post a question; resolves with it once the server saved it in Kafka. */
+  /** Post a question; resolves with it once the server saved it in Kafka (or with
+   * `{accepted: true}` if saved but not yet read back: the live updates bring it). */
   async ask(name, text) {
     const question = await this._request('POST', this.base, { name, text });
-    this._merge(question);
+    if (question?.id) this._merge(question);
     return question;
   }
 
