@@ -225,7 +225,7 @@ async def test_ffmpeg_whip_outlives_consent_checks(server, stream_name, tmp_path
     """A publish longer than ICE consent freshness allows without answers (RFC 7675:
     aioice gives up after 6 unanswered checks, about 30 s) keeps going to the end."""
     caplog.set_level(logging.INFO, logger="aioice")
-    caplog.set_level(logging.INFO, logger="gateway")
+    caplog.set_level(logging.INFO, logger="whipcast.gateway")
     run = await publish_and_watch(server, stream_name, tmp_path, LONG_PUBLISH_SECONDS)
     if run.session_lasted is not None and run.session_lasted < LONG_PUBLISH_SECONDS - 1:
         server_log = "\n".join(

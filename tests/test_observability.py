@@ -163,7 +163,7 @@ async def test_alert_rules_name_real_metrics(server, stream_name):
 async def test_media_events_are_logged_with_context(server, stream_name, caplog):
     """Publish and view events name their stream and resource; JSON lines carry them,
     and no SDP reaches the log."""
-    caplog.set_level(logging.INFO, logger="gateway")
+    caplog.set_level(logging.INFO, logger="whipcast.gateway")
     publisher = await publish(server.url, stream_name)
     try:
         assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
