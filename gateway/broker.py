@@ -58,11 +58,11 @@ JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={LOG4J_CO
 
 # A cluster's nodes notice a dead peer (and move its partition leaderships to live
 # replicas) after a broker session timeout; Kafka's 9 s default would leave a live
-# stream frozen that long, so a local cluster fails over within about 2 s. Production
-# clusters choose their own; docs/architecture.md says what the choice costs viewers.
+# stream frozen that long, so a local cluster fails over within a second or two.
+# Production clusters choose their own; docs/architecture.md says what it costs viewers.
 CLUSTER_FAILOVER = {
-    "broker.heartbeat.interval.ms": "300",
-    "broker.session.timeout.ms": "1500",
+    "broker.heartbeat.interval.ms": "250",
+    "broker.session.timeout.ms": "1000",
     "controller.quorum.fetch.timeout.ms": "1000",
     "controller.quorum.election.timeout.ms": "500",
     "controller.quorum.election.backoff.max.ms": "300",

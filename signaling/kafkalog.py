@@ -68,8 +68,9 @@ class StateLog:
         return name in self._known
 
     async def ensure(self, topic: NewTopic) -> None:
-        """Create ``topic`` unless it exists, replicated as this state needs: up to three
-        replicas, and with two or more, an acknowledged write is on at least two."""
+        """Create ``topic`` unless it exists, replicated as this state needs (its own
+        replication factor is replaced): up to three replicas, and with two or more, an
+        acknowledged write is on at least two."""
         assert self._admin is not None
         if topic.name in self._known:
             return
