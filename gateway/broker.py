@@ -29,6 +29,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -54,6 +55,20 @@ LOG_TAIL_LINES = 30
 # For both JVMs (storage format and broker). Start-up is bound by JIT compilation on
 # small machines; C1 alone halves it, and its code serves a dev broker's load just as well.
 JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}")
+
+# A cluster's nodes notice a dead peer (and move its partition leaderships to live
+# replicas) after a broker session timeout; Kafka's 9 s default would leave a live
+# stream frozen that long, so a local cluster fails over within a second or two.
+# Production clusters choose their own; docs/architecture.md says what it costs viewers.
+CLUSTER_FAILOVER = {
+    "broker.heartbeat.interval.ms": "250",
+    "broker.session.timeout.ms": "1000",
+    "controller.quorum.fetch.timeout.ms": "1000",
+    "controller.quorum.election.timeout.ms": "500",
+    "controller.quorum.election.backoff.max.ms": "300",
+    # A follower that lags this long leaves the ISR (so acks=all stops waiting for it).
+    "replica.lag.time.max.ms": "5000",
+}
 
 _PR_SET_PDEATHSIG = 1
 
@@ -162,22 +177,27 @@ def fetch(settings: Settings) -> Path:
     return libs
 
 
-def _pick_ports(port: int | None) -> tuple[int, int]:
-    """A client port (``port`` if given) and a controller port, both free right now.
+def _pick_ports(count: int, port: int | None) -> list[int]:
+    """``count`` distinct loopback ports free right now, the first one ``port`` if given.
 
-    They are bound together so that they differ, then released for the broker to bind;
+    They are bound together so that they differ, then released for the brokers to bind;
     another process may take one in between, which the caller handles by retrying.
     """
-    with socket.socket() as client, socket.socket() as controller:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
         if port:
             # As the JVM does for server sockets, so that TIME_WAIT does not count as taken.
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            client.bind(("127.0.0.1", port or 0))
+            sockets[0].bind(("127.0.0.1", port or 0))
         except OSError as exc:
             raise BrokerUnavailable(f"cannot listen on 127.0.0.1:{port}: {exc}") from exc
-        controller.bind(("127.0.0.1", 0))
-        return client.getsockname()[1], controller.getsockname()[1]
+        for sock in sockets[1:]:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _cluster_id() -> str:
@@ -210,8 +230,8 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
-async def _answers(port: int) -> bool:
-    """Whether the broker on ``port`` serves metadata and lists itself as alive."""
+async def _answers(port: int, brokers: int) -> bool:
+    """Whether the broker on ``port`` serves metadata listing ``brokers`` live brokers."""
     try:
         # A bare connect first: aiokafka logs an error for every refused connection.
         _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -226,37 +246,90 @@ async def _answers(port: int) -> bool:
         return False
     finally:
         await admin.close()
-    return bool(cluster["brokers"])
+    return len(cluster["brokers"]) >= brokers
+
+
+@dataclass
+class _Node:
+    """One KRaft process: broker and controller in one JVM."""
+
+    node_id: int
+    directory: Path
+    port: int = 0
+    controller_port: int = 0
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "broker.log"
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "server.properties"
+
+    @property
+    def store(self) -> Path:
+        return self.directory / "data"
+
+    def log_tail(self) -> str:
+        try:
+            return _tail(self.log.read_text(errors="replace"))
+        except OSError:
+            return "(no log)"
 
 
 class EmbeddedKafka:
-    """A single-node KRaft broker in a child JVM, listening on loopback only.
+    """A KRaft cluster of ``brokers`` child JVMs (one by default), on loopback only.
 
-    Its configuration, log (``broker.log``) and data live in a private temporary
-    directory removed by :meth:`stop`, or in ``data_dir`` when given, which is kept, so
-    that topics survive restarts. ``port`` fixes the client port instead of picking one.
+    Every node is broker and controller at once, and the nodes form one controller
+    quorum, so a cluster of three survives the loss of any one node, as production
+    clusters do. Configuration, logs (``broker.log``) and data live in a private
+    temporary directory removed by :meth:`stop`, or in ``data_dir`` when given, which is
+    kept, so that topics survive restarts (a node of a cluster uses ``node-N/`` in it).
+    ``port`` fixes the first node's client port instead of picking one.
     """
 
     def __init__(
-        self, settings: Settings, *, data_dir: Path | None = None, port: int | None = None
+        self,
+        settings: Settings,
+        *,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        brokers: int = 1,
     ) -> None:
+        if brokers < 1:
+            raise ValueError("a Kafka cluster needs at least one broker")
         self._settings = settings
         self._data_dir = data_dir.resolve() if data_dir is not None else None
         self._port = port
+        self._size = brokers
         self._dir: Path | None = None
-        self._proc: asyncio.subprocess.Process | None = None
-        self._bootstrap: str | None = None
+        self._nodes: list[_Node] = []
+        self._java = ""
+        self._classpath = ""
+        self._running = False
 
     @property
     def bootstrap(self) -> str:
-        """``127.0.0.1:PORT``, for ``bootstrap_servers``."""
-        if self._bootstrap is None:
+        """``127.0.0.1:PORT[,...]``, every node's client port, for ``bootstrap_servers``."""
+        if not self._running:
             raise RuntimeError("the broker is not running")
-        return self._bootstrap
+        return ",".join(f"127.0.0.1:{node.port}" for node in self._nodes)
+
+    @property
+    def brokers(self) -> int:
+        """How many nodes the cluster has (running or not)."""
+        return self._size
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The first node's process id (the only one of a single broker)."""
+        return self.pid_of(1)
+
+    def pid_of(self, node_id: int) -> int | None:
+        """The process id of node ``node_id`` (1-based, as in Kafka's ``node.id``)."""
+        proc = self._node(node_id).proc if self._nodes else None
+        return proc.pid if proc is not None and proc.returncode is None else None
 
     @property
     def directory(self) -> Path | None:
@@ -264,60 +337,93 @@ class EmbeddedKafka:
         return self._dir
 
     async def start(self) -> str:
-        """Start the broker and return its bootstrap address once it serves requests."""
-        if self._proc is not None:
+        """Start the cluster and return its bootstrap address once every node serves."""
+        if self._running:
             raise RuntimeError("the broker is already running")
-        classpath = broker_classpath(self._settings)
+        self._classpath = broker_classpath(self._settings)
         java = shutil.which("java")
         if java is None:
             raise BrokerUnavailable("Java 17 or newer (`java`) is needed to run Kafka")
+        self._java = java
         if self._data_dir is not None:
             self._data_dir.mkdir(parents=True, exist_ok=True)
             self._dir = self._data_dir
         else:
             self._dir = Path(tempfile.mkdtemp(prefix="whipcast-kafka-"))
+        self._nodes = [
+            _Node(i, self._dir if self._size == 1 else self._dir / f"node-{i}")
+            for i in range(1, self._size + 1)
+        ]
         started = time.monotonic()
         try:
-            async with asyncio.timeout(START_TIMEOUT):
-                self._bootstrap = await self._launch(java, classpath)
+            async with asyncio.timeout(START_TIMEOUT * self._size):
+                await self._launch()
         except TimeoutError:
             await self._terminate()
             error = BrokerUnavailable(
-                f"Kafka broker did not start within {START_TIMEOUT:.0f} s; "
-                f"end of {self._log}:\n{self._log_tail()}"
+                f"Kafka did not start within {START_TIMEOUT * self._size:.0f} s; "
+                f"end of the logs:\n{self._log_tail()}"
             )
             await self.stop()
             raise error from None
         except BaseException:
             await self.stop()
             raise
+        self._running = True
         logger.info(
-            "Kafka broker listening on %s (pid %d, started in %.1f s)",
-            self._bootstrap,
-            self.pid,
+            "Kafka (%d broker%s) listening on %s (pids %s, started in %.1f s)",
+            self._size,
+            "s" if self._size > 1 else "",
+            self.bootstrap,
+            ", ".join(str(self.pid_of(node.node_id)) for node in self._nodes),
             time.monotonic() - started,
         )
-        return self._bootstrap
+        return self.bootstrap
 
     async def stop(self) -> None:
-        """Stop the broker (SIGTERM, SIGKILL after 10 s) and remove its private directory.
+        """Stop every node (SIGTERM, SIGKILL after 10 s) and remove the private directory.
 
         Safe to call more than once, and after a failed :meth:`start`.
         """
         await self._terminate()
-        self._bootstrap = None
+        self._running = False
         if self._dir is not None and self._dir != self._data_dir:
             shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
 
+    async def kill(self, node_id: int) -> None:
+        """SIGKILL one node, as a crash or power loss would, and wait until it is gone."""
+        node = self._node(node_id)
+        proc, node.proc = node.proc, None
+        if proc is not None and proc.returncode is None:
+            with suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def restart(self, node_id: int) -> None:
+        """Start a killed node again, on its old ports and data, until it serves."""
+        node = self._node(node_id)
+        if node.proc is not None and node.proc.returncode is None:
+            raise RuntimeError(f"Kafka node {node_id} is running")
+        async with asyncio.timeout(START_TIMEOUT):
+            node.proc = await self._spawn(node)
+            await self._until_serving(node)
+
     async def wait(self) -> int:
-        """Wait for the broker process to exit, and return its exit status.
+        """Wait for any node's process to exit, and return its exit status.
 
         A broker exits on its own only when it fails, so callers can watch for that.
         """
-        if self._proc is None:
+        procs = [node.proc for node in self._nodes if node.proc is not None]
+        if not self._running or not procs:
             raise RuntimeError("the broker is not running")
-        return await self._proc.wait()
+        done, pending = await asyncio.wait(
+            [asyncio.ensure_future(proc.wait()) for proc in procs],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        for task in pending:
+            task.cancel()
+        return done.pop().result()
 
     async def __aenter__(self) -> EmbeddedKafka:
         await self.start()
@@ -331,60 +437,74 @@ class EmbeddedKafka:
     ) -> None:
         await self.stop()
 
-    @property
-    def _log(self) -> Path:
-        assert self._dir is not None
-        return self._dir / "broker.log"
+    def _node(self, node_id: int) -> _Node:
+        if not 1 <= node_id <= len(self._nodes):
+            raise ValueError(f"no Kafka node {node_id} (the cluster has {len(self._nodes)})")
+        return self._nodes[node_id - 1]
 
     def _log_tail(self) -> str:
-        try:
-            return _tail(self._log.read_text(errors="replace"))
-        except OSError:
-            return "(no log)"
+        if len(self._nodes) == 1:
+            return self._nodes[0].log_tail()
+        return "\n".join(f"--- node {n.node_id}:\n{n.log_tail()}" for n in self._nodes)
 
-    async def _launch(self, java: str, classpath: str) -> str:
-        # Free ports found here can be taken by someone else before the JVM binds them.
+    async def _launch(self) -> None:
+        # Free ports found here can be taken by someone else before the JVMs bind them.
         retry_bind = self._port is None
         while True:
-            port, controller_port = _pick_ports(self._port)
-            config = self._write_config(port, controller_port)
-            if not (self._store / "meta.properties").exists():
-                await self._format(java, classpath, config)
-            self._proc = await self._spawn(java, classpath, config)
-            while self._proc.returncode is None:
-                if await _answers(port):
-                    return f"127.0.0.1:{port}"
-                await asyncio.sleep(0.1)
-            await self._proc.wait()
-            tail = self._log_tail()
-            self._proc = None
-            if retry_bind and "Address already in use" in tail:
-                retry_bind = False
-                logger.info("Kafka broker lost a port race; retrying with other ports")
-                continue
-            raise BrokerUnavailable(f"Kafka broker exited during start-up:\n{tail}")
+            ports = _pick_ports(2 * self._size, self._port)
+            for node in self._nodes:
+                node.port, node.controller_port = ports[node.node_id - 1], ports[-node.node_id]
+            for node in self._nodes:
+                node.directory.mkdir(parents=True, exist_ok=True)
+                self._write_config(node)
+            unformatted = [n for n in self._nodes if not (n.store / "meta.properties").exists()]
+            if unformatted:
+                cluster_id = _cluster_id()
+                await asyncio.gather(*(self._format(node, cluster_id) for node in unformatted))
+            for node in self._nodes:
+                node.proc = await self._spawn(node, fresh_log=True)
+            try:
+                await asyncio.gather(*(self._until_serving(node) for node in self._nodes))
+                return
+            except BrokerUnavailable:
+                tail = self._log_tail()
+                await self._terminate()
+                if retry_bind and "Address already in use" in tail:
+                    retry_bind = False
+                    logger.info("Kafka lost a port race; retrying with other ports")
+                    continue
+                raise
 
-    @property
-    def _store(self) -> Path:
-        assert self._dir is not None
-        return self._dir / "data"
+    async def _until_serving(self, node: _Node) -> None:
+        """Return once ``node`` serves metadata listing the whole cluster."""
+        assert node.proc is not None
+        while node.proc.returncode is None:
+            if await _answers(node.port, self._size):
+                return
+            await asyncio.sleep(0.1)
+        raise BrokerUnavailable(
+            f"Kafka node {node.node_id} exited during start-up:\n{node.log_tail()}"
+        )
 
-    def _write_config(self, port: int, controller_port: int) -> Path:
-        assert self._dir is not None
+    def _write_config(self, node: _Node) -> None:
+        replicas = min(3, self._size)
+        voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self._nodes)
         settings = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+            "node.id": str(node.node_id),
+            "controller.quorum.voters": voters,
+            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},"
+            f"CONTROLLER://127.0.0.1:{node.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
             "controller.listener.names": "CONTROLLER",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "inter.broker.listener.name": "PLAINTEXT",
-            "log.dirs": str(self._store),
-            # One node: internal topics cannot have more replicas than that.
-            "offsets.topic.replication.factor": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
+            "log.dirs": str(node.store),
+            # Internal topics cannot have more replicas than there are nodes.
+            "offsets.topic.replication.factor": str(replicas),
+            "transaction.state.log.replication.factor": str(replicas),
+            "transaction.state.log.min.isr": str(min(2, replicas)),
+            "default.replication.factor": str(replicas),
             "group.initial.rebalance.delay.ms": "0",
             "num.partitions": "1",
             # whipcast creates its topics with explicit settings; a typo should fail.
@@ -395,27 +515,27 @@ class EmbeddedKafka:
             "log.segment.bytes": str(64 * 1024 * 1024),
             "log.retention.check.interval.ms": "30000",
         }
-        config = self._dir / "server.properties"
-        config.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
-        return config
+        if self._size > 1:
+            settings.update(CLUSTER_FAILOVER)
+        node.config.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
 
-    async def _format(self, java: str, classpath: str, config: Path) -> None:
+    async def _format(self, node: _Node, cluster_id: str) -> None:
         """Write the storage metadata (cluster id, node id) a KRaft node needs first."""
         proc = await asyncio.create_subprocess_exec(
-            java,
+            self._java,
             *JVM_OPTIONS,
             "-cp",
-            classpath,
+            self._classpath,
             "kafka.tools.StorageTool",
             "format",
             "-t",
-            _cluster_id(),
+            cluster_id,
             "-c",
-            str(config),
+            str(node.config),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            cwd=self._dir,
+            cwd=node.directory,
             preexec_fn=_die_with_parent(),
         )
         try:
@@ -431,30 +551,34 @@ class EmbeddedKafka:
                 + _tail(output.decode(errors="replace"))
             )
 
-    async def _spawn(self, java: str, classpath: str, config: Path) -> asyncio.subprocess.Process:
+    async def _spawn(self, node: _Node, fresh_log: bool = False) -> asyncio.subprocess.Process:
         # Its own session keeps a terminal's Ctrl-C away from the JVM: whipcast stops it
-        # in order, after the clients that use it.
-        with self._log.open("wb") as log:
+        # in order, after the clients that use it. A restarted node appends to its log.
+        with node.log.open("wb" if fresh_log else "ab") as log:
             return await asyncio.create_subprocess_exec(
-                java,
+                self._java,
                 f"-Xmx{self._settings.kafka_heap}",
                 "-XX:+UseG1GC",
                 *JVM_OPTIONS,
                 "-cp",
-                classpath,
+                self._classpath,
                 "kafka.Kafka",
-                str(config),
+                str(node.config),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=self._dir,  # where the JVM drops crash reports
+                cwd=node.directory,  # where the JVM drops crash reports
                 start_new_session=True,
                 preexec_fn=_die_with_parent(),
             )
 
     async def _terminate(self) -> None:
-        """SIGTERM for a clean shutdown (logs flushed, no recovery next start), then SIGKILL."""
-        proc, self._proc = self._proc, None
+        """Stop every node: SIGTERM for a clean shutdown (logs flushed, no recovery next
+        start), then SIGKILL. All at once, so that no node waits for a departed quorum."""
+        await asyncio.gather(*(self._terminate_node(node) for node in self._nodes))
+
+    async def _terminate_node(self, node: _Node) -> None:
+        proc, node.proc = node.proc, None
         if proc is None or proc.returncode is not None:
             return
         with suppress(ProcessLookupError):
@@ -462,23 +586,27 @@ class EmbeddedKafka:
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
         except TimeoutError:
-            logger.warning("Kafka broker ignored SIGTERM for %.0f s; killing it", STOP_TIMEOUT)
+            logger.warning("Kafka node %d ignored SIGTERM for %.0f s; killing it",
+                           node.node_id, STOP_TIMEOUT)  # fmt: skip
             with suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
 
 
 def run_broker_forever(
-    settings: Settings, *, data_dir: Path | None = None, port: int | None = None
+    settings: Settings, *, data_dir: Path | None = None, port: int | None = None, brokers: int = 1
 ) -> None:
-    """``whipcast kafka start``: run a broker in the foreground until SIGINT or SIGTERM.
+    """``whipcast kafka start``: run a broker (or a cluster of ``brokers``) in the
+    foreground until SIGINT or SIGTERM.
 
-    Raises :class:`BrokerUnavailable` if it cannot start or dies on its own.
+    Raises :class:`BrokerUnavailable` if it cannot start or a node dies on its own.
     """
-    asyncio.run(_serve(settings, data_dir=data_dir, port=port))
+    asyncio.run(_serve(settings, data_dir=data_dir, port=port, brokers=brokers))
 
 
-async def _serve(settings: Settings, *, data_dir: Path | None, port: int | None) -> None:
+async def _serve(
+    settings: Settings, *, data_dir: Path | None, port: int | None, brokers: int
+) -> None:
     # A signal cancels whatever is under way, start-up included; leaving the ``async with``
     # then stops the broker. A second signal interrupts that stop, and the parent-death
     # signal takes the JVM down with this process.
@@ -488,13 +616,14 @@ async def _serve(settings: Settings, *, data_dir: Path | None, port: int | None)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, main.cancel)
     try:
-        async with EmbeddedKafka(settings, data_dir=data_dir, port=port) as kafka:
+        async with EmbeddedKafka(settings, data_dir=data_dir, port=port, brokers=brokers) as kafka:
             where = f", data in {data_dir}" if data_dir is not None else ""
-            print(f"Kafka {_kafka_version()} broker ready at {kafka.bootstrap}{where}", flush=True)
+            what = "broker" if brokers == 1 else f"cluster of {brokers} brokers"
+            print(f"Kafka {_kafka_version()} {what} ready at {kafka.bootstrap}{where}", flush=True)
             print(f"  export WHIPCAST_KAFKA_BOOTSTRAP={kafka.bootstrap}", flush=True)
             status = await kafka.wait()
             raise BrokerUnavailable(
-                f"Kafka broker exited unexpectedly (status {status}):\n{kafka._log_tail()}"
+                f"a Kafka node exited unexpectedly (status {status}):\n{kafka._log_tail()}"
             )
     except asyncio.CancelledError:
-        print("Kafka broker stopped", flush=True)
+        print("Kafka stopped", flush=True)

@@ -40,6 +40,17 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 FETCH_MAX_WAIT_MS = 5
 CONTROL_FETCH_MAX_WAIT_MS = 200
 PROBE_INTERVAL_S = 2.0
+# Durability per topic (docs/architecture.md has the table and the reasons): every topic
+# gets up to three replicas, so that a broker loss moves leadership instead of losing
+# the data; control-plane state written with acks=all also needs two in-sync copies.
+MAX_REPLICAS = 3
+DURABLE_MIN_INSYNC = 2
+
+
+def replication_factor(settings: Settings, brokers: int) -> int:
+    """Replicas for a new topic: ``topic_replication_factor`` if set, else as many as
+    the cluster has brokers, up to three."""
+    return settings.topic_replication_factor or min(MAX_REPLICAS, max(1, brokers))
 
 
 def stream_topic(prefix: str, stream: str) -> str:
@@ -60,7 +71,7 @@ class Bus:
         self.reachable_since = time.monotonic()
         self._probe: asyncio.Task | None = None
         self._prefix = settings.topic_prefix
-        self._replicas = settings.topic_replication_factor
+        self._replicas = 1
         self.produce_errors = 0
 
     # Topic names
@@ -88,13 +99,19 @@ class Bus:
             request_timeout_ms=10000,
         )
         await self.producer.start()
+        self._replicas = replication_factor(
+            self.settings, len(self.producer.client.cluster.brokers())
+        )
         await self._create_topics(
             [
                 NewTopic(
                     self.registry_topic,
                     1,
                     self._replicas,
-                    topic_configs={"cleanup.policy": "compact"},
+                    topic_configs={
+                        "cleanup.policy": "compact",
+                        "message.timestamp.type": "LogAppendTime",
+                    },
                 ),
                 NewTopic(
                     self.control_topic, 1, self._replicas, topic_configs={"retention.ms": "3600000"}
@@ -103,7 +120,11 @@ class Bus:
                     self.nodes_topic,
                     1,
                     self._replicas,
-                    topic_configs={"cleanup.policy": "compact", "segment.ms": "600000"},
+                    topic_configs={
+                        "cleanup.policy": "compact",
+                        "segment.ms": "600000",
+                        "message.timestamp.type": "LogAppendTime",
+                    },
                 ),
             ]
         )

@@ -205,6 +205,9 @@ class StreamFanout:
         self.frames = 0
         self.gop_overflows = 0
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=2048)
+        # Frames carry the ingest's wall-clock arrival time; only when that ingest is this
+        # process does one clock serve both ends, so only then is latency measured.
+        self._one_clock = info.node == node.settings.node_id
         self._departed = ViewerStats()
         self._reader = FrameReader(node.bus, info.stream, lookback=node.settings.gop_cache_frames)
         self._packetizers = {}
@@ -278,10 +281,11 @@ class StreamFanout:
         self.frames += 1
         for viewer in list(self.viewers):
             viewer.deliver(prepared)
-        latency_ms = time.time() * 1000 - frame.arrival_us / 1000
-        self.latency_ms.append(latency_ms)
-        if self.viewers:
-            self.node.bus.metrics.gateway_latency.observe(latency_ms / 1000)
+        if self._one_clock:
+            latency_ms = time.time() * 1000 - frame.arrival_us / 1000
+            self.latency_ms.append(latency_ms)
+            if self.viewers:
+                self.node.bus.metrics.gateway_latency.observe(latency_ms / 1000)
 
     @property
     def lag(self) -> tuple[int, float]:

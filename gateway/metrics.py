@@ -42,7 +42,8 @@ class Metrics:
         )  # fmt: skip
         self.gateway_latency = Histogram(
             "whipcast_gateway_latency_seconds",
-            "Gateway-added latency: frame complete at ingest until egress sent it to viewers",
+            "Gateway-added latency: frame complete at ingest until egress sent it to viewers;"
+            " observed only where ingest and egress share a process (one clock for both ends)",
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.time_to_first_frame = Histogram(

@@ -1,9 +1,11 @@
 """Which whipcast nodes are up, where they are reached, and how loaded they are.
 
 Every node writes a :class:`NodeInfo` to the compacted ``{prefix}.nodes`` topic every
-:data:`HEARTBEAT_S` and a tombstone when it stops; a node silent for
-:data:`STALE_AFTER_S` is down. Signaling routes publishers and viewers with it, and
-the stream registry treats streams of a down ingest as ended. Kafka is the only store.
+:data:`HEARTBEAT_S` and a tombstone when it stops; a node whose heartbeats have not
+reached this node for :data:`STALE_AFTER_S` (by this node's clock, see
+:mod:`whipcast.gateway.compacted`) is down. Signaling routes publishers and viewers
+with it, and the stream registry treats streams of a down ingest as ended. Kafka is the
+only store.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from aiokafka.errors import KafkaError
 
 from .bus import Bus
-from .compacted import CompactedView
+from .compacted import Beat, CompactedView, decode_known
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ CPU_SMOOTHING = 0.15  # per heartbeat: about 3 s to follow a change
 
 
 @dataclass
-class NodeInfo:
+class NodeInfo(Beat):
     node: str
     roles: list[str]
     url: str
@@ -52,22 +54,31 @@ class NodeInfo:
     publishing: list[str] = field(default_factory=list)
     """Streams published to this node (ingest)."""
     updated_at: float = field(default_factory=time.time)
+    """The writer's wall clock: for people reading the topic, never for liveness."""
 
     @property
     def alive(self) -> bool:
-        return time.time() - self.updated_at < STALE_AFTER_S
+        """Heard from within :data:`STALE_AFTER_S`, judged by this node's clock."""
+        return self.silence() < STALE_AFTER_S
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self)).encode()
 
     @classmethod
     def decode(cls, value: bytes) -> NodeInfo:
-        return cls(**json.loads(value))
+        return decode_known(cls, value)
 
 
 class NodeView(CompactedView[NodeInfo]):
     def __init__(self, bus: Bus) -> None:
-        super().__init__(bus, bus.nodes_topic, NodeInfo.decode)
+        super().__init__(
+            bus,
+            bus.nodes_topic,
+            NodeInfo.decode,
+            confirm=lambda info: True,
+            heartbeat_s=HEARTBEAT_S,
+            stale_after_s=STALE_AFTER_S,
+        )
 
     def alive(self, role: str) -> list[NodeInfo]:
         return [n for n in self.records.values() if role in n.roles and n.alive]

@@ -3,9 +3,9 @@
 The owning ingest writes a :class:`StreamInfo` record to the compacted registry topic
 when a publish starts, re-writes it every :data:`HEARTBEAT_S` seconds while media
 flows, and writes ``state="ended"`` when it stops. Every node reads the whole topic
-into a :class:`RegistryView`; a record whose heartbeat is older than
-:data:`STALE_AFTER_S` counts as ended, so a crashed ingest cannot leave a stream
-"live" for ever.
+into a :class:`RegistryView`; a record whose heartbeat has not reached this node for
+:data:`STALE_AFTER_S` (by this node's clock, see :mod:`whipcast.gateway.compacted`)
+counts as ended, so a crashed ingest cannot leave a stream "live" for ever.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from .bus import Bus
-from .compacted import CompactedView
+from .compacted import Beat, CompactedView, decode_known
 from .nodes import NodeView
 
 HEARTBEAT_S = 2.0
@@ -43,19 +43,22 @@ def codec_from_dict(data: dict) -> RTCRtpCodecParameters:
 
 
 @dataclass
-class StreamInfo:
+class StreamInfo(Beat):
     stream: str
     session: int
     node: str
     state: str = "live"
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    """The writer's wall clock: when the owning ingest sent this heartbeat (it paces
+    its own heartbeats with it); never compared with another machine's clock."""
     video: dict | None = None
     audio: dict | None = None
 
     @property
     def live(self) -> bool:
-        return self.state == "live" and time.time() - self.updated_at < STALE_AFTER_S
+        """Published, and heard from within :data:`STALE_AFTER_S` by this node's clock."""
+        return self.state == "live" and self.silence() < STALE_AFTER_S
 
     def codec(self, kind: str) -> RTCRtpCodecParameters | None:
         data = self.video if kind == "video" else self.audio
@@ -66,7 +69,7 @@ class StreamInfo:
 
     @classmethod
     def decode(cls, value: bytes) -> StreamInfo:
-        return cls(**json.loads(value))
+        return decode_known(cls, value)
 
 
 async def publish(bus: Bus, info: StreamInfo) -> None:
@@ -82,7 +85,14 @@ class RegistryView(CompactedView[StreamInfo]):
     """
 
     def __init__(self, bus: Bus, nodes: NodeView) -> None:
-        super().__init__(bus, bus.registry_topic, StreamInfo.decode)
+        super().__init__(
+            bus,
+            bus.registry_topic,
+            StreamInfo.decode,
+            confirm=lambda info: info.state == "live",
+            heartbeat_s=HEARTBEAT_S,
+            stale_after_s=STALE_AFTER_S,
+        )
         self._nodes = nodes
 
     def get(self, stream: str) -> StreamInfo | None:

@@ -121,7 +121,8 @@ class Settings:
     kafka_sasl_password: str | None = None
     kafka_ssl_cafile: str | None = None
     topic_prefix: str = "whipcast"
-    topic_replication_factor: int = 1
+    topic_replication_factor: int | None = None
+    """Replicas per new topic; ``None``: min(3, brokers in the cluster)."""
     stream_retention_ms: int = 5 * 60 * 1000
     kafka_home: Path | None = None
     kafka_cache_dir: Path = field(default_factory=_default_cache_dir)

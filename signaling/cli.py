@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     kafka_commands.add_parser("fetch", help="resolve and cache the broker's jars (Maven)")
     start = kafka_commands.add_parser("start", help="run the broker alone until Ctrl-C")
     start.add_argument("--data-dir", type=Path, help="keep the broker's data here")
+    start.add_argument("--brokers", type=int, default=1, choices=range(1, 10), metavar="N",
+                       help="run a KRaft cluster of N brokers (1-9), e.g. 3 to try "
+                       "broker failures as production sees them")  # fmt: skip
     loadtest_cli.add_parser(commands)
     return parser
 
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.kafka_command == "fetch":
                 print(broker.fetch(settings))
             else:
-                broker.run_broker_forever(settings, data_dir=args.data_dir)
+                broker.run_broker_forever(settings, data_dir=args.data_dir, brokers=args.brokers)
             return
         roles = ROLES if args.command == "dev" else (args.command,)
         _run(serve(settings, roles))

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord, TopicPartition
+from whipcast.gateway.bus import DURABLE_MIN_INSYNC, replication_factor
 from whipcast.gateway.settings import Settings
 
 PRODUCE_TIMEOUT_MS = 10_000
@@ -44,10 +45,13 @@ class StateLog:
         self._admin: AIOKafkaAdminClient | None = None
         self._producer: AIOKafkaProducer | None = None
         self._known: set[str] = set()
+        self._replicas = 1
 
     async def start(self) -> None:
         self._admin = AIOKafkaAdminClient(**self._settings.kafka_client_options())
         await self._admin.start()
+        cluster = await self._admin.describe_cluster()
+        self._replicas = replication_factor(self._settings, len(cluster["brokers"]))
         self._producer = durable_producer(self._settings)
         await self._producer.start()
 
@@ -64,9 +68,16 @@ class StateLog:
         return name in self._known
 
     async def ensure(self, topic: NewTopic) -> None:
+        """Create ``topic`` unless it exists, replicated as this state needs (its own
+        replication factor is replaced): up to three replicas, and with two or more, an
+        acknowledged write is on at least two."""
         assert self._admin is not None
         if topic.name in self._known:
             return
+        configs = dict(topic.topic_configs)
+        if self._replicas >= DURABLE_MIN_INSYNC:
+            configs["min.insync.replicas"] = str(DURABLE_MIN_INSYNC)
+        topic = NewTopic(topic.name, topic.num_partitions, self._replicas, topic_configs=configs)
         try:
             await self._admin.create_topics([topic])
         except TopicAlreadyExistsError:

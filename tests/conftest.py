@@ -1,5 +1,6 @@
-"""Shared fixtures: one real Apache Kafka broker per test session, and whipcast nodes
-on loopback ports that use it. Nothing here is mocked."""
+"""Shared fixtures: one real Apache Kafka broker per test session (and a three-broker
+cluster for the modules that ask for one), and whipcast nodes on loopback ports that use
+it. Nothing here is mocked."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def free_port() -> int:
 async def kafka():
     async with EmbeddedKafka(Settings.from_env()) as broker:
         yield broker
+
+
+@pytest.fixture(scope="module")
+async def kafka_cluster():
+    """A real three-broker KRaft cluster, for the modules that test broker failures.
+
+    Module-scoped and started only when a test asks for it: three JVMs (256 MiB heap
+    each) are too much to keep for the whole session."""
+    async with EmbeddedKafka(Settings.from_env(kafka_heap="256m"), brokers=3) as cluster:
+        yield cluster
 
 
 @dataclass

@@ -165,3 +165,18 @@ def test_kafka_home_without_jars(tmp_path: Path) -> None:
     with pytest.raises(BrokerUnavailable, match="KAFKA_HOME") as failure:
         broker_classpath(settings)
     assert "whipcast kafka fetch" in str(failure.value)
+
+
+def test_cli_runs_a_cluster_of_n_brokers() -> None:
+    from whipcast.signaling.cli import build_parser
+
+    args = build_parser().parse_args(["kafka", "start", "--brokers", "3"])
+    assert args.brokers == 3
+    assert build_parser().parse_args(["kafka", "start"]).brokers == 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["kafka", "start", "--brokers", "0"])
+
+
+async def test_a_cluster_needs_a_broker(settings: Settings) -> None:
+    with pytest.raises(ValueError, match="at least one broker"):
+        EmbeddedKafka(settings, brokers=0)
