@@ -107,11 +107,12 @@ class FrameAssembler:
         if len(pending.packets) != pending.marker - first + 1:
             return False
         before = first - 1
-        if self._done is not None and before == self._done:
-            return True
         previous = self._seen.get(before)
         if previous is not None:
+            # Of a dropped frame with this timestamp: this is its late tail, not a frame.
             return previous != pending.timestamp
+        if self._done is not None and before == self._done:
+            return True
         # The packet before is unknown (lost, or this is the first frame): trust the
         # codec's start flag.
         return pending.starts
