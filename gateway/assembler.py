@@ -88,6 +88,9 @@ class FrameAssembler:
                 payload = b"".join(oldest.packets[s] for s in range(first, oldest.marker + 1))
                 out.append(AssembledFrame(oldest.timestamp, payload))
                 self._finish(oldest, oldest.marker)
+            elif self._late_tail(oldest):
+                self.duplicates += len(oldest.packets)
+                self._finish(oldest, max(oldest.packets))
             elif now - oldest.first_seen > self.max_wait or len(self._pending) > self.max_pending:
                 self.dropped += 1
                 lost = True
@@ -100,6 +103,16 @@ class FrameAssembler:
         del self._pending[pending.timestamp]
         self._done = last if self._done is None else max(self._done, last)
 
+    def _late_tail(self, pending: _Pending) -> bool:
+        """Whether these are the last packets of a frame already dropped (e.g. its marker,
+        retransmitted too late): the packet before them is of the same frame and done."""
+        before = min(pending.packets) - 1
+        return (
+            self._done is not None
+            and before <= self._done
+            and self._seen.get(before) == pending.timestamp
+        )
+
     def _complete(self, pending: _Pending) -> bool:
         if pending.marker is None:
             return False
@@ -109,7 +122,6 @@ class FrameAssembler:
         before = first - 1
         previous = self._seen.get(before)
         if previous is not None:
-            # Of a dropped frame with this timestamp: this is its late tail, not a frame.
             return previous != pending.timestamp
         if self._done is not None and before == self._done:
             return True

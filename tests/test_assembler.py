@@ -193,8 +193,10 @@ def test_the_marker_of_a_dropped_frame_arriving_late_is_not_a_frame() -> None:
     assert receiver.losses == 1
 
     receiver.feed(packets[-1:], now=MAX_WAIT + 0.02)
-
     assert [payload for _, payload in receiver.frames] == [h264_frame(1)]
+
+    # Discarded at once, not left pending until max_wait to count as a second loss.
+    assert receiver.assembler.duplicates == 1 and receiver.losses == 1
 
 
 def test_a_picture_whose_first_slice_is_lost_is_not_emitted() -> None:
@@ -255,11 +257,17 @@ def test_duplicates_and_late_copies_are_counted_not_emitted() -> None:
 
 def test_max_pending_drops_the_oldest_frames_without_waiting() -> None:
     sender, receiver = Sender(Codec.H264), Receiver(Codec.H264, max_pending=4)
-    for i in range(6):  # each missing its marker: incomplete forever
-        receiver.feed(sender.send(h264_frame(i))[:-1], now=0.0)
+    markers = []
+    for i in range(6):  # each missing its marker
+        packets = sender.send(h264_frame(i))
+        receiver.feed(packets[:-1], now=0.0)
+        markers += packets[-1:]
     assert receiver.assembler.dropped == 2  # 6 pending, 4 allowed: the 2 oldest went
-    assert len(receiver.assembler._pending) == 4
     assert receiver.frames == []
+
+    receiver.feed(markers, now=0.0)  # the 4 kept complete; the 2 dropped stay dropped
+    assert [payload for _, payload in receiver.frames] == [h264_frame(i) for i in range(2, 6)]
+    assert receiver.losses == 2
 
 
 def test_vp8_frame_round_trip() -> None:
