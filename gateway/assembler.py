@@ -88,6 +88,9 @@ class FrameAssembler:
                 payload = b"".join(oldest.packets[s] for s in range(first, oldest.marker + 1))
                 out.append(AssembledFrame(oldest.timestamp, payload))
                 self._finish(oldest, oldest.marker)
+            elif self._late_tail(oldest):
+                self.duplicates += len(oldest.packets)
+                self._finish(oldest, max(oldest.packets))
             elif now - oldest.first_seen > self.max_wait or len(self._pending) > self.max_pending:
                 self.dropped += 1
                 lost = True
@@ -100,6 +103,16 @@ class FrameAssembler:
         del self._pending[pending.timestamp]
         self._done = last if self._done is None else max(self._done, last)
 
+    def _late_tail(self, pending: _Pending) -> bool:
+        """Whether these are the last packets of a frame already dropped (e.g. its marker,
+        retransmitted too late): the packet before them is of the same frame and done."""
+        before = min(pending.packets) - 1
+        return (
+            self._done is not None
+            and before <= self._done
+            and self._seen.get(before) == pending.timestamp
+        )
+
     def _complete(self, pending: _Pending) -> bool:
         if pending.marker is None:
             return False
@@ -107,11 +120,11 @@ class FrameAssembler:
         if len(pending.packets) != pending.marker - first + 1:
             return False
         before = first - 1
-        if self._done is not None and before == self._done:
-            return True
         previous = self._seen.get(before)
         if previous is not None:
             return previous != pending.timestamp
+        if self._done is not None and before == self._done:
+            return True
         # The packet before is unknown (lost, or this is the first frame): trust the
         # codec's start flag.
         return pending.starts

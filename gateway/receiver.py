@@ -203,11 +203,29 @@ class PassthroughReceiver(RTCRtpReceiver):
 
 
 def _starts_frame(codec: Codec, payload: bytes) -> bool:
-    """Whether an RTP payload is the first of a frame, by the codec's own flags."""
+    """Whether an RTP payload is the first of a frame, by the codec's own flags. Asked
+    only when the packet before is unknown (lost, late, or the stream's first)."""
     if codec is Codec.VP8:
         # RFC 7741: S bit set and partition index 0.
         return bool(payload[0] & 0x10) and payload[0] & 0x0F == 0
+    # H.264: the first NAL unit this packet begins, and the byte after its header.
     nal_type = payload[0] & 0x1F
-    if nal_type == 28:  # FU-A: only its first fragment starts a NAL unit
-        return len(payload) > 1 and bool(payload[1] & 0x80)
-    return True
+    if nal_type == 28:  # FU-A: only its first fragment begins a NAL unit
+        if len(payload) < 3 or not payload[1] & 0x80:
+            return False
+        nal_type, after = payload[1] & 0x1F, payload[2]
+    elif nal_type == 24:  # STAP-A: 2-byte size, then the first NAL unit
+        if len(payload) < 5:
+            return False
+        nal_type, after = payload[3] & 0x1F, payload[4]
+    elif len(payload) > 1:
+        after = payload[1]
+    else:
+        return False
+    if nal_type in (6, 7, 8, 9):  # SEI, SPS, PPS, access unit delimiter
+        return True
+    # A non-IDR slice with first_mb_in_slice 0 (ue(v) 0 is a single 1 bit) begins a
+    # picture; any later slice does not. An IDR slice does not count: its SPS and PPS
+    # usually come first and may be what was lost, and a keyframe without them would
+    # pass for one a new viewer can start from.
+    return nal_type == 1 and bool(after & 0x80)

@@ -86,7 +86,9 @@ def plan(audience: int, a: Assumptions) -> Plan:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m whipcast.loadtest.capacity", description=__doc__
+        prog="python -m whipcast.loadtest.capacity",
+        description=__doc__.replace("``", ""),  # help is plain text, not reST
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--viewers", type=int, nargs="+",
                         default=[1_000, 100_000, 10_000_000, 500_000_000])  # fmt: skip

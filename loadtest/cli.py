@@ -14,8 +14,8 @@ from pathlib import Path
 from yarl import URL
 
 # Only the standard library and yarl here: the ``whipcast`` parser imports this module
-# for every command, and the load test's own dependencies (numpy, matplotlib) are an
-# optional extra.
+# for every command, so the others do not pay for the load test's imports (and
+# matplotlib, for --chart, is the optional ``loadtest`` extra).
 CODECS = ("h264", "vp8")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -23,7 +23,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def add_parser(commands: argparse._SubParsersAction) -> None:
     """Add the ``loadtest`` subcommand to the ``whipcast`` parser."""
     p = commands.add_parser("loadtest", help="load test with headless WHIP/WHEP peers",
-                            description=__doc__,
+                            description=__doc__.replace("``", ""),
                             formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--url", help="whipcast base URL to test (default: start a private "
                    "`whipcast dev` on a free loopback port)")  # fmt: skip
@@ -87,18 +87,27 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     """Run the load test the parsed ``args`` describe (or compare saved reports); print
     and write the report."""
-    try:
-        from . import chart, report
-    except ImportError as exc:
-        sys.exit(f"whipcast loadtest: {exc.name} is missing: pip install 'whipcast[loadtest]'")
+    from . import report
+
+    chart = _chart_module() if args.chart else None
     if args.compare:
         reports = report.merge([report.read_json(path) for path in args.compare])
         print("\n\n".join(report.table(r) for r in reports))
     else:
         reports = [_load_test(args)]
-    if args.chart:
+    if chart is not None:
         chart.draw(reports, args.chart)
         print(f"wrote {args.chart}")
+
+
+def _chart_module():
+    """The chart module, checked before a run rather than after it: matplotlib is the
+    ``loadtest`` extra, needed only for ``--chart``."""
+    try:
+        from . import chart
+    except ImportError as exc:
+        sys.exit(f"whipcast loadtest: --chart needs {exc.name}: pip install 'whipcast[loadtest]'")
+    return chart
 
 
 def _load_test(args: argparse.Namespace) -> dict:

@@ -24,7 +24,7 @@ from whipcast.gateway.peer import use_host_addresses
 from whipcast.gateway.registry import RegistryView
 from whipcast.gateway.settings import Settings
 
-from . import directory, observability, openapi, pages, qa_api, whep, whip
+from . import directory, observability, openapi, pages, qa_api, security, whep, whip
 from .directory import Directory
 from .kafkalog import StateLog
 from .problem import problems_middleware
@@ -149,6 +149,7 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
         client_max_size=settings.max_sdp_bytes + 1024,
     )
     app[NODE] = node
+    app.on_response_prepare.append(security.add_headers)
     observability.add_routes(app, node)
     router = Router(settings, node.nodes, node.view)
     if node.ingest is not None:

@@ -58,7 +58,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="whipcast", description=__doc__)
+    # The docstring is reST; --help is plain text.
+    parser = argparse.ArgumentParser(prog="whipcast", description=__doc__.replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
     dev = commands.add_parser("dev", help="embedded Kafka + every role in one process")
     _common(dev)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from whipcast.gateway.bus import STREAM_NAME
+
+from .security import EMBED_PREFIX, PagePolicies
 
 if TYPE_CHECKING:
     from .app import Node
@@ -37,17 +40,23 @@ def add_routes(app: web.Application, node: Node, with_pages: bool) -> None:
     if not with_pages:
         return
     root = node.settings.web_root
+    # Without ingest or egress here, WHIP/WHEP requests are redirected to media nodes.
+    policies = PagePolicies(connect_anywhere=node.ingest is None or node.egress is None)
     for path, filename in PAGES.items():
-        app.router.add_get(path, _page(root / filename))
+        app.router.add_get(path, _page(root / filename, policies, path.startswith(EMBED_PREFIX)))
     app.router.add_get("/publish/{stream}", _to_studio)
     app.router.add_static("/web/", root, follow_symlinks=False)
 
 
-def _page(path):
+def _page(path: Path, policies: PagePolicies, frameable: bool):
     async def handler(request: web.Request) -> web.FileResponse:
         if "stream" in request.match_info and not STREAM_NAME.match(request.match_info["stream"]):
             raise web.HTTPNotFound(reason="no such stream page")
-        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+        headers = {
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": policies.for_page(path, frameable),
+        }
+        return web.FileResponse(path, headers=headers)
 
     return handler
 

@@ -32,7 +32,8 @@ export class WhipError extends Error {
  * @param {MediaStream} stream Media to send; missing kinds are offered without a track.
  * @param {object} [options]
  * @param {string} [options.token] Bearer token for the Authorization header.
- * @param {'h264'|'vp8'} [options.videoCodec] Video codec to put first in the offer.
+ * @param {'h264'|'vp8'} [options.videoCodec] Video codec to put first in the offer
+ *   (default: H.264 when this browser can send it, since it plays on the most devices).
  * @param {RTCIceServer[]} [options.iceServers] STUN/TURN servers used to gather candidates.
  * @param {(state: string, session: Session) => void} [options.onState] See Session.state.
  * @param {AbortSignal} [options.signal] Aborting it stops the session, even mid-setup.
@@ -313,11 +314,18 @@ function codecRank(capability, wanted) {
   return 0;
 }
 
-/** Move the wanted codec to the front of the offer; the rest stays as a fallback. */
+/**
+ * Move the wanted codec to the front of the offer; the rest stays as a fallback. Without
+ * a wish, H.264 goes first when the browser can send it (Chromium would offer VP8 first).
+ */
 function preferVideoCodec(transceiver, wanted) {
-  if (!wanted || typeof transceiver.setCodecPreferences !== 'function') return;
+  if (typeof transceiver.setCodecPreferences !== 'function') return;
   const caps = RTCRtpSender.getCapabilities?.('video');
   if (!caps) return;
+  if (!wanted) {
+    if (!caps.codecs.some((c) => codecRank(c, 'h264') >= 0)) return;
+    wanted = 'h264';
+  }
   const ranked = caps.codecs
     .map((codec, index) => ({ codec, index, rank: codecRank(codec, wanted) }));
   const preferred = ranked.filter((c) => c.rank >= 0)
