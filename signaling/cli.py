@@ -46,6 +46,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-publishers", type=int, help="publishers this ingest node takes")
     parser.add_argument("--max-cpu", type=float, dest="max_cpu_percent",
                         help="%% of one core above which a node gets no new sessions")  # fmt: skip
+    parser.add_argument("--viewer-max-bitrate", type=int,
+                        help="bits/s one viewer may be sent (default 50000000)")  # fmt: skip
+    parser.add_argument("--retransmit-budget", type=float, help="NACK resends may add at "
+                        "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -88,6 +92,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_viewers=getattr(args, "max_viewers", None),
         max_publishers=getattr(args, "max_publishers", None),
         max_cpu_percent=getattr(args, "max_cpu_percent", None),
+        viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
+        retransmit_budget=getattr(args, "retransmit_budget", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 
