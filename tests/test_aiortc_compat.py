@@ -6,7 +6,6 @@ from __future__ import annotations
 from importlib import metadata
 
 import pytest
-
 from whipcast.gateway import aiortc_compat
 
 
