@@ -159,7 +159,8 @@ class FanoutSender(RTCRtpSender):
         # (sequence number, packet, timestamp, monotonic time first sent) per slot.
         self._history: list[tuple[int, tuple[bytes, bytes], int, float] | None]
         self._history = [None] * HISTORY_SIZE
-        self._resends = bytearray(HISTORY_SIZE)
+        # Resends per packet, kept only for packets resent (nothing per packet sent).
+        self._resends: dict[int, tuple[tuple, int]] = {}
         self._rtx_allowance = 0.0
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
@@ -217,14 +218,12 @@ class FanoutSender(RTCRtpSender):
         protect = aiortc_compat.srtp_protect(self.transport)
         packets = prepared.packets(self.layout)
         ts = prepared.frame.rtp_timestamp if timestamp is None else timestamp
-        seq, ssrc, history, resends = self._seq, self.ssrc, self._history, self._resends
+        seq, ssrc, history = self._seq, self.ssrc, self._history
         pack, join, sendto, now = _FIELDS.pack, b"".join, sock.sendto, time.monotonic()
         octets = 0
         for packet in packets:
             head, rest = packet
-            slot = seq % HISTORY_SIZE
-            history[slot] = (seq, packet, ts, now)
-            resends[slot] = 0
+            history[seq % HISTORY_SIZE] = (seq, packet, ts, now)
             sendto(protect(join((head, pack(seq, ts, ssrc), rest))), addr)
             octets += len(rest)
             seq = (seq + 1) & 0xFFFF
@@ -251,13 +250,15 @@ class FanoutSender(RTCRtpSender):
     def _retransmit(self, seq: int, now: float, deadline: float) -> None:
         """Resend one packet the viewer NACKed, unless it is unknown, was resent
         enough, is too old to arrive in time, or the viewer's allowance is spent."""
-        slot = seq % HISTORY_SIZE
-        entry = self._history[slot]
+        entry = self._history[seq % HISTORY_SIZE]
         route = aiortc_compat.media_route(self.transport)
         if entry is None or entry[0] != seq or route is None or self.layout is None:
             return
         _, (head, rest), ts, sent_at = entry
-        if self._resends[slot] >= self.retransmit_policy.max_resends:
+        resent_entry, resends = self._resends.get(seq, (None, 0))
+        if resent_entry is not entry:
+            resends = 0  # the count was for an older packet with this sequence number
+        if resends >= self.retransmit_policy.max_resends:
             self.retransmit_refused["repeat"] += 1
             return
         if now - sent_at > deadline:
@@ -266,7 +267,9 @@ class FanoutSender(RTCRtpSender):
         if self._rtx_allowance < len(rest):
             self.retransmit_refused["budget"] += 1
             return
-        self._resends[slot] += 1
+        if len(self._resends) >= HISTORY_SIZE:
+            self._resends.clear()  # bounded; packets this old are refused for age anyway
+        self._resends[seq] = (entry, resends + 1)
         self._rtx_allowance -= len(rest)
         self.budget.spend(len(rest))
         self.retransmitted_octets += len(rest)
