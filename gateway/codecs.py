@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 
-from aiortc import codecs as aiortc_codecs
-from aiortc.codecs.h264 import H264Encoder, h264_depayload
-from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
+from aiortc.codecs.h264 import h264_depayload
+from aiortc.codecs.vpx import vp8_depayload
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
 from aiortc.sdp import parse_h264_profile_level_id
 
+from . import aiortc_compat
 from .errors import UnprocessableOffer
 from .frames import Codec
 
@@ -38,7 +38,7 @@ def install_passthrough_codecs() -> None:
     aiortc matches offered codecs against its module-level list before whipcast can
     choose one, so the extra profiles are appended there, once per process.
     """
-    video = aiortc_codecs.CODECS["video"]
+    video = aiortc_compat.codec_table("video")
     known = {c.parameters.get("profile-level-id") for c in video}
     next_pt = max(c.payloadType or 0 for c in video) + 1
     for profile in _EXTRA_H264_PROFILES:
@@ -171,8 +171,8 @@ class Packetizer:
 
     def packetize(self, payload: bytes) -> list[bytes]:
         if self.codec is Codec.H264:
-            return H264Encoder._packetize(H264Encoder._split_bitstream(payload))
+            return aiortc_compat.packetize_h264(payload)
         if self.codec is Codec.VP8:
             self._picture_id = (self._picture_id + 1) & 0x7FFF
-            return Vp8Encoder._packetize(payload, self._picture_id)
+            return aiortc_compat.packetize_vp8(payload, self._picture_id)
         return [payload]

@@ -4,8 +4,11 @@
 RTP payloads once, and hands it to every :class:`ViewerSession` on this node. A viewer
 joins on a keyframe at once: the cached GOP is sent first with its timestamps packed
 together, so the player decodes up to the live frame immediately instead of waiting
-for the publisher's next keyframe. A viewer that cannot keep up queues a bounded number
-of frames, then is dropped to the next keyframe; the others never wait for it.
+for the publisher's next keyframe; a viewer's PLI/FIR is answered the same way, for
+that viewer alone, and goes upstream to the publisher only when no GOP is cached. A
+viewer that cannot keep up (its socket backs up or its send budget is spent) queues a
+bounded number of frames, then is dropped to the next keyframe; the others never wait
+for it.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from aiokafka.errors import KafkaError
 from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
-from . import codecs
+from . import aiortc_compat, codecs
 from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, Unavailable, UnprocessableOffer
@@ -28,12 +31,13 @@ from .frames import Codec, Track
 from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
 from .registry import STALE_AFTER_S, RegistryView, StreamInfo
-from .rtpsend import FanoutSender, PreparedFrame
+from .rtpsend import FanoutSender, PreparedFrame, RetransmitPolicy, SendBudget
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-BURST_CHUNK = 8  # GOP frames sent to a joining viewer between two yields to the loop
+BURST_CHUNK = 8  # GOP frames sent to a viewer between two yields to the loop
+BUDGET_BURST_S = 1.0  # a viewer's send budget holds this many seconds of its rate
 
 
 @dataclass
@@ -42,14 +46,24 @@ class ViewerStats:
     keyframe_drops: int = 0
     plis: int = 0
     firs: int = 0
+    cached_keyframes: int = 0
+    """PLI/FIR answered from the cached GOP, for this viewer only."""
+    upstream_keyframes: int = 0
+    """PLI/FIR passed on to the publisher (no GOP cached)."""
     nacks: int = 0
     retransmissions: int = 0
+    retransmitted_octets: int = 0
+    refused_budget: int = 0
+    refused_age: int = 0
+    refused_repeat: int = 0
+    """Resends refused: allowance spent, packet too old, packet resent enough."""
     first_frame_s: float | None = None
     """Seconds from the WHEP request to the first video frame sent."""
 
     def add(self, other: ViewerStats) -> None:
-        for name in ("frames_sent", "keyframe_drops", "plis", "firs", "nacks", "retransmissions"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):
+            if f.name != "first_frame_s":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 class ViewerSession(PeerSession):
@@ -63,9 +77,10 @@ class ViewerSession(PeerSession):
         self.senders: dict[Track, FanoutSender] = {}
         self.fanout: StreamFanout | None = None
         self._queue: collections.deque[PreparedFrame] = collections.deque()
-        self._video_started = False
+        self._bursting = True  # live video waits in the queue while a GOP is sent
         self._skip_to_keyframe = False
         self._ready_at = 0.0
+        self._keyframe_answered = float("-inf")
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
         matched = {}
@@ -83,17 +98,27 @@ class ViewerSession(PeerSession):
                 media.kind, direction="sendonly" if media.kind in matched else "inactive"
             )
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        settings = self.settings
+        rate = settings.viewer_max_bitrate / 8
+        budget = SendBudget(rate, rate * BUDGET_BURST_S)  # shared by the viewer's tracks
+        retransmit = RetransmitPolicy(
+            budget=settings.retransmit_budget,
+            max_age=settings.retransmit_max_age,
+            max_resends=settings.retransmit_max_resends,
+        )
         for transceiver in pc.getTransceivers():
             if transceiver.kind not in matched:
                 continue
-            transceiver._codecs = matched[transceiver.kind]
+            aiortc_compat.set_codecs(transceiver, matched[transceiver.kind])
             track = Track.VIDEO if transceiver.kind == "video" else Track.AUDIO
             sender = FanoutSender(
-                transceiver.kind, transceiver.receiver.transport, self.keyframe_requested
+                transceiver.kind,
+                transceiver.receiver.transport,
+                self.keyframe_requested,
+                budget,
+                retransmit,
             )
-            sender._stream_id = transceiver.sender._stream_id
-            transceiver.receiver._set_rtcp_ssrc(sender._ssrc)
-            transceiver._RTCRtpTransceiver__sender = sender  # aiortc has no public hook
+            aiortc_compat.replace_sender(transceiver, sender)
             self.senders[track] = sender
         answer = await answer_offer(pc, self.settings)
         self.fanout = await self.node.fanout(info)
@@ -104,32 +129,49 @@ class ViewerSession(PeerSession):
         return answer
 
     async def _start_video(self, sender: FanoutSender) -> None:
-        """Once DTLS is up: the cached GOP, timestamps packed, then live frames."""
+        """Once DTLS is up: the cached GOP, then live frames."""
         fanout = self.fanout
         assert fanout is not None
         await sender.ready.wait()
         self._ready_at = time.monotonic()
         await fanout.caught_up()
-        gop = list(fanout.gop)
-        if not gop:
+        if not await self._send_gop(sender):
             fanout.request_keyframe("viewer joined without a cached GOP")
             self._skip_to_keyframe = True
-            self._video_started = True
-            return
-        last_ts = gop[-1].frame.rtp_timestamp
+
+    async def _send_gop(self, sender: FanoutSender) -> bool:
+        """Send the cached GOP, then the live frames that queued meanwhile; False if
+        none is cached.
+
+        Timestamps are packed one tick apart, so the player decodes the GOP at once
+        and is at the live frame: ending at the newest frame's own timestamp for a
+        joining viewer, or just after the last one this viewer got (RTP time never
+        goes back). Live frames then keep their own, later, timestamps.
+        """
+        gop = list(self.fanout.gop) if self.fanout is not None else []
+        if not gop:
+            self._bursting = False
+            return False
+        self._bursting = True
+        self._skip_to_keyframe = False
+        self._queue.clear()  # the GOP supersedes whatever was waiting
+        first = (gop[-1].frame.rtp_timestamp - (len(gop) - 1)) & 0xFFFFFFFF
+        last = sender.last_timestamp
+        if last is not None and 0 < (last + 1 - first) & 0xFFFFFFFF < 0x80000000:
+            first = (last + 1) & 0xFFFFFFFF
         for i, prepared in enumerate(gop):
-            sender.send_frame(prepared, (last_ts - (len(gop) - 1 - i)) & 0xFFFFFFFF)
+            sender.send_frame(prepared, (first + i) & 0xFFFFFFFF)
             self._count_sent()
             if i % BURST_CHUNK == BURST_CHUNK - 1:
                 await asyncio.sleep(0.002)
-        # Frames that arrived during the burst, newer than the GOP's last one.
         newest = gop[-1].frame.sequence
-        self._video_started = True
+        self._bursting = False
         while self._queue:
             prepared = self._queue.popleft()
             if prepared.frame.sequence > newest:
                 sender.send_frame(prepared)
                 self._count_sent()
+        return True
 
     def _count_sent(self) -> None:
         self.stats.frames_sent += 1
@@ -154,33 +196,60 @@ class ViewerSession(PeerSession):
                 return
             self._skip_to_keyframe = False
             self._queue.clear()
-        if not self._video_started or self._queue or not sender.writable():
-            self._queue.append(prepared)
-            if len(self._queue) > self.settings.viewer_queue_frames:
-                self.stats.keyframe_drops += 1
-                self._queue.clear()
-                self._skip_to_keyframe = True
-                self.keyframe_requested("viewer queue overflow")
-            elif self._video_started and sender.writable():
-                while self._queue:
-                    sender.send_frame(self._queue.popleft())
+        queue = self._queue
+        if self._bursting or queue or not sender.writable():
+            queue.append(prepared)
+            if len(queue) > self.settings.viewer_queue_frames:
+                self._drop_to_keyframe()
+            elif not self._bursting:
+                while queue and sender.writable():
+                    sender.send_frame(queue.popleft())
                     self._count_sent()
             return
         sender.send_frame(prepared)
         self._count_sent()
 
+    def _drop_to_keyframe(self) -> None:
+        """Give up on a viewer's backlog: it resumes at the stream's next keyframe.
+
+        Nothing is asked of the publisher (that would cost every viewer a keyframe):
+        ingest forces one every ``max_keyframe_interval``, and the fan-out asks for
+        one when the cached GOP grows too long.
+        """
+        self.stats.keyframe_drops += 1
+        self._queue.clear()
+        self._skip_to_keyframe = True
+
     def keyframe_requested(self, reason: str) -> None:
+        """A PLI/FIR from this viewer: answered from the cached GOP, for it alone, at
+        most once per ``viewer_keyframe_interval``; upstream only without a cache."""
         if reason == "PLI":
             self.stats.plis += 1
         elif reason == "FIR":
             self.stats.firs += 1
-        if self.fanout is not None:
+        sender = self.senders.get(Track.VIDEO)
+        if self.fanout is None or sender is None or self._bursting or self._skip_to_keyframe:
+            return  # a keyframe is already on its way to this viewer
+        now = time.monotonic()
+        if now - self._keyframe_answered < self.settings.viewer_keyframe_interval:
+            return
+        self._keyframe_answered = now
+        if self.fanout.gop:
+            self.stats.cached_keyframes += 1
+            self.spawn(self._send_gop(sender))
+        else:
+            self.stats.upstream_keyframes += 1
             self.fanout.request_keyframe(f"viewer {reason}")
 
     def final_stats(self) -> ViewerStats:
         stats = ViewerStats(**vars(self.stats))
-        stats.nacks = sum(s.nacks_received for s in self.senders.values())
-        stats.retransmissions = sum(s.retransmitted for s in self.senders.values())
+        senders = self.senders.values()
+        stats.nacks = sum(s.nacks_received for s in senders)
+        stats.retransmissions = sum(s.retransmitted for s in senders)
+        stats.retransmitted_octets = sum(s.retransmitted_octets for s in senders)
+        stats.refused_budget = sum(s.retransmit_refused["budget"] for s in senders)
+        stats.refused_age = sum(s.retransmit_refused["age"] for s in senders)
+        stats.refused_repeat = sum(s.retransmit_refused["repeat"] for s in senders)
         return stats
 
     async def close(self) -> None:
@@ -369,7 +438,7 @@ class EgressNode:
             series.add(
                 "counter",
                 "whipcast_egress_viewer_keyframe_drops",
-                "Viewers dropped to the next keyframe after a queue overflow",
+                "Slow viewers dropped to the next keyframe after a queue overflow",
                 name,
                 totals.keyframe_drops,
             )
@@ -389,6 +458,38 @@ class EgressNode:
                 name,
                 totals.retransmissions,
             )
+            series.add(
+                "counter",
+                "whipcast_egress_retransmitted_bytes",
+                "RTP payload bytes resent on NACK",
+                name,
+                totals.retransmitted_octets,
+            )
+            for reason, value in (
+                ("budget", totals.refused_budget),
+                ("age", totals.refused_age),
+                ("repeat", totals.refused_repeat),
+            ):
+                series.add(
+                    "counter",
+                    "whipcast_egress_retransmissions_refused",
+                    "NACKed packets not resent: viewer allowance spent, too old, resent enough",
+                    name,
+                    value,
+                    reason=reason,
+                )
+            for where, value in (
+                ("cache", totals.cached_keyframes),
+                ("upstream", totals.upstream_keyframes),
+            ):
+                series.add(
+                    "counter",
+                    "whipcast_egress_viewer_keyframes",
+                    "Viewer PLI/FIR answered from the cached GOP or passed to the publisher",
+                    name,
+                    value,
+                    answer=where,
+                )
             series.add(
                 "counter",
                 "whipcast_egress_gop_overflows",

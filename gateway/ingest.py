@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError
 from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
-from . import codecs, registry
+from . import aiortc_compat, codecs, registry
 from .bus import Bus
 from .control import follow_keyframe_requests
 from .errors import StreamBusy, Unavailable
@@ -79,11 +79,13 @@ class IngestSession(PeerSession):
             chosen[media.kind] = codecs.choose_publish_codec(media.rtp.codecs, media.kind)
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         for transceiver in pc.getTransceivers():
-            transceiver._codecs = chosen[transceiver.kind]  # answer with exactly one codec
+            # Answer with exactly one codec, received by whipcast's own receiver.
+            aiortc_compat.set_codecs(transceiver, chosen[transceiver.kind])
+            ssrc, _ = aiortc_compat.sender_ssrcs(transceiver.sender)
             receiver = PassthroughReceiver(
-                transceiver.kind, transceiver.receiver.transport, transceiver.sender._ssrc, self
+                transceiver.kind, transceiver.receiver.transport, ssrc, self
             )
-            transceiver._RTCRtpTransceiver__receiver = receiver  # aiortc has no public hook
+            aiortc_compat.replace_receiver(transceiver, receiver)
             self._receivers.append(receiver)
         pc.on("iceconnectionstatechange", self._on_ice_state)
         answer = await answer_offer(pc, self.settings)
@@ -212,10 +214,7 @@ class IngestSession(PeerSession):
         """
         if self.pc is not None and self.pc.iceConnectionState == "completed":
             for transceiver in self.pc.getTransceivers():
-                connection = transceiver.receiver.transport.transport._connection
-                task = connection._query_consent_task
-                if task is not None:
-                    task.cancel()
+                aiortc_compat.stop_consent_checks(transceiver.receiver.transport.transport)
 
     async def close(self) -> None:
         if self._ended:

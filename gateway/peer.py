@@ -11,10 +11,10 @@ import logging
 import secrets
 from collections.abc import Coroutine
 
-import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
+from . import aiortc_compat
 from .errors import SessionError, UnprocessableOffer
 from .settings import Settings
 
@@ -30,10 +30,10 @@ def use_host_addresses(addresses: tuple[str, ...]) -> None:
 
     aioice always leaves loopback out, so a gateway bound to 127.0.0.1 would offer no
     usable candidate. The choice is per process (one media interface per node), and
-    aioice reads it from a module-level function, which is replaced here.
+    aioice reads it from a module-level function, which is replaced.
     """
     if addresses:
-        aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
+        aiortc_compat.use_host_addresses(addresses)
 
 
 def parse_offer(sdp: str, direction: str) -> SessionDescription:

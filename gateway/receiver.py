@@ -32,7 +32,7 @@ from aiortc.rtp import (
     unwrap_rtx,
 )
 
-from . import codecs
+from . import aiortc_compat, codecs
 from .assembler import FrameAssembler
 from .frames import Codec, Track
 
@@ -66,12 +66,12 @@ class PassthroughReceiver(RTCRtpReceiver):
         for encoding in parameters.encodings:
             if encoding.rtx:
                 self._rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
-        self.transport._register_rtp_receiver(self, parameters)
+        aiortc_compat.register_receiver(self.transport, self, parameters)
         self._rtcp_task = asyncio.create_task(self._run_rtcp())
 
     async def stop(self) -> None:
         if self._rtcp_task is not None:
-            self.transport._unregister_rtp_receiver(self)
+            aiortc_compat.unregister_receiver(self.transport, self)
             self._rtcp_task.cancel()
             await asyncio.gather(self._rtcp_task, return_exceptions=True)
 
@@ -197,7 +197,7 @@ class PassthroughReceiver(RTCRtpReceiver):
 
     async def _send_rtcp(self, packet) -> None:
         try:
-            await self.transport._send_rtp(bytes(packet))
+            await aiortc_compat.send_rtcp(self.transport, bytes(packet))
         except ConnectionError:
             pass
 

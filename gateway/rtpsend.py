@@ -9,13 +9,18 @@ to one viewer is then: copy the packet, write those three fields, SRTP-protect, 
 connection: aiortc still negotiates, runs ICE and DTLS and routes RTCP to it, but the
 media path below bypasses aiortc's per-packet coroutines (the reason stock senders
 top out near 100 viewers per core) and writes straight to the SRTP session and the
-ICE pair's socket. It answers NACKs from its own history (RTX when negotiated) and
-passes PLI/FIR upstream through its viewer.
+ICE pair's socket. It answers NACKs from its own history (RTX when negotiated), within
+a per-viewer retransmission budget, and hands PLI/FIR to its viewer.
+
+Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at a rate. A
+viewer whose budget is spent is a slow viewer: its frames wait in the viewer's bounded
+queue (``egress.ViewerSession``). Budget checks are O(1) per frame and per resend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import struct
 import time
@@ -23,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiortc import clock
-from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import (
@@ -40,12 +44,50 @@ from aiortc.rtp import (
     RtcpSrPacket,
 )
 
+from . import aiortc_compat
 from .frames import Frame
 
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 HISTORY_SIZE = 1024  # packets kept per viewer track for NACK (about 5 s of 720p video)
 _FIELDS = struct.Struct("!HII")  # sequence number, timestamp, SSRC: RTP bytes 2-11
 _SEQ = struct.Struct("!H")
+RTX_AGE_FLOOR = 0.2  # s: a resend may be this much older than 3 round trips and still help
+RTX_AGE_RTTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RetransmitPolicy:
+    """How much NACK answering one viewer may cost (see ``Settings``)."""
+
+    budget: float = 0.25
+    """Retransmitted bytes may add at most this fraction to the media bytes sent."""
+    burst: int = 64 * 1024
+    """Most retransmission allowance a viewer can save up, in bytes."""
+    max_age: float = 1.0
+    """No resend of a packet first sent longer ago (tighter once the RTT is known)."""
+    max_resends: int = 3
+    """Resends of one packet at most."""
+
+
+class SendBudget:
+    """A token bucket of bytes: refills at ``rate`` up to ``burst``. A frame is never
+    split, so a send may overdraw it; nothing more goes out until the debt is repaid."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_at")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = time.monotonic()
+
+    def available(self, now: float) -> bool:
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        return self._tokens > 0
+
+    def spend(self, octets: int) -> None:
+        self._tokens -= octets
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +136,19 @@ class PreparedFrame:
 class FanoutSender(RTCRtpSender):
     """One track of one viewer: header fields, SRTP and the send are all it does."""
 
-    def __init__(self, kind: str, transport, on_keyframe_request: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        transport,
+        on_keyframe_request: Callable[[str], None],
+        budget: SendBudget,
+        retransmit: RetransmitPolicy,
+    ) -> None:
         super().__init__(kind, transport)
         self._on_keyframe_request = on_keyframe_request
+        self.ssrc, self.rtx_ssrc = aiortc_compat.sender_ssrcs(self)
+        self.budget = budget
+        self.retransmit_policy = retransmit
         self.layout: Layout | None = None
         self.clock_rate = 90000
         self.ready = asyncio.Event()
@@ -104,13 +156,21 @@ class FanoutSender(RTCRtpSender):
         self._cname = ""
         self._seq = random.randint(0, 0x7FFF)  # low half: avoids early SRTP rollover
         self._rtx_seq = random.randint(0, 0x7FFF)
-        self._history: list[tuple[int, tuple[bytes, bytes], int] | None] = [None] * HISTORY_SIZE
+        # (sequence number, packet, timestamp, monotonic time first sent) per slot.
+        self._history: list[tuple[int, tuple[bytes, bytes], int, float] | None]
+        self._history = [None] * HISTORY_SIZE
+        # Resends per packet, kept only for packets resent (nothing per packet sent).
+        self._resends: dict[int, tuple[tuple, int]] = {}
+        self._rtx_allowance = 0.0
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
         self._last_arrival_us = 0
         self.packets_sent = 0
         self.octets_sent = 0
         self.retransmitted = 0
+        self.retransmitted_octets = 0
+        self.retransmit_refused: collections.Counter[str] = collections.Counter()
+        """Resends refused, by reason: ``budget``, ``age``, ``repeat``."""
         self.nacks_received = 0
         self.rtt: float | None = None
         self.fraction_lost = 0
@@ -127,85 +187,116 @@ class FanoutSender(RTCRtpSender):
         mid_id = next((e.id for e in parameters.headerExtensions if e.uri == MID_URI), None)
         self.layout = Layout(codec.payloadType, mid_id, parameters.muxId)
         self._cname = parameters.rtcp.cname or ""
-        self.transport._register_rtp_sender(self, parameters)
+        aiortc_compat.register_sender(self.transport, self, parameters)
         self._rtcp_task = asyncio.create_task(self._run_rtcp())
         self.ready.set()
 
     async def stop(self) -> None:
         if self._rtcp_task is not None:
-            self.transport._unregister_rtp_sender(self)
+            aiortc_compat.unregister_sender(self.transport, self)
             self._rtcp_task.cancel()
             await asyncio.gather(self._rtcp_task, return_exceptions=True)
             self._rtcp_task = None
-            await self._send_rtcp([RtcpByePacket(sources=[self._ssrc])])
+            await self._send_rtcp([RtcpByePacket(sources=[self.ssrc])])
 
     def writable(self) -> bool:
-        """Connected, and the socket has no backlog (a backlog means a slow path)."""
-        route = self._route()
-        return route is not None and route[0].get_write_buffer_size() == 0
-
-    def _route(self):
-        dtls = self.transport
-        if dtls._state is not DtlsState.CONNECTED:
-            return None
-        pair = dtls.transport._connection._nominated.get(1)
-        if pair is None:
-            return None
-        return pair.protocol.transport, pair.remote_addr
+        """Connected, the socket has no backlog and the viewer's budget is not spent
+        (either means a slow path: the caller queues instead)."""
+        route = aiortc_compat.media_route(self.transport)
+        return (
+            route is not None
+            and route[0].get_write_buffer_size() == 0
+            and self.budget.available(time.monotonic())
+        )
 
     def send_frame(self, prepared: PreparedFrame, timestamp: int | None = None) -> None:
         """Send one prepared frame (``timestamp`` overrides the frame's, for fast start)."""
-        route = self._route()
+        route = aiortc_compat.media_route(self.transport)
         if route is None or self.layout is None:
             return
         sock, addr = route
-        protect = self.transport._tx_srtp.protect
+        protect = aiortc_compat.srtp_protect(self.transport)
         packets = prepared.packets(self.layout)
         ts = prepared.frame.rtp_timestamp if timestamp is None else timestamp
-        seq, ssrc, history, pack = self._seq, self._ssrc, self._history, _FIELDS.pack
-        join, sendto = b"".join, sock.sendto
+        seq, ssrc, history = self._seq, self.ssrc, self._history
+        pack, join, sendto, now = _FIELDS.pack, b"".join, sock.sendto, time.monotonic()
         octets = 0
         for packet in packets:
             head, rest = packet
-            history[seq % HISTORY_SIZE] = (seq, packet, ts)
+            history[seq % HISTORY_SIZE] = (seq, packet, ts, now)
             sendto(protect(join((head, pack(seq, ts, ssrc), rest))), addr)
             octets += len(rest)
             seq = (seq + 1) & 0xFFFF
         self._seq = seq
         self.packets_sent += len(packets)
         self.octets_sent += octets
+        self.budget.spend(octets)
+        policy = self.retransmit_policy
+        self._rtx_allowance = min(policy.burst, self._rtx_allowance + octets * policy.budget)
         self._last_ts = ts
         self._last_arrival_us = prepared.frame.arrival_us
 
-    def _retransmit(self, seq: int) -> None:
+    @property
+    def last_timestamp(self) -> int | None:
+        """RTP timestamp of the last frame sent (None before the first)."""
+        return self._last_ts if self.packets_sent else None
+
+    def _retransmit_deadline(self) -> float:
+        policy = self.retransmit_policy
+        if self.rtt is None:
+            return policy.max_age
+        return min(policy.max_age, RTX_AGE_FLOOR + RTX_AGE_RTTS * self.rtt)
+
+    def _retransmit(self, seq: int, now: float, deadline: float) -> None:
+        """Resend one packet the viewer NACKed, unless it is unknown, was resent
+        enough, is too old to arrive in time, or the viewer's allowance is spent."""
         entry = self._history[seq % HISTORY_SIZE]
-        route = self._route()
+        route = aiortc_compat.media_route(self.transport)
         if entry is None or entry[0] != seq or route is None or self.layout is None:
             return
-        _, (head, rest), ts = entry
+        _, (head, rest), ts, sent_at = entry
+        resent_entry, resends = self._resends.get(seq, (None, 0))
+        if resent_entry is not entry:
+            resends = 0  # the count was for an older packet with this sequence number
+        if resends >= self.retransmit_policy.max_resends:
+            self.retransmit_refused["repeat"] += 1
+            return
+        if now - sent_at > deadline:
+            self.retransmit_refused["age"] += 1
+            return
+        if self._rtx_allowance < len(rest):
+            self.retransmit_refused["budget"] += 1
+            return
+        if len(self._resends) >= HISTORY_SIZE:
+            self._resends.clear()  # bounded; packets this old are refused for age anyway
+        self._resends[seq] = (entry, resends + 1)
+        self._rtx_allowance -= len(rest)
+        self.budget.spend(len(rest))
+        self.retransmitted_octets += len(rest)
         if self._rtx_pt is not None:
             # RFC 4588: RTX payload type and SSRC, own sequence, original seq first.
             ext_size = len(self.layout.header(False)) - 12
             head = bytes([head[0], (head[1] & 0x80) | self._rtx_pt])
-            fields = _FIELDS.pack(self._rtx_seq, ts, self._rtx_ssrc)
+            fields = _FIELDS.pack(self._rtx_seq, ts, self.rtx_ssrc)
             rest = rest[:ext_size] + _SEQ.pack(seq) + rest[ext_size:]
             self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
         else:
-            fields = _FIELDS.pack(seq, ts, self._ssrc)
+            fields = _FIELDS.pack(seq, ts, self.ssrc)
         sock, addr = route
-        sock.sendto(self.transport._tx_srtp.protect(head + fields + rest), addr)
+        sock.sendto(aiortc_compat.srtp_protect(self.transport)(head + fields + rest), addr)
         self.retransmitted += 1
 
     async def _handle_rtcp_packet(self, packet) -> None:
         if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
             self.nacks_received += 1
+            now, deadline = time.monotonic(), self._retransmit_deadline()
             for seq in packet.lost:
-                self._retransmit(seq)
+                self._retransmit(seq, now, deadline)
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
             self._on_keyframe_request("FIR" if packet.fmt == RTCP_PSFB_FIR else "PLI")
         elif isinstance(packet, RtcpRrPacket | RtcpSrPacket):
             for report in packet.reports:
-                if report.ssrc == self._ssrc:
+                if report.ssrc == self.ssrc:
                     self.fraction_lost = report.fraction_lost
                     if report.lsr and report.dlsr:
                         now = (clock.current_ntp_time() >> 16) & 0xFFFFFFFF
@@ -226,7 +317,7 @@ class FanoutSender(RTCRtpSender):
             rtp_ts = (self._last_ts + int(elapsed * self.clock_rate)) & 0xFFFFFFFF
             packets = [
                 RtcpSrPacket(
-                    ssrc=self._ssrc,
+                    ssrc=self.ssrc,
                     sender_info=RtcpSenderInfo(
                         ntp_timestamp=clock.current_ntp_time(),
                         rtp_timestamp=rtp_ts,
@@ -235,13 +326,13 @@ class FanoutSender(RTCRtpSender):
                     ),
                 ),
                 RtcpSdesPacket(
-                    chunks=[RtcpSourceInfo(ssrc=self._ssrc, items=[(1, self._cname.encode())])]
+                    chunks=[RtcpSourceInfo(ssrc=self.ssrc, items=[(1, self._cname.encode())])]
                 ),
             ]
             await self._send_rtcp(packets)
 
     async def _send_rtcp(self, packets: list) -> None:
         try:
-            await self.transport._send_rtp(b"".join(bytes(p) for p in packets))
+            await aiortc_compat.send_rtcp(self.transport, b"".join(bytes(p) for p in packets))
         except ConnectionError:
             pass

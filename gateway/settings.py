@@ -81,6 +81,18 @@ class Settings:
     fanout_linger: float = 10.0
     """Seconds a stream's Kafka reader stays open on a node after its last viewer left."""
 
+    # What one viewer may cost (gateway/egress.py, gateway/rtpsend.py)
+    viewer_max_bitrate: int = 50_000_000
+    """Bits/s one viewer may be sent, with 1 s of burst; beyond it its frames queue."""
+    viewer_keyframe_interval: float = 1.0
+    """Least time between two answers to one viewer's PLI/FIR (each resends the GOP)."""
+    retransmit_budget: float = 0.25
+    """Bytes resent on a viewer's NACKs: at most this fraction of the bytes it was sent."""
+    retransmit_max_age: float = 1.0
+    """Seconds after which a packet is not resent (less once the viewer's RTT is known)."""
+    retransmit_max_resends: int = 3
+    """Resends of one packet to one viewer at most."""
+
     # Audience Q&A (signaling/qa.py)
     qa_retention_ms: int = 7 * 24 * 3600 * 1000
     """How long questions stay in Kafka: long enough to show them again with a replay."""

@@ -52,6 +52,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qa-trust-forwarded-for", action="store_true", default=None,
                         help="limit Q&A by X-Forwarded-For's last entry (only behind a proxy "
                         "that sets it)")  # fmt: skip
+    parser.add_argument("--viewer-max-bitrate", type=int,
+                        help="bits/s one viewer may be sent (default 50000000)")  # fmt: skip
+    parser.add_argument("--retransmit-budget", type=float, help="NACK resends may add at "
+                        "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -100,6 +104,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_cpu_percent=getattr(args, "max_cpu_percent", None),
         qa_secret=getattr(args, "qa_secret", None),
         qa_trust_forwarded_for=getattr(args, "qa_trust_forwarded_for", None),
+        viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
+        retransmit_budget=getattr(args, "retransmit_budget", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

@@ -82,6 +82,11 @@ def node_stats(node: Node) -> dict:
                 "viewers": len(fanout.viewers),
                 "frames_sent": totals.frames_sent,
                 "keyframe_drops": totals.keyframe_drops,
+                "retransmissions": totals.retransmissions,
+                "retransmissions_refused": totals.refused_budget
+                + totals.refused_age
+                + totals.refused_repeat,
+                "keyframes_from_cache": totals.cached_keyframes,
                 "latency_ms_p50": _round(_percentile(latency, 50)),
                 "latency_ms_p99": _round(_percentile(latency, 99)),
                 "lag_records": lag_records,

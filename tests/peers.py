@@ -1,10 +1,15 @@
 """Real aiortc peers for tests: a WHIP publisher whose frames carry a counter in their
-pixels, and a WHEP viewer that decodes what it receives and reads the counters back."""
+pixels, and a WHEP viewer that decodes what it receives and reads the counters back.
+
+Loopback never loses a packet, so a viewer can be given a lossy link: ``loss`` drops
+that share of the RTP packets it receives (retransmissions included) before aiortc's
+receiver sees them, so its own NACK and PLI logic reacts as on a bad network."""
 
 from __future__ import annotations
 
 import asyncio
 import fractions
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -134,6 +139,9 @@ class Viewer:
     """(arrival monotonic time, decoded counter, decoded frame was a keyframe)"""
     audio_frames: int = 0
     codec: str = ""
+    rtp_received: int = 0
+    rtp_dropped: int = 0
+    """RTP packets that arrived, and those of them the simulated lossy link dropped."""
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def wait_frames(self, count: int, timeout: float = 10.0) -> None:
@@ -155,7 +163,7 @@ class Viewer:
         return status
 
 
-async def play(base: str, stream: str) -> Viewer:
+async def play(base: str, stream: str, loss: float = 0.0, seed: int = 1) -> Viewer:
     pc = RTCPeerConnection()
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -169,10 +177,27 @@ async def play(base: str, stream: str) -> Viewer:
         raise AssertionError(f"WHEP POST answered {status}: {body}")
     viewer = Viewer(pc, headers["Location"], session, posted)
     await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    rng = random.Random(seed)
     for transceiver in pc.getTransceivers():
+        if loss:
+            _impair(viewer, transceiver.receiver, loss, rng)
         track = transceiver.receiver.track
         viewer._tasks.append(asyncio.create_task(_consume(viewer, track)))
     return viewer
+
+
+def _impair(viewer: Viewer, receiver, loss: float, rng: random.Random) -> None:
+    """Put a link that drops ``loss`` of the RTP packets in front of ``receiver``."""
+    handle = receiver._handle_rtp_packet  # what aiortc's DTLS transport calls per packet
+
+    async def lossy(packet, arrival_time_ms: int) -> None:
+        viewer.rtp_received += 1
+        if rng.random() < loss:
+            viewer.rtp_dropped += 1
+            return
+        await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = lossy
 
 
 async def _consume(viewer: Viewer, track) -> None:

@@ -1,0 +1,192 @@
+"""Every use of aiortc's and aioice's private internals, in one place.
+
+whipcast swaps its own RTP sender and receiver into aiortc's transceivers and sends
+straight to the SRTP session and the ICE pair's socket; none of that has a public API.
+Each private name is used only through a function below, and :func:`check` (run at
+import) verifies that the installed aiortc and aioice still have every one of them, so
+an upgrade that renames one fails at start-up with a message naming the versions,
+instead of with an ``AttributeError`` in the middle of a live stream.
+``pyproject.toml`` pins the versions in :data:`TESTED`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from importlib import metadata
+
+import aioice.ice
+from aiortc import codecs as aiortc_codecs
+from aiortc.codecs.h264 import H264Encoder
+from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import State as DtlsState
+from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
+from aiortc.rtcrtpsender import RTCRtpSender
+from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+
+TESTED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
+"""The versions whipcast was tested with, and pins."""
+
+# (owner, name, how): "attr" = class or module attribute; "init" = an attribute the
+# class's __init__ assigns (instance state, checked without building an instance).
+REQUIRED: tuple[tuple[object, str, str], ...] = (
+    (aiortc_codecs, "CODECS", "attr"),
+    (aioice.ice, "get_host_addresses", "attr"),
+    (aioice.ice.Connection, "_nominated", "init"),
+    (aioice.ice.Connection, "_query_consent_task", "init"),
+    (RTCIceGatherer, "_connection", "init"),
+    (RTCIceTransport, "_connection", "init"),
+    (RTCDtlsTransport, "_state", "init"),
+    (RTCDtlsTransport, "_tx_srtp", "init"),
+    (RTCDtlsTransport, "_send_rtp", "attr"),
+    (RTCDtlsTransport, "_register_rtp_sender", "attr"),
+    (RTCDtlsTransport, "_unregister_rtp_sender", "attr"),
+    (RTCDtlsTransport, "_register_rtp_receiver", "attr"),
+    (RTCDtlsTransport, "_unregister_rtp_receiver", "attr"),
+    (RTCRtpTransceiver, "_RTCRtpTransceiver__sender", "init"),
+    (RTCRtpTransceiver, "_RTCRtpTransceiver__receiver", "init"),
+    (RTCRtpTransceiver, "_codecs", "init"),
+    (RTCRtpSender, "_ssrc", "init"),
+    (RTCRtpSender, "_rtx_ssrc", "init"),
+    (RTCRtpSender, "_stream_id", "init"),
+    (RTCRtpSender, "_handle_rtcp_packet", "attr"),
+    (RTCRtpReceiver, "_handle_rtp_packet", "attr"),
+    (RTCRtpReceiver, "_handle_rtcp_packet", "attr"),
+    (RTCRtpReceiver, "_handle_disconnect", "attr"),
+    (RTCRtpReceiver, "_set_rtcp_ssrc", "attr"),
+    (H264Encoder, "_packetize", "attr"),
+    (H264Encoder, "_split_bitstream", "attr"),
+    (Vp8Encoder, "_packetize", "attr"),
+)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def missing(required: Iterable[tuple[object, str, str]] = REQUIRED) -> list[str]:
+    """The private names the installed aiortc/aioice lack, as ``Owner.name``."""
+    lacking = []
+    for owner, name, how in required:
+        if how == "init":
+            init = getattr(owner, "__init__", None)
+            present = name in getattr(getattr(init, "__code__", None), "co_names", ())
+        else:
+            present = hasattr(owner, name)
+        if not present:
+            lacking.append(f"{getattr(owner, '__name__', owner)}.{name}")
+    return lacking
+
+
+def check(required: Iterable[tuple[object, str, str]] = REQUIRED) -> None:
+    """Fail with a clear message when an aiortc/aioice internal whipcast needs is gone."""
+    lacking = missing(required)
+    if lacking:
+        installed = ", ".join(f"{p} {_version(p)}" for p in TESTED)
+        tested = ", ".join(f"{p}=={v}" for p, v in TESTED.items())
+        raise ImportError(
+            f"whipcast needs {tested} (installed: {installed}); this version lacks the "
+            f"internals whipcast relies on: {', '.join(lacking)}"
+        )
+
+
+check()
+
+
+# ICE (aioice)
+
+
+def use_host_addresses(addresses: tuple[str, ...]) -> None:
+    """Make aioice gather host candidates on exactly these addresses (process-wide)."""
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
+
+
+def stop_consent_checks(ice: RTCIceTransport) -> None:
+    """Cancel aioice's RFC 7675 consent checks of one connection."""
+    task = ice._connection._query_consent_task
+    if task is not None:
+        task.cancel()
+
+
+def media_route(dtls: RTCDtlsTransport) -> tuple[object, object] | None:
+    """(datagram transport, remote address) of the nominated ICE pair once DTLS is up."""
+    if dtls._state is not DtlsState.CONNECTED:
+        return None
+    pair = dtls.transport._connection._nominated.get(1)
+    if pair is None:
+        return None
+    return pair.protocol.transport, pair.remote_addr
+
+
+# DTLS/SRTP transport
+
+
+def srtp_protect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes]:
+    """The SRTP protect function of a connected transport (one per packet sent)."""
+    return dtls._tx_srtp.protect
+
+
+async def send_rtcp(dtls: RTCDtlsTransport, data: bytes) -> None:
+    """Send compound RTCP through aiortc (SRTCP-protected there)."""
+    await dtls._send_rtp(data)
+
+
+def register_sender(dtls: RTCDtlsTransport, sender, parameters) -> None:
+    dtls._register_rtp_sender(sender, parameters)
+
+
+def unregister_sender(dtls: RTCDtlsTransport, sender) -> None:
+    dtls._unregister_rtp_sender(sender)
+
+
+def register_receiver(dtls: RTCDtlsTransport, receiver, parameters) -> None:
+    dtls._register_rtp_receiver(receiver, parameters)
+
+
+def unregister_receiver(dtls: RTCDtlsTransport, receiver) -> None:
+    dtls._unregister_rtp_receiver(receiver)
+
+
+# Transceivers, senders and receivers
+
+
+def set_codecs(transceiver: RTCRtpTransceiver, codecs: list) -> None:
+    """The codecs the answer will offer for this transceiver (aiortc picks otherwise)."""
+    transceiver._codecs = codecs
+
+
+def sender_ssrcs(sender: RTCRtpSender) -> tuple[int, int]:
+    """(media SSRC, RTX SSRC) aiortc chose for a sender."""
+    return sender._ssrc, sender._rtx_ssrc
+
+
+def replace_sender(transceiver: RTCRtpTransceiver, sender: RTCRtpSender) -> None:
+    """Put ``sender`` in place of the transceiver's own, keeping its stream id; the
+    transceiver's receiver sends its RTCP from the new sender's SSRC."""
+    sender._stream_id = transceiver.sender._stream_id
+    transceiver.receiver._set_rtcp_ssrc(sender._ssrc)
+    transceiver._RTCRtpTransceiver__sender = sender
+
+
+def replace_receiver(transceiver: RTCRtpTransceiver, receiver: RTCRtpReceiver) -> None:
+    transceiver._RTCRtpTransceiver__receiver = receiver
+
+
+# Codecs
+
+
+def codec_table(kind: str) -> list:
+    """aiortc's process-wide list of codecs it negotiates for ``kind`` (mutable)."""
+    return aiortc_codecs.CODECS[kind]
+
+
+def packetize_h264(access_unit: bytes) -> list[bytes]:
+    return H264Encoder._packetize(H264Encoder._split_bitstream(access_unit))
+
+
+def packetize_vp8(frame: bytes, picture_id: int) -> list[bytes]:
+    return Vp8Encoder._packetize(frame, picture_id)
