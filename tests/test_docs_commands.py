@@ -74,6 +74,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                 for name, value in variables.items():
                     part = part.replace(f"${name}", value)
                 argv = [t for t in shlex.split(part) if t != "..."]
+                if argv[-1] == "-m":
+                    continue  # a placeholder such as ``python -m ...``, not a command
                 # `whipcast ingest|egress|signaling`: one command per alternative.
                 choices = [t.split("|") if re.fullmatch(r"\w+(\|\w+)+", t) else [t] for t in argv]
                 out += [(f"{where}: {part}", list(c)) for c in itertools.product(*choices)]
