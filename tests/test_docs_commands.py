@@ -69,12 +69,13 @@ def documented_commands() -> list[tuple[str, list[str]]]:
             code = code.split(" # ")[0].split("   #")[0]
             for part in re.split(r"&&|;", code):
                 part = part.strip()
-                if not part.startswith(PREFIXES):
+                prefix = next((p for p in PREFIXES if part.startswith(p)), None)
+                if prefix is None:
                     continue
                 for name, value in variables.items():
                     part = part.replace(f"${name}", value)
                 argv = [t for t in shlex.split(part) if t != "..."]
-                if argv[-1] == "-m":
+                if len(argv) <= len(prefix.split()):
                     continue  # a placeholder such as ``python -m ...``, not a command
                 # `whipcast ingest|egress|signaling`: one command per alternative.
                 choices = [t.split("|") if re.fullmatch(r"\w+(\|\w+)+", t) else [t] for t in argv]
