@@ -113,6 +113,8 @@ class Cursor:
         """Playback clock: a frame is sent at its arrival time plus this (wall µs)."""
         self.ready = asyncio.Event()
         self.done = False
+        self._anchor_us = 0
+        """Arrival time of the frame the playback clock started on: nothing older plays."""
         self._reader = FrameReader(
             rewinder.egress.bus,
             info.stream,
@@ -193,6 +195,8 @@ class Cursor:
                         continue
                     if frame.track is Track.VIDEO:
                         self._begin(frame.arrival_us if not self.gop else None)
+                if frame.arrival_us < self._anchor_us:
+                    continue  # audio of the burst's span, fetched after the video
                 self._buffer[frame.track].append(prepared)
             self._added.set()
             while self.ready.is_set() and self._buffered_us() > ahead_us:
@@ -203,6 +207,7 @@ class Cursor:
         """Start the playback clock: the GOP's newest frame (or the first buffered
         one) plays now."""
         anchor = first_arrival_us if first_arrival_us is not None else self.gop[-1].frame.arrival_us
+        self._anchor_us = anchor
         self.shift_us = time.time_ns() // 1000 - anchor
         # Audio read before the first video frame past the target belongs to the burst.
         audio = self._buffer[Track.AUDIO]
@@ -554,7 +559,10 @@ class Rewinder:
         extent = await self.finder.extent(info.stream)
         edge = now_ms if live else min(now_ms, info.updated_at * 1000)
         first = extent.first_ms if extent.first_ms is not None else edge
-        return Window(max(info.started_at * 1000, first), edge, live)
+        start = int(info.started_at * 1000)
+        if first > start + self.settings.rewind_search_s * 1000:
+            start = first  # retention has taken the beginning of the broadcast
+        return Window(start, edge, live)
 
     async def play(
         self, stream: str, offer_sdp: str, start: str, session: str | None = None
