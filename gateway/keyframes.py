@@ -17,6 +17,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from .bus import Bus
@@ -53,19 +54,19 @@ class KeyframeFinder:
     def __init__(self, bus: Bus, bound_ms: float) -> None:
         self._bus = bus
         self._bound_ms = bound_ms
-        self._consumer = bus.consumer()
-        self._started = False
+        self._consumer: AIOKafkaConsumer | None = None
         self._lock = asyncio.Lock()
 
     async def stop(self) -> None:
-        if self._started:
+        if self._consumer is not None:
             await self._consumer.stop()
-            self._started = False
+            self._consumer = None
 
     async def _assign(self, stream: str) -> tuple[TopicPartition, TopicPartition]:
-        if not self._started:
-            await self._consumer.start()
-            self._started = True
+        if self._consumer is None:  # made on first use: a node may never rewind
+            consumer = self._bus.consumer()
+            await consumer.start()
+            self._consumer = consumer
         topic = self._bus.stream_topic(stream)
         video, audio = TopicPartition(topic, Track.VIDEO), TopicPartition(topic, Track.AUDIO)
         if self._consumer.assignment() != {video, audio}:

@@ -617,10 +617,15 @@ class Rewinder:
                 raise OutOfWindow("no keyframe of this broadcast is in Kafka near that point",
                                   await self.window(info))  # fmt: skip
             cursor = Cursor(self, info, point, target_ms)
-            await cursor.start()
-            self.cursors.setdefault(key, []).append(cursor)
+            self.cursors.setdefault(key, []).append(cursor)  # others may share it already
             self.cursors_started += 1
-            return cursor
+        try:
+            await cursor.start()  # outside the lock: joins elsewhere need not wait for it
+        except BaseException:
+            cursor.done = True
+            self.cursors.get(key, []).remove(cursor)
+            raise
+        return cursor
 
     def release(self, cursor: Cursor, playback: Playback) -> None:
         """A viewer left ``cursor``; the last one out stops it."""
