@@ -81,8 +81,19 @@ class ViewerSession(PeerSession):
         self._skip_to_keyframe = False
         self._ready_at = 0.0
         self._keyframe_answered = float("-inf")
+        self._live = True  # False while gateway/playback.py sends this viewer the past
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
+        answer = await self.negotiate(offer, offer_sdp, info)
+        self.fanout = await self.node.fanout(info)
+        self.fanout.viewers.add(self)
+        if Track.VIDEO in self.senders:
+            self.spawn(self._start_video(self.senders[Track.VIDEO]))
+        self.log(logging.INFO, "viewer joined")
+        return answer
+
+    async def negotiate(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
+        """Answer the offer with the stream's codecs; no media flows yet."""
         matched = {}
         for media in offer.media:
             source = info.codec(media.kind)
@@ -120,13 +131,7 @@ class ViewerSession(PeerSession):
             )
             aiortc_compat.replace_sender(transceiver, sender)
             self.senders[track] = sender
-        answer = await answer_offer(pc, self.settings)
-        self.fanout = await self.node.fanout(info)
-        self.fanout.viewers.add(self)
-        if Track.VIDEO in self.senders:
-            self.spawn(self._start_video(self.senders[Track.VIDEO]))
-        self.log(logging.INFO, "viewer joined")
-        return answer
+        return await answer_offer(pc, self.settings)
 
     async def _start_video(self, sender: FanoutSender) -> None:
         """Once DTLS is up: the cached GOP, then live frames."""
@@ -155,7 +160,7 @@ class ViewerSession(PeerSession):
         self._bursting = True
         self._skip_to_keyframe = False
         self._queue.clear()  # the GOP supersedes whatever was waiting
-        first = (gop[-1].frame.rtp_timestamp - (len(gop) - 1)) & 0xFFFFFFFF
+        first = (gop[-1].frame.rtp_timestamp + sender.ts_offset - (len(gop) - 1)) & 0xFFFFFFFF
         last = sender.last_timestamp
         if last is not None and 0 < (last + 1 - first) & 0xFFFFFFFF < 0x80000000:
             first = (last + 1) & 0xFFFFFFFF
@@ -220,6 +225,21 @@ class ViewerSession(PeerSession):
         self._queue.clear()
         self._skip_to_keyframe = True
 
+    # Hooks for replay (gateway/playback.py): a viewer leaves the live fan-out while it
+    # plays the past, and rejoins it once the caller has sent it a GOP.
+    def leave_live(self) -> None:
+        self._live = False
+        if self.fanout is not None:
+            self.fanout.viewers.discard(self)
+
+    def follow_live(self, fanout: StreamFanout) -> None:
+        self.fanout = fanout
+        self._queue.clear()
+        self._skip_to_keyframe = False
+        self._bursting = False
+        self._live = True
+        fanout.viewers.add(self)
+
     def keyframe_requested(self, reason: str) -> None:
         """A PLI/FIR from this viewer: answered from the cached GOP, for it alone, at
         most once per ``viewer_keyframe_interval``; upstream only without a cache."""
@@ -230,6 +250,8 @@ class ViewerSession(PeerSession):
         sender = self.senders.get(Track.VIDEO)
         if self.fanout is None or sender is None or self._bursting or self._skip_to_keyframe:
             return  # a keyframe is already on its way to this viewer
+        if not self._live:
+            return  # playing the past: the live GOP is not its picture; the next keyframe is
         now = time.monotonic()
         if now - self._keyframe_answered < self.settings.viewer_keyframe_interval:
             return

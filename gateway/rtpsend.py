@@ -165,6 +165,10 @@ class FanoutSender(RTCRtpSender):
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
         self._last_arrival_us = 0
+        # Replay (gateway/playback.py) re-bases a viewer's timeline: added to each frame's
+        # RTP timestamp and arrival time; both stay 0 for live viewers.
+        self.ts_offset = 0
+        self.clock_shift_us = 0
         self.packets_sent = 0
         self.octets_sent = 0
         self.retransmitted = 0
@@ -217,7 +221,9 @@ class FanoutSender(RTCRtpSender):
         sock, addr = route
         protect = aiortc_compat.srtp_protect(self.transport)
         packets = prepared.packets(self.layout)
-        ts = prepared.frame.rtp_timestamp if timestamp is None else timestamp
+        if timestamp is None:
+            timestamp = (prepared.frame.rtp_timestamp + self.ts_offset) & 0xFFFFFFFF
+        ts = timestamp
         seq, ssrc, history = self._seq, self.ssrc, self._history
         pack, join, sendto, now = _FIELDS.pack, b"".join, sock.sendto, time.monotonic()
         octets = 0
@@ -234,7 +240,7 @@ class FanoutSender(RTCRtpSender):
         policy = self.retransmit_policy
         self._rtx_allowance = min(policy.burst, self._rtx_allowance + octets * policy.budget)
         self._last_ts = ts
-        self._last_arrival_us = prepared.frame.arrival_us
+        self._last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
 
     @property
     def last_timestamp(self) -> int | None:
