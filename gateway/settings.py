@@ -97,6 +97,12 @@ class Settings:
     qa_board_linger: float = 120.0
     """Seconds a stream's Q&A log stays followed on a node after its last use."""
 
+    # Thumbnails (gateway/thumbnails.py, the ``thumbnails`` role)
+    thumbnail_interval: float = 5.0
+    """Seconds between two pictures of one stream; each costs one keyframe decode."""
+    thumbnail_width: int = 320
+    """Width of a thumbnail in pixels (never wider than the stream)."""
+
     # Kafka
     kafka_bootstrap: str | None = None
     """Existing cluster to use; ``None`` in dev mode starts an embedded broker."""

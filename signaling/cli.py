@@ -46,6 +46,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-publishers", type=int, help="publishers this ingest node takes")
     parser.add_argument("--max-cpu", type=float, dest="max_cpu_percent",
                         help="%% of one core above which a node gets no new sessions")  # fmt: skip
+    parser.add_argument("--thumbnail-interval", type=float,
+                        help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -88,6 +90,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_viewers=getattr(args, "max_viewers", None),
         max_publishers=getattr(args, "max_publishers", None),
         max_cpu_percent=getattr(args, "max_cpu_percent", None),
+        thumbnail_interval=getattr(args, "thumbnail_interval", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 
