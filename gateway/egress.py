@@ -68,6 +68,16 @@ class ViewerSession(PeerSession):
         self._ready_at = 0.0
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
+        answer = await self.negotiate(offer, offer_sdp, info)
+        self.fanout = await self.node.fanout(info)
+        self.fanout.viewers.add(self)
+        if Track.VIDEO in self.senders:
+            self.spawn(self._start_video(self.senders[Track.VIDEO]))
+        self.log(logging.INFO, "viewer joined")
+        return answer
+
+    async def negotiate(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
+        """Answer the offer with the stream's codecs; no media flows yet."""
         matched = {}
         for media in offer.media:
             source = info.codec(media.kind)
@@ -95,13 +105,7 @@ class ViewerSession(PeerSession):
             transceiver.receiver._set_rtcp_ssrc(sender._ssrc)
             transceiver._RTCRtpTransceiver__sender = sender  # aiortc has no public hook
             self.senders[track] = sender
-        answer = await answer_offer(pc, self.settings)
-        self.fanout = await self.node.fanout(info)
-        self.fanout.viewers.add(self)
-        if Track.VIDEO in self.senders:
-            self.spawn(self._start_video(self.senders[Track.VIDEO]))
-        self.log(logging.INFO, "viewer joined")
-        return answer
+        return await answer_offer(pc, self.settings)
 
     async def _start_video(self, sender: FanoutSender) -> None:
         """Once DTLS is up: the cached GOP, timestamps packed, then live frames."""
@@ -168,6 +172,19 @@ class ViewerSession(PeerSession):
             return
         sender.send_frame(prepared)
         self._count_sent()
+
+    # Hooks for replay (gateway/playback.py): a viewer leaves the live fan-out while it
+    # plays the past, and rejoins it once the caller has sent it a GOP.
+    def leave_live(self) -> None:
+        if self.fanout is not None:
+            self.fanout.viewers.discard(self)
+
+    def follow_live(self, fanout: StreamFanout) -> None:
+        self.fanout = fanout
+        self._queue.clear()
+        self._skip_to_keyframe = False
+        self._video_started = True
+        fanout.viewers.add(self)
 
     def keyframe_requested(self, reason: str) -> None:
         if reason == "PLI":

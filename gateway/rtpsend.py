@@ -108,6 +108,10 @@ class FanoutSender(RTCRtpSender):
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
         self._last_arrival_us = 0
+        # Replay (gateway/playback.py) re-bases a viewer's timeline: added to each frame's
+        # RTP timestamp and arrival time; both stay 0 for live viewers.
+        self.ts_offset = 0
+        self.clock_shift_us = 0
         self.packets_sent = 0
         self.octets_sent = 0
         self.retransmitted = 0
@@ -161,7 +165,9 @@ class FanoutSender(RTCRtpSender):
         sock, addr = route
         protect = self.transport._tx_srtp.protect
         packets = prepared.packets(self.layout)
-        ts = prepared.frame.rtp_timestamp if timestamp is None else timestamp
+        if timestamp is None:
+            timestamp = (prepared.frame.rtp_timestamp + self.ts_offset) & 0xFFFFFFFF
+        ts = timestamp
         seq, ssrc, history, pack = self._seq, self._ssrc, self._history, _FIELDS.pack
         join, sendto = b"".join, sock.sendto
         octets = 0
@@ -175,7 +181,12 @@ class FanoutSender(RTCRtpSender):
         self.packets_sent += len(packets)
         self.octets_sent += octets
         self._last_ts = ts
-        self._last_arrival_us = prepared.frame.arrival_us
+        self._last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
+
+    @property
+    def last_timestamp(self) -> int:
+        """RTP timestamp of the last frame sent (what a re-based timeline continues)."""
+        return self._last_ts
 
     def _retransmit(self, seq: int) -> None:
         entry = self._history[seq % HISTORY_SIZE]

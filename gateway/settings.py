@@ -80,6 +80,17 @@ class Settings:
     fanout_linger: float = 10.0
     """Seconds a stream's Kafka reader stays open on a node after its last viewer left."""
 
+    # Rewind and replay (gateway/playback.py, gateway/keyframes.py); the window itself
+    # is the stream topics' retention (``stream_retention_ms``)
+    rewind_search_s: float = 5.0
+    """How far before a target the keyframe search starts: longer than any GOP the
+    ingest lets through (``max_keyframe_interval`` plus the publisher's reaction)."""
+    rewind_ahead_s: float = 1.0
+    """How far a replay reads ahead of what it has sent (bounds its memory)."""
+    replay_end_grace_s: float = 3.0
+    """Seconds a replay session stays open after its recording ended, reporting
+    ``"ended": true``, before it is closed (RTCP BYE)."""
+
     # Audience Q&A (signaling/qa.py)
     qa_retention_ms: int = 7 * 24 * 3600 * 1000
     """How long questions stay in Kafka: long enough to show them again with a replay."""

@@ -21,7 +21,9 @@ from whipcast.gateway.ingest import IngestNode
 from whipcast.gateway.metrics import GatewayCollector, Metrics
 from whipcast.gateway.nodes import Heartbeat, NodeInfo, NodeView
 from whipcast.gateway.peer import use_host_addresses
+from whipcast.gateway.playback import Rewinder
 from whipcast.gateway.registry import RegistryView
+from whipcast.gateway.sessions import SessionsView
 from whipcast.gateway.settings import Settings
 from whipcast.gateway.thumbnails import ThumbnailMaker
 
@@ -52,6 +54,8 @@ class Node:
     directory: Directory = field(init=False)
     ingest: IngestNode | None = None
     egress: EgressNode | None = None
+    sessions: SessionsView = field(init=False)
+    rewinder: Rewinder | None = None
     qa: QAService | None = None
     thumbnails: Thumbnails | None = None
     thumbnail_maker: ThumbnailMaker | None = None
@@ -63,11 +67,13 @@ class Node:
         self.bus = Bus(self.settings, self.metrics)
         self.nodes = NodeView(self.bus)
         self.view = RegistryView(self.bus, self.nodes)
+        self.sessions = SessionsView(self.bus, self.view.get)
         self.heartbeat = Heartbeat(self.bus, self.describe)
         if "ingest" in self.roles:
             self.ingest = IngestNode(self.settings, self.bus, self.view)
         if "egress" in self.roles:
             self.egress = EgressNode(self.settings, self.bus, self.view)
+            self.rewinder = Rewinder(self.egress, self.sessions)
         self.state_log = StateLog(self.settings)
         self.directory = Directory(self.settings, self.bus, self.state_log)
         if "signaling" in self.roles:
@@ -104,6 +110,7 @@ class Node:
         await self.bus.start()
         await self.nodes.start()
         await self.view.start()
+        await self.sessions.start()
         await self.state_log.start()
         await self.directory.start()
         for part in (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker):
@@ -116,11 +123,14 @@ class Node:
     async def stop(self) -> None:
         self.ready = False
         await self.heartbeat.stop()
+        if self.rewinder is not None:
+            await self.rewinder.stop()
         for part in (self.thumbnail_maker, self.thumbnails, self.qa, self.egress, self.ingest):
             if part is not None:
                 await part.stop()
         await self.directory.stop()
         await self.state_log.stop()
+        await self.sessions.stop()
         await self.view.stop()
         await self.nodes.stop()
         await self.bus.stop()
@@ -166,7 +176,8 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
     else:
         whip.add_redirects(app, router, settings)
     if node.egress is not None:
-        whep.add_routes(app, node.egress, settings)
+        assert node.rewinder is not None
+        whep.add_routes(app, node.egress, node.rewinder, settings)
     else:
         whep.add_redirects(app, router, settings)
     pages.add_routes(app, node, with_pages="signaling" in roles)

@@ -39,6 +39,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ice-server", action="append", dest="ice_servers",
                         help="STUN/TURN URL for clients' Link headers (repeatable)")  # fmt: skip
     parser.add_argument("--retention-minutes", type=float, help="how long frames stay in Kafka")
+    parser.add_argument("--rewind-search-seconds", type=float, dest="rewind_search_s",
+                        help="keyframe search span before a rewind target")  # fmt: skip
     parser.add_argument("--node-id", help="this node's name in the registry")
     parser.add_argument("--advertise-url", help="base URL clients are redirected to, "
                         "e.g. http://10.0.0.5:8081 (env WHIPCAST_ADVERTISE_URL)")  # fmt: skip
@@ -85,6 +87,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         public_ip=getattr(args, "public_ip", None),
         ice_servers=tuple(args.ice_servers) if getattr(args, "ice_servers", None) else None,
         stream_retention_ms=int(retention * 60_000) if retention else None,
+        rewind_search_s=getattr(args, "rewind_search_s", None),
         node_id=getattr(args, "node_id", None),
         advertise_url=getattr(args, "advertise_url", None),
         max_viewers=getattr(args, "max_viewers", None),
