@@ -4,6 +4,7 @@ const REFRESH_MS = 3000;
 const $ = (id) => document.getElementById(id);
 const list = $('streams');
 const cards = new Map(); // stream name -> { item, entry, receivedAt }
+const THUMBNAIL_REFRESH_MS = 10000;
 
 // The directory, refreshed every few seconds; cards are updated in place.
 async function refresh() {
@@ -12,6 +13,7 @@ async function refresh() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const { streams } = await response.json();
     render(streams);
+    await refreshReplays();
     $('error').hidden = true;
     $('updated').textContent = `Updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
@@ -47,23 +49,30 @@ function render(streams) {
   $('live-count').textContent = `${streams.length} live`;
 }
 
-function createCard(name) {
+function createCard(name, { replay = false } = {}) {
   const item = document.createElement('li');
-  item.className = 'stream-card';
+  item.className = replay ? 'stream-card replay' : 'stream-card';
   const link = document.createElement('a');
   link.href = `/watch/${encodeURIComponent(name)}`;
   const thumb = document.createElement('div');
   thumb.className = 'thumb';
   thumb.style.background = gradient(name);
   thumb.setAttribute('aria-hidden', 'true');
+  // Initials until the stream's picture loads (the thumbnails role makes one every few s).
   const initials = document.createElement('span');
   initials.textContent = name.replace(/[^A-Za-z0-9]/g, '').slice(0, 2) || '?';
+  const picture = document.createElement('img');
+  picture.alt = '';
+  picture.hidden = true;
+  picture.decoding = 'async';
+  picture.addEventListener('load', () => { picture.hidden = false; initials.hidden = true; });
+  picture.addEventListener('error', () => { picture.hidden = true; initials.hidden = false; });
   const badge = document.createElement('span');
-  badge.className = 'badge live-badge';
-  badge.textContent = 'Live';
+  badge.className = replay ? 'badge replay-badge' : 'badge live-badge';
+  badge.textContent = replay ? 'Replay' : 'Live';
   const uptime = document.createElement('span');
   uptime.className = 'uptime';
-  thumb.append(initials, badge, uptime);
+  thumb.append(initials, picture, badge, uptime);
   const body = document.createElement('div');
   body.className = 'body';
   const title = document.createElement('h3');
@@ -77,8 +86,17 @@ function createCard(name) {
   return item;
 }
 
+/** Point a card's picture at the stream's thumbnail, a new URL every few seconds. */
+function showThumbnail(item, url, live) {
+  const version = live ? Math.floor(Date.now() / THUMBNAIL_REFRESH_MS) : 0;
+  const src = `${url}?v=${version}`;
+  const picture = item.querySelector('img');
+  if (picture.getAttribute('src') !== src) picture.src = src;
+}
+
 function fillCard(card) {
   const { item, entry } = card;
+  showThumbnail(item, `/api/streams/${encodeURIComponent(entry.stream)}/thumbnail`, true);
   const uptime = entry.uptime_s + (performance.now() - card.receivedAt) / 1000;
   item.querySelector('h3').textContent = entry.title || entry.stream;
   const [sub, tech] = item.querySelectorAll('.sub');
@@ -87,6 +105,56 @@ function fillCard(card) {
   item.querySelector('.uptime').textContent = formatDuration(uptime);
   item.querySelector('a').setAttribute('aria-label',
     `${entry.title || entry.stream}, live for ${formatDuration(uptime)}, ${viewers(entry.viewers)}`);
+}
+
+// Replays: ended broadcasts still in Kafka, newest first, each a link to its start.
+const replayCards = new Map(); // "stream/session" -> item
+
+async function refreshReplays() {
+  let replays = [];
+  try {
+    const response = await fetch('/api/streams?state=ended', { cache: 'no-store' });
+    if (response.ok) replays = (await response.json()).streams ?? [];
+  } catch { /* the live list reports trouble already */ }
+  const keys = new Set();
+  const items = replays.map((entry) => {
+    const key = `${entry.stream}/${entry.session ?? entry.started}`;
+    keys.add(key);
+    let item = replayCards.get(key);
+    if (!item) {
+      item = createCard(entry.stream, { replay: true });
+      replayCards.set(key, item);
+    }
+    fillReplay(item, entry);
+    return item;
+  });
+  for (const [key, item] of replayCards) {
+    if (!keys.has(key)) {
+      item.remove();
+      replayCards.delete(key);
+    }
+  }
+  $('replays').replaceChildren(...items);
+  $('replays-section').hidden = items.length === 0;
+  $('replay-count').textContent = `${items.length}`;
+}
+
+function fillReplay(item, entry) {
+  const from = Math.max(entry.started, entry.available_from ?? entry.started);
+  const url = new URL(`/watch/${encodeURIComponent(entry.stream)}`, location.href);
+  url.searchParams.set('start', String(Math.ceil(from * 1000)));
+  if (entry.session) url.searchParams.set('session', entry.session);
+  item.querySelector('a').href = url.pathname + url.search;
+  const title = entry.title || entry.stream;
+  item.querySelector('h3').textContent = title;
+  const [sub, tech] = item.querySelectorAll('.sub');
+  const ended = entry.ended ? new Date(entry.ended * 1000) : null;
+  sub.textContent = `${entry.title ? `${entry.stream} · ` : ''}ended ${ended ? ended.toLocaleTimeString() : ''}`;
+  tech.textContent = describeVideo(entry);
+  item.querySelector('.uptime').textContent = formatDuration(entry.duration ?? 0);
+  item.querySelector('a').setAttribute('aria-label',
+    `Replay of ${title}, ${formatDuration(entry.duration ?? 0)} long${ended ? `, ended ${ended.toLocaleTimeString()}` : ''}`);
+  if (entry.thumbnail) showThumbnail(item, entry.thumbnail, false);
 }
 
 /** A stable two-colour gradient per stream name: a placeholder thumbnail. */

@@ -1,6 +1,7 @@
 import { publish, canSendVideoCodec, mediaStats, StatsSampler } from '/web/whip.js';
 import { QAClient, QuestionList } from '/web/qa.js';
 import { streamName, setStatus, formatDuration, followStream, viewers } from '/web/page.js';
+import { Timeline, questionMarkers } from '/web/timeline.js';
 
 const $ = (id) => document.getElementById(id);
 const preview = $('preview');
@@ -12,6 +13,11 @@ const titleInput = $('stream-title');
 const statusLine = $('status');
 
 const stream = streamName('studio');
+// The host's view of the broadcast so far; a chosen moment opens its replay.
+const timeline = new Timeline($('timeline'), {
+  onOpen: (atMs) => window.open(
+    `/watch/${encodeURIComponent(stream)}?start=${Math.round(atMs)}`, '_blank', 'noopener'),
+});
 let media = null;       // MediaStream from getUserMedia
 let session = null;     // whip.js Session
 let abort = null;       // AbortController of the attempt in progress
@@ -238,6 +244,7 @@ function showEntry(entry) {
   $('s-viewers').textContent = entry ? String(entry.viewers) : '–';
   $('s-uptime').textContent = entry ? formatDuration(entry.uptime_s) : '–';
   $('meta').textContent = entry ? `${viewers(entry.viewers)} watching` : '';
+  timeline.overview(entry ? entry.started_at * 1000 : null);
 }
 
 // Q&A moderation: the host view, with the publish token when one is typed in.
@@ -251,6 +258,7 @@ function startQuestions() {
     onChange: () => {
       const sorted = qa.sorted();
       list.render(sorted);
+      timeline.setMarkers(questionMarkers(sorted));
       $('qa-empty').hidden = sorted.length > 0;
       $('qa-count').textContent = sorted.length ? `(${sorted.length})` : '';
     },

@@ -1,6 +1,7 @@
 import { Player, StatsSampler, mediaStats } from '/web/whip.js';
 import { QAClient, QuestionList, MAX_TEXT } from '/web/qa.js';
 import { streamName, setStatus, formatDuration, followStream, viewers } from '/web/page.js';
+import { Timeline, questionMarkers } from '/web/timeline.js';
 
 const $ = (id) => document.getElementById(id);
 const video = $('video');
@@ -8,6 +9,15 @@ const unmuteButton = $('unmute');
 const statsToggle = $('stats-toggle');
 const statsOverlay = $('stats-overlay');
 const stream = streamName('watch');
+// A replay or rewind: /watch/{stream}?start=<epoch ms | -seconds>[&session=<id>]
+const query = new URLSearchParams(location.search);
+const replay = { start: query.get('start'), session: query.get('session') };
+const isReplay = replay.start !== null || replay.session !== null;
+let replayEnded = false;
+const timeline = new Timeline($('timeline'), {
+  onPosition: onPosition,
+  onMessage: (text) => setStatus($('status'), text, 'warn'),
+});
 
 let player = null;
 let sampler = null;
@@ -22,6 +32,7 @@ window.whipcast = Object.freeze({
   get state() { return player?.session?.state ?? 'idle'; },
   get status() { return player?.status ?? null; },
   get qa() { return qa; },
+  get timeline() { return timeline; },
   stats: () => mediaStats(player?.pc),
 });
 
@@ -31,6 +42,8 @@ const STATES = {
   stalled: ['Stalled', 'warn'],
   reconnecting: ['Reconnecting', 'warn'],
   ended: ['Ended', 'warn'],
+  replay: ['Replay', ''],
+  paused: ['Paused', ''],
   offline: ['Offline', 'warn'],
   error: ['Error', 'error'],
   stopped: ['Stopped', ''],
@@ -48,14 +61,60 @@ if (!stream) {
   followStream(stream, showEntry);
 }
 
+/** The WHEP URL: live, or from a moment (start) of a broadcast (session). */
+function whepUrl(start = replay.start) {
+  const url = new URL(`/whep/${encodeURIComponent(stream)}`, location.href);
+  if (start !== null && start !== undefined) url.searchParams.set('start', String(start));
+  if (replay.session) url.searchParams.set('session', replay.session);
+  return url.pathname + url.search;
+}
+
 function startPlayer() {
-  player = new Player(`/whep/${encodeURIComponent(stream)}`, video, { onStatus: showState });
+  player = new Player(whepUrl(), video, { onStatus: showState });
   player.start();
   setInterval(updateStats, 1000);
   addEventListener('pagehide', () => player.stop());
+  document.addEventListener('keydown', (event) => timeline.handleKey(event));
+}
+
+/** Each position report: keep reconnects where the viewer is, and stop at a replay's end. */
+function onPosition(position) {
+  if (position.ended) {
+    endReplay();
+    return;
+  }
+  // A reconnect (the player's own loop) resumes at the viewer's moment, not the start.
+  player.url = position.live ? whepUrl(null) : whepUrl(Math.round(position.position));
+  if (player.status?.state === 'live') {
+    const label = position.paused ? 'paused' : position.live ? 'live' : 'replay';
+    const badge = $('state-badge');
+    badge.textContent = STATES[label][0];
+    badge.dataset.state = label;
+    const behind = formatDuration(Math.max(0, position.live_edge - position.position) / 1000);
+    setStatus($('status'), position.live ? 'Live'
+      : `${position.paused ? 'Paused' : 'Playing'} ${behind} behind live`, 'ok');
+  }
+}
+
+function endReplay() {
+  if (replayEnded) return;
+  replayEnded = true;
+  timeline.stop();
+  player.stop();
+  const badge = $('state-badge');
+  badge.textContent = 'Replay ended';
+  badge.dataset.state = 'ended';
+  setStatus($('status'), 'Replay ended. Reload the page to watch it again.');
+  showOverlay('Replay ended', false);
 }
 
 function showState({ state, message }) {
+  if (replayEnded) return;
+  if (state === 'ended' && (isReplay || timeline.position?.ended)) {
+    endReplay(); // the server closed the replay at its end
+    return;
+  }
+  timeline.follow(player?.session?.positionUrl ?? null);
   const [label, tone] = STATES[state] ?? [state, ''];
   const badge = $('state-badge');
   badge.textContent = label;
@@ -64,7 +123,8 @@ function showState({ state, message }) {
   if (state === 'live') {
     $('overlay').hidden = true;
   } else if (state === 'offline') {
-    showOverlay(`“${stream}” is offline. Playback starts when it goes live.`, true);
+    showOverlay(isReplay ? 'This broadcast is not available (any more).'
+      : `“${stream}” is offline. Playback starts when it goes live.`, !isReplay);
   } else if (state === 'ended') {
     showOverlay('The broadcast ended. Waiting for it to come back…', true);
   } else if (state !== 'stalled') {
@@ -82,7 +142,7 @@ function showEntry(entry) {
   if (entry?.title) $('title').textContent = entry.title;
   $('meta').textContent = entry
     ? `${entry.title ? `${stream} · ` : ''}${viewers(entry.viewers)} · live for ${formatDuration(entry.uptime_s)}`
-    : `${stream} · offline`;
+    : `${stream} · ${isReplay ? 'replay' : 'offline'}`;
 }
 
 // Mute/unmute. Autoplay policies allow muted playback only, so the page starts
@@ -148,6 +208,7 @@ function startQuestions() {
   const list = new QuestionList($('questions'), { onVote: vote });
   const render = () => {
     const sorted = qa.sorted();
+    timeline.setMarkers(questionMarkers(sorted));
     list.render(sorted, qa.voted);
     $('qa-empty').hidden = sorted.length > 0;
     $('qa-count').textContent = sorted.length ? `(${sorted.length})` : '';
