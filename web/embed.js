@@ -13,6 +13,7 @@ let player = null;
 const query = new URLSearchParams(location.search);
 const timeline = new Timeline($('timeline'), {
   onPosition: (position) => {
+    if (player) player.paused = Boolean(position.paused);
     if (position.ended) {
       timeline.stop();
       player.stop();

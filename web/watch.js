@@ -83,6 +83,7 @@ function onPosition(position) {
     endReplay();
     return;
   }
+  player.paused = Boolean(position.paused);
   // A reconnect (the player's own loop) resumes at the viewer's moment, not the start.
   player.url = position.live ? whepUrl(null) : whepUrl(Math.round(position.position));
   if (player.status?.state === 'live') {

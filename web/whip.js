@@ -478,6 +478,8 @@ export class Player {
     this._attempt = null;
     this._stopped = false;
     this._retryDelay = RETRY_MIN_MS;
+    /** Set while the viewer paused playback (position API): no video then is no stall. */
+    this.paused = false;
   }
 
   get pc() { return this.session?.pc ?? null; }
@@ -559,6 +561,7 @@ export class Player {
         else if (now - (disconnectedSince ??= now) > DISCONNECTED_GRACE_MS) {
           return finish('reconnecting', 'Connection lost');
         }
+        if (this.paused) lastProgress = now;
         if (s.framesDecoded > lastFrames) {
           lastFrames = s.framesDecoded;
           lastProgress = now;

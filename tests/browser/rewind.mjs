@@ -9,7 +9,7 @@
 //  2. The viewer asks a question; a marker appears on the seek bar.
 //  3. "−10 s" leaves the live edge: the LIVE control says how far behind, the player keeps
 //     decoding. ArrowLeft on the seek bar seeks further back.
-//  4. Choosing the question marker seeks to its moment; "L" returns to live.
+//  4. Space pauses; choosing the question marker seeks to its moment; "L" returns to live.
 //  5. The directory shows the stream's thumbnail picture instead of initials.
 // Screenshots: watch.png, watch-phone.png, studio.png, directory.png, directory-phone.png.
 // Prints one JSON line; exits 0 on success, 1 on a failed check, 2 on bad usage.
@@ -124,11 +124,18 @@ async function main(opts, { result, log }) {
     result.valueText = await watch.getAttribute('#timeline [data-part="range"]', 'aria-valuetext');
     await shoot('watch', watch);
 
-    // 4. The question marker seeks to its moment; L goes back to live.
+    // 4. Space pauses; the question marker then seeks to its moment (and plays on from
+    // there); L goes back to live. Paused far from the marker, so only the seek gets there.
+    await watch.locator('#timeline [data-part="range"]').blur();
+    await watch.keyboard.press(' ');
+    await until(watch, 'space paused', () => window.whipcast.timeline.position.paused);
+    const gap = await watch.evaluate(
+      (at) => Math.abs(window.whipcast.timeline.position.position - at), markerAt);
+    if (gap < 8000) throw new CheckFailed(`paused only ${gap} ms from the marker`);
     await watch.click('#timeline .marker');
     await until(watch, 'marker seeked to the question',
-      (at) => Math.abs(window.whipcast.timeline.position.position - at) < 4000
-        && !window.whipcast.timeline.position.live, markerAt);
+      (at) => Math.abs(window.whipcast.timeline.position.position - at) < 3000
+        && !window.whipcast.timeline.position.live, markerAt, 5000);
     result.markerSeekErrorMs = await watch.evaluate(
       (at) => window.whipcast.timeline.position.position - at, markerAt);
     await watch.locator('#timeline [data-part="range"]').blur();
