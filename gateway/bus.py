@@ -181,6 +181,10 @@ class Bus:
         )
         await self._create_topics([topic])
 
+    async def create_topics(self, topics: list[NewTopic]) -> None:
+        """Create the topics a reader of the log writes to (existing ones are kept)."""
+        await self._create_topics(topics)
+
     async def _create_topics(self, topics: list[NewTopic]) -> None:
         admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())
         await admin.start()

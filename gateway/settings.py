@@ -135,6 +135,12 @@ class Settings:
     """Take the client address from the last ``X-Forwarded-For`` entry (only behind a
     proxy that sets it); otherwise the connection's peer address is used."""
 
+    # Thumbnails (gateway/thumbnails.py, the ``thumbnails`` role)
+    thumbnail_interval: float = 5.0
+    """Seconds between two pictures of one stream; each costs one keyframe decode."""
+    thumbnail_width: int = 320
+    """Width of a thumbnail in pixels (never wider than the stream)."""
+
     # Kafka
     kafka_bootstrap: str | None = None
     """Existing cluster to use; ``None`` in dev mode starts an embedded broker."""

@@ -25,18 +25,20 @@ from whipcast.gateway.playback import Rewinder
 from whipcast.gateway.registry import RegistryView
 from whipcast.gateway.sessions import SessionsView
 from whipcast.gateway.settings import Settings
+from whipcast.gateway.thumbnails import ThumbnailMaker
 
-from . import directory, observability, openapi, pages, qa_api, security, whep, whip
+from . import directory, observability, openapi, pages, qa_api, security, thumbnails_api, whep, whip
 from .directory import Directory
 from .kafkalog import StateLog
 from .problem import problems_middleware
 from .qa import QAService
 from .resources import cors_middleware
 from .routing import Router
+from .thumbnails_api import Thumbnails
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("ingest", "egress", "signaling")
+ROLES = ("ingest", "egress", "signaling", "thumbnails")
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Node:
     sessions: SessionsView = field(init=False)
     rewinder: Rewinder | None = None
     qa: QAService | None = None
+    thumbnails: Thumbnails | None = None
+    thumbnail_maker: ThumbnailMaker | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -74,8 +78,14 @@ class Node:
         self.directory = Directory(self.settings, self.bus, self.state_log)
         if "signaling" in self.roles:
             self.qa = QAService(self.settings, self.bus, self.view, self.state_log, self.metrics)
+            self.thumbnails = Thumbnails(self.settings, self.bus, self.state_log)
+        if "thumbnails" in self.roles:
+            self.thumbnail_maker = ThumbnailMaker(self.settings, self.bus, self.view)
         sources = [part.snapshot for part in (self.ingest, self.egress) if part is not None]
-        self.metrics.registry.register(GatewayCollector(sources, self._node_metrics()))
+        node_metrics = self._node_metrics()
+        if self.thumbnail_maker is not None:
+            node_metrics.update(self.thumbnail_maker.snapshot_metrics())
+        self.metrics.registry.register(GatewayCollector(sources, node_metrics))
 
     def _node_metrics(self) -> dict:
         bus = self.bus
@@ -103,7 +113,7 @@ class Node:
         await self.sessions.start()
         await self.state_log.start()
         await self.directory.start()
-        for part in (self.ingest, self.egress, self.qa):
+        for part in (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker):
             if part is not None:
                 await part.start()
         await self.heartbeat.start()
@@ -115,7 +125,7 @@ class Node:
         await self.heartbeat.stop()
         if self.rewinder is not None:
             await self.rewinder.stop()
-        for part in (self.qa, self.egress, self.ingest):
+        for part in (self.thumbnail_maker, self.thumbnails, self.qa, self.egress, self.ingest):
             if part is not None:
                 await part.stop()
         await self.directory.stop()
@@ -175,6 +185,8 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
     directory.add_routes(app, node.directory, settings)
     if node.qa is not None:
         qa_api.add_routes(app, node.qa, settings)
+    if node.thumbnails is not None:
+        thumbnails_api.add_routes(app, node.thumbnails)
     openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):

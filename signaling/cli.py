@@ -58,6 +58,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bits/s one viewer may be sent (default 50000000)")  # fmt: skip
     parser.add_argument("--retransmit-budget", type=float, help="NACK resends may add at "
                         "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
+    parser.add_argument("--thumbnail-interval", type=float,
+                        help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -109,6 +111,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         qa_trust_forwarded_for=getattr(args, "qa_trust_forwarded_for", None),
         viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
         retransmit_budget=getattr(args, "retransmit_budget", None),
+        thumbnail_interval=getattr(args, "thumbnail_interval", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

@@ -384,6 +384,22 @@ PATHS: dict = {
                           **_errors(400, 401, 413, 415, 503)},
         },
     },
+    "/api/streams/{stream}/thumbnail": {
+        "parameters": [STREAM],
+        "get": {
+            "tags": ["Directory"], "summary": "The stream's latest picture (JPEG)",
+            "description": "Made every few seconds while the stream is live and kept after "
+                           "it ends (for its replay). `ETag` and `Cache-Control` allow "
+                           "conditional requests (`If-None-Match` answers 304).",
+            "responses": {
+                "200": {"description": "The picture, at most 320 pixels wide by default",
+                        "content": {"image/jpeg": {"schema": {"type": "string",
+                                                              "format": "binary"}}}},
+                "304": {"description": "Unchanged since the `If-None-Match` ETag"},
+                **_errors(400, 404),
+            },
+        },
+    },
     "/api/streams/{stream}/questions": {
         "parameters": [STREAM],
         "get": {
