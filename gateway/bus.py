@@ -182,8 +182,15 @@ class Bus:
         await self._create_topics([topic])
 
     async def create_topics(self, topics: list[NewTopic]) -> None:
-        """Create the topics a reader of the log writes to (existing ones are kept)."""
-        await self._create_topics(topics)
+        """Create the topics a reader of the log writes to (existing ones are kept),
+        replicated like every topic of this bus (their own replication factor is
+        replaced)."""
+        await self._create_topics(
+            [
+                NewTopic(t.name, t.num_partitions, self._replicas, topic_configs=t.topic_configs)
+                for t in topics
+            ]
+        )
 
     async def _create_topics(self, topics: list[NewTopic]) -> None:
         admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())

@@ -51,13 +51,9 @@ def thumbnails_topic(prefix: str) -> str:
 
 
 def topic_spec(settings: Settings) -> NewTopic:
-    """The compacted topic; every role that reads or writes it creates it the same way."""
-    return NewTopic(
-        thumbnails_topic(settings.topic_prefix),
-        1,
-        settings.topic_replication_factor,
-        topic_configs=TOPIC_CONFIGS,
-    )
+    """The compacted topic; every role that reads or writes it creates it the same way
+    (the replication factor is the creator's: ``Bus.create_topics``, ``StateLog.ensure``)."""
+    return NewTopic(thumbnails_topic(settings.topic_prefix), 1, 1, topic_configs=TOPIC_CONFIGS)
 
 
 @dataclass(frozen=True, slots=True)
