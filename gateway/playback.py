@@ -350,7 +350,10 @@ class Playback:
             await self._go(target, window)
 
     async def start_at(self, target_ms: float) -> None:
-        """First play of a ``?start=`` session: once DTLS is up."""
+        """First play of a ``?start=`` session, once DTLS is up. The keyframe search and
+        the cursor's first read run while ICE and DTLS connect, so the join does not
+        wait for them in turn; :meth:`_go` then finds that cursor as a shared one."""
+        early = asyncio.ensure_future(self._early_cursor(target_ms))
         waits = [asyncio.ensure_future(s.ready.wait()) for s in self.viewer.senders.values()]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -363,6 +366,22 @@ class Playback:
         except SessionError as exc:  # e.g. the frames left the window meanwhile
             self.viewer.log(logging.WARNING, "replay could not start: %s", exc)
             await self.viewer.close()
+        finally:
+            cursor = await early
+            if cursor is not None and not cursor.playbacks:
+                self.rewinder.release(cursor, self)  # nobody joined it after all
+
+    async def _early_cursor(self, target_ms: float) -> Cursor | None:
+        """The cursor :meth:`_go` will join, or None: its errors are :meth:`_go`'s to
+        report, since it meets the same ones."""
+        try:
+            window = await self.rewinder.window(self.info)
+            if window.live and target_ms >= window.edge_ms - LIVE_SNAP_MS:
+                return None  # plays live: nothing to read ahead
+            return await self.rewinder.cursor(self.info, target_ms)
+        except Exception as exc:
+            self.viewer.log(logging.DEBUG, "no early cursor: %s", exc)
+            return None
 
     async def _go(self, target_ms: float, window: Window) -> None:
         check_target(target_ms, window)
