@@ -56,6 +56,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bits/s one viewer may be sent (default 50000000)")  # fmt: skip
     parser.add_argument("--retransmit-budget", type=float, help="NACK resends may add at "
                         "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
+    parser.add_argument("--no-native-fanout", action="store_true", default=None,
+                        help="send to viewers with the pure-Python path, not the native "
+                        "core (env WHIPCAST_NO_NATIVE=1)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -106,6 +109,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         qa_trust_forwarded_for=getattr(args, "qa_trust_forwarded_for", None),
         viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
         retransmit_budget=getattr(args, "retransmit_budget", None),
+        no_native_fanout=getattr(args, "no_native_fanout", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

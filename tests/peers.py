@@ -163,10 +163,16 @@ class Viewer:
         return status
 
 
-async def play(base: str, stream: str, loss: float = 0.0, seed: int = 1) -> Viewer:
+async def play(
+    base: str, stream: str, loss: float = 0.0, seed: int = 1, rtx: bool = True
+) -> Viewer:
+    """A WHEP viewer; ``rtx=False`` offers no RTX, so resends come on the media SSRC."""
     pc = RTCPeerConnection()
-    pc.addTransceiver("video", direction="recvonly")
+    video = pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
+    if not rtx:
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        video.setCodecPreferences([c for c in codecs if not c.mimeType.endswith("/rtx")])
     session = aiohttp.ClientSession(base_url=base)
     await pc.setLocalDescription(await pc.createOffer())
     posted = time.monotonic()

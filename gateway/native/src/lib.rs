@@ -286,7 +286,7 @@ impl Track {
 
     /// Build, protect and send one frame's packets; returns the protected packets
     /// the kernel did not take (its buffer was full) for the caller to queue.
-    fn send_inner(&mut self, packets: &Packets, seq: u16, ts: u32) -> (Vec<Vec<u8>>, usize) {
+    fn send_inner(&mut self, packets: &Packets, seq: u16, ts: u32, direct: bool) -> Vec<Vec<u8>> {
         let tag_len = self.cipher.tag_len();
         let count = packets.heads.len();
         let total = packets.data.len() + count * (12 + tag_len);
@@ -311,24 +311,24 @@ impl Track {
             spans.push((at, len));
             at += len;
         }
-        let (sent, errors) = self.sendmmsg(&scratch, &spans);
+        let sent = if direct { self.sendmmsg(&scratch, &spans) } else { 0 };
         let unsent = spans[sent..].iter().map(|&(a, l)| scratch[a..a + l].to_vec()).collect();
         self.scratch = scratch;
-        (unsent, errors)
+        unsent
     }
 
-    /// `sendmmsg` the spans of `buf` in batches; returns (spans handed to the kernel or
-    /// dropped on a hard error, hard errors). Stops at the first EAGAIN/ENOBUFS.
-    fn sendmmsg(&self, buf: &[u8], spans: &[(usize, usize)]) -> (usize, usize) {
+    /// `sendmmsg` the spans of `buf` in batches; returns how many were handed to the
+    /// kernel (or lost to a hard error, as asyncio's transport loses them). Stops at the
+    /// first EAGAIN/ENOBUFS.
+    fn sendmmsg(&self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
         let Some(dest) = self.dest.as_ref() else {
-            return (0, 0);
+            return 0;
         };
         let mut iovs: Vec<libc::iovec> = spans
             .iter()
             .map(|&(a, l)| libc::iovec { iov_base: buf[a..].as_ptr() as *mut _, iov_len: l })
             .collect();
         let mut done = 0;
-        let mut errors = 0;
         while done < spans.len() {
             let n = (spans.len() - done).min(BATCH);
             // SAFETY: zeroed mmsghdr is valid; every pointer outlives the call.
@@ -353,14 +353,10 @@ impl Track {
             match err {
                 libc::EINTR => continue,
                 libc::EAGAIN | libc::ENOBUFS => break,
-                _ => {
-                    // As asyncio's datagram transport does: the packet is lost, go on.
-                    done += 1;
-                    errors += 1;
-                }
+                _ => done += 1, // lost, as asyncio's datagram transport loses it
             }
         }
-        (done, errors)
+        done
     }
 }
 
@@ -426,11 +422,24 @@ impl Track {
         }
         let packets = packets.get();
         let track: &mut Track = &mut slf;
-        let (unsent, _errors) = py.allow_threads(|| track.send_inner(packets, seq, ts));
+        let unsent = py.allow_threads(|| track.send_inner(packets, seq, ts, true));
         if unsent.is_empty() {
             return Ok(None);
         }
         Ok(Some(unsent.iter().map(|p| PyBytes::new(py, p).unbind()).collect()))
+    }
+
+    /// What `send` sends, protected but not sent: for a caller that must queue them
+    /// behind packets already waiting on the socket's transport.
+    fn protect_frame(
+        &mut self,
+        py: Python<'_>,
+        packets: &Bound<'_, Packets>,
+        seq: u16,
+        ts: u32,
+    ) -> Vec<Py<PyBytes>> {
+        let out = self.send_inner(packets.get(), seq, ts, false);
+        out.iter().map(|p| PyBytes::new(py, p).unbind()).collect()
     }
 
     /// SRTP-protect one RTP packet of this track's SSRC (for resends and tests).
