@@ -31,7 +31,7 @@ from .frames import Codec, Track
 from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
 from .registry import STALE_AFTER_S, RegistryView, StreamInfo
-from .rtpsend import FanoutSender, PreparedFrame, RetransmitPolicy, SendBudget
+from .rtpsend import FanoutSender, PreparedFrame, RetransmitPolicy, SendBudget, native_core
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class ViewerSession(PeerSession):
                 self.keyframe_requested,
                 budget,
                 retransmit,
+                self.node.native,
             )
             aiortc_compat.replace_sender(transceiver, sender)
             self.senders[track] = sender
@@ -392,6 +393,8 @@ class EgressNode:
         self.bus = bus
         self.view = view
         self.keyframes = KeyframeRequester(bus, settings.keyframe_request_interval)
+        self.native = native_core(settings.no_native_fanout)
+        """The native fan-out core viewers send with, or None for the pure-Python path."""
         self.viewers: dict[str, ViewerSession] = {}
         self.started = 0
         self._departed_octets = 0

@@ -29,6 +29,7 @@ ENV_VARS = {
     "WHIPCAST_ADVERTISE_URL": "advertise_url",
     "WHIPCAST_WEB_ROOT": "web_root",
     "WHIPCAST_QA_SECRET": "qa_secret",
+    "WHIPCAST_NO_NATIVE": "no_native_fanout",
 }
 
 
@@ -104,6 +105,11 @@ class Settings:
     """Seconds a replay session stays open after its recording ended, reporting
     ``"ended": true``, before it is closed (RTCP BYE)."""
 
+    # Egress send path (gateway/rtpsend.py, gateway/native/)
+    no_native_fanout: bool = False
+    """Send with the pure-Python path even where the native fan-out core is built (it is
+    the reference the native core is tested against, and the fallback)."""
+
     # Audience Q&A (signaling/qa.py)
     qa_retention_ms: int = 7 * 24 * 3600 * 1000
     """How long questions stay in Kafka: long enough to show them again with a replay."""
@@ -168,7 +174,11 @@ class Settings:
         values: dict[str, object] = {}
         for var, name in ENV_VARS.items():
             if env.get(var):
-                values[name] = Path(env[var]) if "Path" in str(types[name]) else env[var]
+                kind = str(types[name])
+                if kind == "bool":
+                    values[name] = env[var].lower() not in ("0", "false", "no")
+                else:
+                    values[name] = Path(env[var]) if "Path" in kind else env[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

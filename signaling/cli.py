@@ -60,6 +60,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
     parser.add_argument("--thumbnail-interval", type=float,
                         help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
+    parser.add_argument("--no-native-fanout", action="store_true", default=None,
+                        help="send to viewers with the pure-Python path, not the native "
+                        "core (env WHIPCAST_NO_NATIVE=1)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -112,6 +115,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
         retransmit_budget=getattr(args, "retransmit_budget", None),
         thumbnail_interval=getattr(args, "thumbnail_interval", None),
+        no_native_fanout=getattr(args, "no_native_fanout", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

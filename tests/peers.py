@@ -163,12 +163,23 @@ class Viewer:
         return status
 
 
-async def play(base: str, stream: str, query: str = "", loss: float = 0.0, seed: int = 1) -> Viewer:
-    """A WHEP viewer; ``query`` (e.g. ``start=-30``) is appended to the endpoint URL, and
-    ``loss`` drops that share of incoming RTP before aiortc sees it (an impaired link)."""
+async def play(
+    base: str,
+    stream: str,
+    query: str = "",
+    loss: float = 0.0,
+    seed: int = 1,
+    rtx: bool = True,
+) -> Viewer:
+    """A WHEP viewer; ``query`` (e.g. ``start=-30``) is appended to the endpoint URL,
+    ``loss`` drops that share of incoming RTP before aiortc sees it (an impaired link),
+    and ``rtx=False`` offers no RTX, so resends come on the media SSRC."""
     pc = RTCPeerConnection()
-    pc.addTransceiver("video", direction="recvonly")
+    video = pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
+    if not rtx:
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        video.setCodecPreferences([c for c in codecs if not c.mimeType.endswith("/rtx")])
     session = aiohttp.ClientSession(base_url=base)
     await pc.setLocalDescription(await pc.createOffer())
     posted = time.monotonic()
