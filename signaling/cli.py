@@ -93,8 +93,9 @@ def _tools(commands) -> None:
     tap.add_argument("stream")
     tap.add_argument("--start", metavar="-S", help="start S seconds before the live edge "
                      "(e.g. --start=-30), on the keyframe at or before it")  # fmt: skip
-    tap.add_argument("--format", choices=["mpegts", "mp4", "webm"], help="container "
-                     "(default: mpegts for H.264, webm for VP8, which MPEG-TS cannot carry)")  # fmt: skip
+    tap.add_argument("--format", choices=["mpegts", "mp4", "webm"],
+                     help="container (default: mpegts for H.264, webm for VP8, which "
+                     "MPEG-TS cannot carry)")  # fmt: skip
     push = commands.add_parser("push", help="publish an MPEG-TS (or any FFmpeg-readable) "
                                "input as a live stream")  # fmt: skip
     push.add_argument("stream")
