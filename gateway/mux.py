@@ -26,6 +26,7 @@ audio and video as in sync as they arrived. FFmpeg interleaves the tracks by tim
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import struct
@@ -323,3 +324,21 @@ class Muxer:
         container, self._container = self._container, None
         if container is not None:
             container.close()
+
+
+async def write_in_thread(muxer: Muxer, frames: list[Frame]) -> None:
+    """Mux ``frames`` in a worker thread (FFmpeg writes block: a slow pipe, a disk),
+    so the loop reading Kafka never waits. If the caller is cancelled meanwhile, the
+    write still completes before the cancellation goes on, so that nobody closes the
+    muxer while a thread is writing to it."""
+    write = asyncio.ensure_future(asyncio.to_thread(_write_all, muxer, frames))
+    try:
+        await asyncio.shield(write)
+    except asyncio.CancelledError:
+        await asyncio.gather(write, return_exceptions=True)
+        raise
+
+
+def _write_all(muxer: Muxer, frames: list[Frame]) -> None:
+    for frame in frames:
+        muxer.write(frame)

@@ -153,14 +153,8 @@ class Tap:
             stats.frames_read += len(frames)
             stats.bytes_read += sum(len(f.payload) for f in frames)
             try:
-                # Blocking writes (a slow pipe) stay off the loop that reads Kafka.
-                await asyncio.to_thread(_write, muxer, frames)
+                await mux.write_in_thread(muxer, frames)
             except (BrokenPipeError, av.FFmpegError, OSError) as exc:
                 stats.reason = f"the output closed ({exc.__class__.__name__})"
                 return
             stats.frames_written, stats.bytes_written = muxer.frames, muxer.bytes
-
-
-def _write(muxer: mux.Muxer, frames: list) -> None:
-    for frame in frames:
-        muxer.write(frame)
