@@ -30,6 +30,7 @@ ENV_VARS = {
     "WHIPCAST_WEB_ROOT": "web_root",
     "WHIPCAST_QA_SECRET": "qa_secret",
     "WHIPCAST_NO_NATIVE": "no_native_fanout",
+    "WHIPCAST_TOKEN": "push_token",
 }
 
 
@@ -146,6 +147,15 @@ class Settings:
     """Seconds between two pictures of one stream; each costs one keyframe decode."""
     thumbnail_width: int = 320
     """Width of a thumbnail in pixels (never wider than the stream)."""
+
+    # Tap, push and clips: readers and a writer of the log for standard tools
+    # (gateway/tap.py, gateway/push.py, gateway/clips.py)
+    push_token: str | None = field(default=None, repr=False)
+    """Token ``whipcast push`` presents; must equal ``publish_token`` when that is set."""
+    clip_max_s: float = 600.0
+    """Longest clip ``/api/streams/{stream}/clip`` cuts."""
+    clip_max_jobs: int = 2
+    """Clips one node cuts at once; more are refused (503) rather than queued."""
 
     # Kafka
     kafka_bootstrap: str | None = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 from whipcast.gateway.bus import Bus
+from whipcast.gateway.clips import Clipper
 from whipcast.gateway.codecs import install_passthrough_codecs
 from whipcast.gateway.egress import EgressNode
 from whipcast.gateway.ingest import IngestNode
@@ -27,7 +28,18 @@ from whipcast.gateway.sessions import SessionsView
 from whipcast.gateway.settings import Settings
 from whipcast.gateway.thumbnails import ThumbnailMaker
 
-from . import directory, observability, openapi, pages, qa_api, security, thumbnails_api, whep, whip
+from . import (
+    clips_api,
+    directory,
+    observability,
+    openapi,
+    pages,
+    qa_api,
+    security,
+    thumbnails_api,
+    whep,
+    whip,
+)
 from .directory import Directory
 from .kafkalog import StateLog
 from .problem import problems_middleware
@@ -59,6 +71,7 @@ class Node:
     qa: QAService | None = None
     thumbnails: Thumbnails | None = None
     thumbnail_maker: ThumbnailMaker | None = None
+    clipper: Clipper | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -74,6 +87,7 @@ class Node:
         if "egress" in self.roles:
             self.egress = EgressNode(self.settings, self.bus, self.view)
             self.rewinder = Rewinder(self.egress, self.sessions)
+            self.clipper = Clipper(self.rewinder)
         self.state_log = StateLog(self.settings)
         self.directory = Directory(self.settings, self.bus, self.state_log)
         if "signaling" in self.roles:
@@ -85,6 +99,8 @@ class Node:
         node_metrics = self._node_metrics()
         if self.thumbnail_maker is not None:
             node_metrics.update(self.thumbnail_maker.snapshot_metrics())
+        if self.clipper is not None:
+            node_metrics.update(self.clipper.snapshot_metrics())
         self.metrics.registry.register(GatewayCollector(sources, node_metrics))
 
     def _node_metrics(self) -> dict:
@@ -187,6 +203,8 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
         qa_api.add_routes(app, node.qa, settings)
     if node.thumbnails is not None:
         thumbnails_api.add_routes(app, node.thumbnails)
+    if node.clipper is not None:
+        clips_api.add_routes(app, node.clipper)
     openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):

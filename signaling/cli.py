@@ -85,7 +85,59 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run a KRaft cluster of N brokers (1-9), e.g. 3 to try "
                        "broker failures as production sees them")  # fmt: skip
     loadtest_cli.add_parser(commands)
+    _tools(commands)
     return parser
+
+
+def _tools(commands) -> None:
+    """``tap`` and ``push``: a stream out to, and in from, standard tools (FFmpeg)."""
+    tap = commands.add_parser("tap", help="write a live stream to stdout (MPEG-TS, "
+                              "fragmented MP4 or WebM) for ffplay/ffmpeg")  # fmt: skip
+    tap.add_argument("stream")
+    tap.add_argument("--start", metavar="-S", help="start S seconds before the live edge "
+                     "(e.g. --start=-30), on the keyframe at or before it")  # fmt: skip
+    tap.add_argument("--format", choices=["mpegts", "mp4", "webm"],
+                     help="container (default: mpegts for H.264, webm for VP8, which "
+                     "MPEG-TS cannot carry)")  # fmt: skip
+    push = commands.add_parser("push", help="publish an MPEG-TS (or any FFmpeg-readable) "
+                               "input as a live stream")  # fmt: skip
+    push.add_argument("stream")
+    push.add_argument("--input", default="-", help="file to read, or - for stdin (default)")
+    push.add_argument("--token", dest="push_token", help="the publish token, when one is "
+                      "configured (env WHIPCAST_TOKEN)")  # fmt: skip
+    push.add_argument("--publish-token", help="the deployment's publish token (env "
+                      "WHIPCAST_PUBLISH_TOKEN); --token must then match it")  # fmt: skip
+    for parser in (tap, push):
+        parser.add_argument("--kafka-bootstrap", help="the Kafka cluster, HOST:PORT[,...] "
+                            "(env WHIPCAST_KAFKA_BOOTSTRAP)")  # fmt: skip
+        parser.add_argument("--log-level", default="WARNING")
+
+
+async def _run_tool(args: argparse.Namespace, settings: Settings) -> None:
+    """Run tap or push until it ends or SIGINT/SIGTERM; say why it stopped on stderr."""
+    from whipcast.gateway import errors, mux, push, tap
+
+    if settings.kafka_bootstrap is None:
+        raise SystemExit(f"whipcast {args.command}: --kafka-bootstrap is required")
+    if args.command == "tap":
+        job = tap.Tap(settings, args.stream, sys.stdout.buffer, args.format, args.start)
+    else:
+        source = sys.stdin.buffer if args.input == "-" else args.input
+        job = push.Push(settings, args.stream, source, settings.push_token)
+    task = asyncio.ensure_future(job.run())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        stats = await task
+    except asyncio.CancelledError:
+        stats = job.stats
+        stats_reason = "interrupted"
+    except (errors.SessionError, mux.MuxError, push.PushError) as exc:
+        raise SystemExit(f"whipcast {args.command}: {exc}") from None
+    else:
+        stats_reason = getattr(stats, "reason", "") or "the input ended"
+    print(f"whipcast {args.command}: {stats_reason}; {stats}", file=sys.stderr)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -116,6 +168,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retransmit_budget=getattr(args, "retransmit_budget", None),
         thumbnail_interval=getattr(args, "thumbnail_interval", None),
         no_native_fanout=getattr(args, "no_native_fanout", None),
+        push_token=getattr(args, "push_token", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 
@@ -164,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         loadtest_cli.run(args)
         return
     try:
+        if args.command in ("tap", "push"):
+            _run(_run_tool(args, settings))
+            return
         if args.command == "kafka":
             if args.kafka_command == "fetch":
                 print(broker.fetch(settings))

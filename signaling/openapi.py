@@ -400,6 +400,36 @@ PATHS: dict = {
             },
         },
     },
+    "/api/streams/{stream}/clip": {
+        "parameters": [STREAM],
+        "get": {
+            "tags": ["Directory"], "summary": "A span of the stream as a file (MP4 or WebM)",
+            "description": "Cut from Kafka without transcoding: MP4 for H.264 + Opus, WebM "
+                           "for VP8 + Opus, starting on the keyframe at or before `from`, "
+                           "with a filename in `Content-Disposition` and the duration in "
+                           "`X-Clip-Duration`. Works for ended broadcasts still in Kafka. "
+                           "Length and concurrent cuts per node are capped (default 600 s, "
+                           "2 at once).",
+            "parameters": [
+                {"name": "from", "in": "query", "required": True, "schema": {"type": "string"},
+                 "description": "Epoch milliseconds, or seconds before the live edge (`-30`)"},
+                {"name": "to", "in": "query", "required": True, "schema": {"type": "string"},
+                 "description": "Epoch milliseconds, or seconds before the live edge (`0`)"},
+                _SESSION,
+            ],
+            "responses": {
+                "200": {"description": "The clip",
+                        "content": {"video/mp4": {"schema": {"type": "string",
+                                                             "format": "binary"}},
+                                    "video/webm": {"schema": {"type": "string",
+                                                              "format": "binary"}}}},
+                **_errors(400, 404),
+                "422": {"description": "Range outside the window (body has the window)",
+                        "content": {PROBLEM: {"schema": _ref("OutOfWindow")}}},
+                **_errors(429, 503),
+            },
+        },
+    },
     "/api/streams/{stream}/questions": {
         "parameters": [STREAM],
         "get": {

@@ -43,7 +43,7 @@ def add_routes(
             else:
                 viewer, answer = await rewinder.play(stream, offer, start or "0", session)
         except OutOfWindow as exc:
-            return _out_of_window(exc)
+            return out_of_window(exc)
         path = f"/whep/{stream}/{viewer.resource_id}"
         response = resources.created(viewer, answer, resources.location(settings, path), settings)
         position = resources.location(settings, f"{path}/position")
@@ -72,7 +72,7 @@ def add_routes(
         try:
             await current.move(move)
         except OutOfWindow as exc:
-            return _out_of_window(exc)
+            return out_of_window(exc)
         return web.json_response(await current.describe())
 
     app.router.add_post("/whep/{stream}", play)
@@ -103,7 +103,7 @@ def _validate_move(body: dict) -> dict:
     return body
 
 
-def _out_of_window(exc: OutOfWindow) -> web.Response:
+def out_of_window(exc: OutOfWindow) -> web.Response:
     """422 with the window, so a player can clamp and retry."""
     body = {"type": "about:blank", "title": "Unprocessable Content", "status": 422,
             "detail": str(exc), **exc.window.as_dict()}  # fmt: skip
