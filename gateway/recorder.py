@@ -147,6 +147,8 @@ class _StreamRecording:
     not be on disk yet, in the order they were written."""
     commit: dict[int, int] = field(default_factory=dict)
     """Offsets to commit (next record per partition), durable and not committed yet."""
+    position: dict[int, int] = field(default_factory=dict)
+    """Next record to read per partition (where to resume after a rebalance)."""
     last_frame: float = field(default_factory=time.monotonic)
     last_arrival_us: int = 0
     retry_at: float = 0.0
@@ -207,7 +209,7 @@ class Recorder:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._consumer is not None:
-            await self.release(set(self._streams))
+            await self._commit(await self.release(set(self._streams)))
             await self._consumer.stop()
         self._worker.shutdown(wait=True)
 
@@ -223,12 +225,28 @@ class Recorder:
                 commits.update(await loop.run_in_executor(self._worker, self._close_quiet))
             await self._commit(commits)
 
-    async def release(self, topics: set[str]) -> None:
-        """Close the parts of these streams and commit everything read from them."""
+    async def release(self, topics: set[str]) -> dict[TopicPartition, int]:
+        """Close the parts of these streams; the offsets of everything read from them."""
         async with self._lock:
             loop = asyncio.get_running_loop()
-            commits = await loop.run_in_executor(self._worker, self._release, topics)
+            return await loop.run_in_executor(self._worker, self._release, topics)
+
+    async def commit_durable(self) -> None:
+        async with self._lock:
+            commits = self._offsets()
         await self._commit(commits)
+
+    async def reassigned(self, assigned: set[TopicPartition]) -> None:
+        """After a rebalance: finish the streams that moved away (their new owner
+        resumes at the last committed keyframe) and continue the others where this
+        recorder was, not at the older committed offsets."""
+        assert self._consumer is not None
+        topics = {tp.topic for tp in assigned}
+        await self.release(set(self._streams) - topics)
+        for tp in assigned:
+            recording = self._streams.get(tp.topic)
+            if recording is not None and tp.partition in recording.position:
+                self._consumer.seek(tp, recording.position[tp.partition])
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         if not offsets or self._consumer is None:
@@ -253,6 +271,7 @@ class Recorder:
             merged = heapq.merge(*partitions, key=lambda r: r.timestamp)
             for record in merged:
                 self._write(recording, record)
+                recording.position[record.partition] = record.offset + 1
         return self._offsets()
 
     def _recording(self, topic: str) -> _StreamRecording:
@@ -501,14 +520,15 @@ class Recorder:
 
 
 class _Handover(ConsumerRebalanceListener):
-    """Before streams move to another recorder, finish their parts and commit."""
+    """Rebalances (Kafka's eager protocol revokes every partition each time any
+    stream appears) must not cut recordings: commit what is durable before, keep the
+    streams that stay, finish only those that moved."""
 
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self._recorder.release({tp.topic for tp in revoked})
+        await self._recorder.commit_durable()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        topics = sorted({tp.topic for tp in assigned})
-        logger.info("recorder assigned %d streams", len(topics))
+        await self._recorder.reassigned(set(assigned))
