@@ -219,6 +219,8 @@ class Muxer:
         fmt: str,
         video: Codec | None,
         audio: Codec | None,
+        *,
+        flush_s: float | None = None,
     ) -> None:
         check_format(fmt, video, audio)
         if video is None and audio is None:
@@ -227,6 +229,9 @@ class Muxer:
             raise MuxError("mp4 is written to a path (use fmp4 for a pipe)")
         self.format = fmt
         self._target = target
+        self._flush_s = flush_s
+        """Recording: a fragment (fMP4) or cluster (WebM) at least this often, each
+        handed to the target as soon as it is complete, so a crash loses at most that."""
         self._codecs = {Track.VIDEO: video, Track.AUDIO: audio}
         self._container: av.container.OutputContainer | None = None
         self._streams: dict[Track, av.stream.Stream] = {}
@@ -291,6 +296,12 @@ class Muxer:
         self._base_us = first.arrival_us
         self.first_us = first.arrival_us
         options = dict(_OPTIONS.get(self.format, {}))
+        if self._flush_s is not None:
+            options["flush_packets"] = "1"
+            if self.format == "fmp4":
+                options["frag_duration"] = str(int(self._flush_s * 1_000_000))
+            elif self.format == "webm":
+                options["cluster_time_limit"] = str(int(self._flush_s * 1000))
         container = av.open(
             self._target,
             "w",

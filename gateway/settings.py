@@ -157,6 +157,22 @@ class Settings:
     clip_max_jobs: int = 2
     """Clips one node cuts at once; more are refused (503) rather than queued."""
 
+    # Recording (gateway/recorder.py, the ``record`` role; off without a directory)
+    record_dir: Path | None = None
+    """Where recordings are written (and served from by ``/api/recordings``)."""
+    record_streams: str = "*"
+    """Glob of the stream names this recorder group records."""
+    record_max_bytes: int = 1024**3
+    record_max_seconds: float = 3600.0
+    """A part is rolled at its first keyframe past either limit."""
+    record_flush_s: float = 1.0
+    """A fragment reaches the disk (fsync) at least this often: what a crash may lose."""
+    record_discovery_ms: int = 2000
+    """How often recorders look for new stream topics (Kafka metadata refresh)."""
+    record_session_timeout_ms: int = 6000
+    """How long the group waits for a silent recorder before others take its streams
+    (Kafka's broker-side minimum is 6 s by default)."""
+
     # Kafka
     kafka_bootstrap: str | None = None
     """Existing cluster to use; ``None`` in dev mode starts an embedded broker."""

@@ -23,6 +23,7 @@ from whipcast.gateway.metrics import GatewayCollector, Metrics
 from whipcast.gateway.nodes import Heartbeat, NodeInfo, NodeView
 from whipcast.gateway.peer import use_host_addresses
 from whipcast.gateway.playback import Rewinder
+from whipcast.gateway.recorder import Recorder
 from whipcast.gateway.registry import RegistryView
 from whipcast.gateway.sessions import SessionsView
 from whipcast.gateway.settings import Settings
@@ -35,6 +36,7 @@ from . import (
     openapi,
     pages,
     qa_api,
+    recordings_api,
     security,
     thumbnails_api,
     whep,
@@ -50,7 +52,8 @@ from .thumbnails_api import Thumbnails
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("ingest", "egress", "signaling", "thumbnails")
+ROLES = ("ingest", "egress", "signaling", "thumbnails", "record")
+"""Every role; ``record`` runs only where a recording directory is set."""
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Node:
     thumbnails: Thumbnails | None = None
     thumbnail_maker: ThumbnailMaker | None = None
     clipper: Clipper | None = None
+    recorder: Recorder | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -95,12 +99,17 @@ class Node:
             self.thumbnails = Thumbnails(self.settings, self.bus, self.state_log)
         if "thumbnails" in self.roles:
             self.thumbnail_maker = ThumbnailMaker(self.settings, self.bus, self.view)
+        if "record" in self.roles:
+            assert self.settings.record_dir is not None
+            self.recorder = Recorder(self.settings, self.bus, self.view, self.sessions)
         sources = [part.snapshot for part in (self.ingest, self.egress) if part is not None]
         node_metrics = self._node_metrics()
         if self.thumbnail_maker is not None:
             node_metrics.update(self.thumbnail_maker.snapshot_metrics())
         if self.clipper is not None:
             node_metrics.update(self.clipper.snapshot_metrics())
+        if self.recorder is not None:
+            node_metrics.update(self.recorder.snapshot_metrics())
         self.metrics.registry.register(GatewayCollector(sources, node_metrics))
 
     def _node_metrics(self) -> dict:
@@ -129,7 +138,9 @@ class Node:
         await self.sessions.start()
         await self.state_log.start()
         await self.directory.start()
-        for part in (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker):
+        parts = (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker,
+                 self.recorder)  # fmt: skip
+        for part in parts:
             if part is not None:
                 await part.start()
         await self.heartbeat.start()
@@ -141,7 +152,9 @@ class Node:
         await self.heartbeat.stop()
         if self.rewinder is not None:
             await self.rewinder.stop()
-        for part in (self.thumbnail_maker, self.thumbnails, self.qa, self.egress, self.ingest):
+        parts = (self.recorder, self.thumbnail_maker, self.thumbnails, self.qa, self.egress,
+                 self.ingest)  # fmt: skip
+        for part in parts:
             if part is not None:
                 await part.stop()
         await self.directory.stop()
@@ -179,6 +192,8 @@ NODE = web.AppKey("node", Node)
 
 
 def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Application:
+    if settings.record_dir is None:
+        roles = tuple(role for role in roles if role != "record")
     node = Node(settings, roles)
     app = web.Application(
         middlewares=[count_requests(node.metrics), cors_middleware, problems_middleware],
@@ -205,6 +220,7 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
         thumbnails_api.add_routes(app, node.thumbnails)
     if node.clipper is not None:
         clips_api.add_routes(app, node.clipper)
+    recordings_api.add_routes(app, settings)
     openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):

@@ -68,14 +68,36 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="human-readable lines or JSON lines")  # fmt: skip
 
 
+def _recording(parser: argparse.ArgumentParser, flag: str, required: bool) -> None:
+    parser.add_argument(
+        flag,
+        type=Path,
+        dest="record_dir",
+        required=required,
+        help="write every stream session to files here (record role)",
+    )
+    parser.add_argument(
+        "--streams",
+        dest="record_streams",
+        help="record only stream names matching this glob (default: all)",
+    )
+    parser.add_argument("--record-max-bytes", type=int, help="roll a file past this size")
+    parser.add_argument("--record-max-seconds", type=float,
+                        help="roll a file past this duration")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     # The docstring is reST; --help is plain text.
     parser = argparse.ArgumentParser(prog="whipcast", description=__doc__.replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
     dev = commands.add_parser("dev", help="embedded Kafka + every role in one process")
     _common(dev)
+    _recording(dev, "--record-dir", required=False)
     for role in ROLES:
-        _common(commands.add_parser(role, help=f"run the {role} role against a Kafka cluster"))
+        command = commands.add_parser(role, help=f"run the {role} role against a Kafka cluster")
+        _common(command)
+        if role == "record":
+            _recording(command, "--dir", required=True)
     kafka = commands.add_parser("kafka", help="the embedded Apache Kafka broker")
     kafka_commands = kafka.add_subparsers(dest="kafka_command", required=True)
     kafka_commands.add_parser("fetch", help="resolve and cache the broker's jars (Maven)")
@@ -169,6 +191,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         thumbnail_interval=getattr(args, "thumbnail_interval", None),
         no_native_fanout=getattr(args, "no_native_fanout", None),
         push_token=getattr(args, "push_token", None),
+        record_dir=getattr(args, "record_dir", None),
+        record_streams=getattr(args, "record_streams", None),
+        record_max_bytes=getattr(args, "record_max_bytes", None),
+        record_max_seconds=getattr(args, "record_max_seconds", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

@@ -271,6 +271,28 @@ SCHEMAS.update({
         "allOf": [_ref("Problem")],
         "properties": {"window_start": {"type": "integer"}, "live_edge": {"type": "integer"}},
     },
+    "Recording": {
+        "type": "object",
+        "description": "One file of a recorded publish session (a session may have several "
+                       "parts: rolled by size or duration, or continued by another recorder)",
+        "required": ["stream", "session", "part", "start", "size", "url", "content_type",
+                     "end", "duration", "complete"],
+        "properties": {
+            "stream": {"type": "string"},
+            "session": {"type": "string", "description": "Publish session id (hex)"},
+            "part": {"type": "integer", "minimum": 1},
+            "start": {"type": "number", "description": "Unix time of the part's first keyframe"},
+            "end": {"type": ["number", "null"],
+                    "description": "Unix time of its last frame; null while it is written "
+                                   "or if its recorder stopped without finishing it"},
+            "duration": {"type": ["number", "null"], "description": "Seconds"},
+            "complete": {"type": "boolean"},
+            "size": {"type": "integer", "description": "Bytes on disk now"},
+            "file": {"type": "string"},
+            "url": {"type": "string", "description": "The file (Range requests allowed)"},
+            "content_type": {"type": "string", "enum": ["video/mp4", "video/webm"]},
+        },
+    },
     "Replay": {
         "type": "object",
         "required": ["stream", "session", "started", "ended", "duration", "thumbnail"],
@@ -382,6 +404,40 @@ PATHS: dict = {
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Details")}}},
             "responses": {"200": _json(_ref("Details"), "The details now"),
                           **_errors(400, 401, 413, 415, 503)},
+        },
+    },
+    "/api/recordings": {
+        "get": {
+            "tags": ["Recordings"], "summary": "Recorded files, newest first",
+            "description": "Fragmented MP4 (H.264) or WebM (VP8) with Opus, one file set per "
+                           "publish session; a part being written is listed and playable. "
+                           "Only on nodes that see the recording directory (`--record-dir`).",
+            "parameters": [{"name": "stream", "in": "query", "required": False,
+                            "description": "Only this stream's recordings",
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}}],
+            "responses": {
+                "200": _json({"type": "object", "properties": {
+                    "recordings": {"type": "array", "items": _ref("Recording")}}},
+                    "The recordings"),
+                **_errors(400, 404),
+            },
+        },
+    },
+    "/api/recordings/{stream}/{file}": {
+        "parameters": [STREAM, _param("file", "File name from the listing",
+                                      "^[A-Za-z0-9_-]+\\.(mp4|webm)$")],
+        "get": {
+            "tags": ["Recordings"], "summary": "One recording file",
+            "description": "Supports `Range` requests (206), so players can seek.",
+            "responses": {
+                "200": {"description": "The file",
+                        "content": {"video/mp4": {"schema": {"type": "string",
+                                                             "format": "binary"}},
+                                    "video/webm": {"schema": {"type": "string",
+                                                              "format": "binary"}}}},
+                "206": {"description": "The requested byte range"},
+                **_errors(404),
+            },
         },
     },
     "/api/streams/{stream}/thumbnail": {
