@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ctypes
 import functools
 import logging
@@ -627,3 +628,35 @@ async def _serve(
             )
     except asyncio.CancelledError:
         print("Kafka stopped", flush=True)
+
+
+def announce_path(settings: Settings) -> Path:
+    """Where ``whipcast dev`` leaves its embedded broker's address for this machine's
+    other commands (``tap``, ``push``, ``record``), so they need no flag next to it."""
+    return settings.kafka_cache_dir / "dev-bootstrap"
+
+
+@contextlib.contextmanager
+def announced(settings: Settings, bootstrap: str):
+    """Announce ``bootstrap`` while the block runs; withdraw it after, unless a later
+    ``whipcast dev`` has announced its own meanwhile."""
+    path = announce_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(bootstrap)
+    try:
+        yield
+    finally:
+        with suppress(OSError):
+            if path.read_text() == bootstrap:
+                path.unlink()
+
+
+def announced_bootstrap(settings: Settings) -> str | None:
+    """The embedded broker a running ``whipcast dev`` announced, if it still answers."""
+    try:
+        bootstrap = announce_path(settings).read_text().strip()
+        host, port = bootstrap.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return bootstrap
+    except (OSError, ValueError):
+        return None

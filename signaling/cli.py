@@ -131,7 +131,8 @@ def _tools(commands) -> None:
                       "WHIPCAST_PUBLISH_TOKEN); --token must then match it")  # fmt: skip
     for parser in (tap, push):
         parser.add_argument("--kafka-bootstrap", help="the Kafka cluster, HOST:PORT[,...] "
-                            "(env WHIPCAST_KAFKA_BOOTSTRAP)")  # fmt: skip
+                            "(env WHIPCAST_KAFKA_BOOTSTRAP; default: the broker of a "
+                            "whipcast dev running on this machine)")  # fmt: skip
         parser.add_argument("--log-level", default="WARNING")
 
 
@@ -140,7 +141,11 @@ async def _run_tool(args: argparse.Namespace, settings: Settings) -> None:
     from whipcast.gateway import errors, mux, push, tap
 
     if settings.kafka_bootstrap is None:
-        raise SystemExit(f"whipcast {args.command}: --kafka-bootstrap is required")
+        found = broker.announced_bootstrap(settings)
+        if found is None:
+            raise SystemExit(f"whipcast {args.command}: no --kafka-bootstrap given and no "
+                             "whipcast dev running on this machine")  # fmt: skip
+        settings = settings.with_(kafka_bootstrap=found)
     if args.command == "tap":
         job = tap.Tap(settings, args.stream, sys.stdout.buffer, args.format, args.start)
     else:
@@ -202,10 +207,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 async def serve(settings: Settings, roles: tuple[str, ...]) -> None:
     """Run a node until SIGINT/SIGTERM, with an embedded broker when none is given."""
     async with contextlib.AsyncExitStack() as stack:
+        if settings.kafka_bootstrap is None and roles != ROLES:
+            found = broker.announced_bootstrap(settings)
+            if found is None:
+                raise SystemExit("--kafka-bootstrap is required for a single role (or a "
+                                 "whipcast dev running on this machine)")  # fmt: skip
+            settings = settings.with_(kafka_bootstrap=found)
         if settings.kafka_bootstrap is None:
-            if roles != ROLES:
-                raise SystemExit("--kafka-bootstrap is required for a single role")
             kafka = await stack.enter_async_context(broker.EmbeddedKafka(settings))
+            stack.enter_context(broker.announced(settings, kafka.bootstrap))
             settings = settings.with_(kafka_bootstrap=kafka.bootstrap)
             logger.info("embedded Kafka at %s", kafka.bootstrap)
         runner = web.AppRunner(make_app(settings, roles), access_log=None)

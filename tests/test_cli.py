@@ -9,6 +9,8 @@ import signal
 import sys
 
 import aiohttp
+from whipcast.gateway import broker
+from whipcast.gateway.settings import Settings
 
 from .conftest import free_port
 
@@ -37,6 +39,10 @@ async def test_dev_starts_and_becomes_ready():
                     pass
                 await asyncio.sleep(0.25)
             assert status == 200, "whipcast dev never became ready"
+            # Its broker is announced for tap, push and single roles on this machine.
+            settings = Settings.from_env()
+            bootstrap = broker.announced_bootstrap(settings)
+            assert bootstrap is not None and bootstrap.startswith("127.0.0.1:")
             assert set(body["roles"]) == {"ingest", "egress", "signaling", "thumbnails"}
             async with http.get(f"http://127.0.0.1:{port}/watch/x") as response:
                 assert response.status == 200 and "text/html" in response.content_type
@@ -50,6 +56,7 @@ async def test_dev_starts_and_becomes_ready():
         process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, output.decode()[-2000:]
+    assert broker.announced_bootstrap(settings) is None, "withdrawn when dev stops"
     log = output.decode()
     assert "t0ken" not in log, "the token must not be logged"
     entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
