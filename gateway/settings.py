@@ -93,6 +93,16 @@ class Settings:
     retransmit_max_resends: int = 3
     """Resends of one packet to one viewer at most."""
 
+    # Per-viewer adaptation to the viewer's link (gateway/bandwidth.py, gateway/egress.py)
+    viewer_adapt: bool = True
+    """Drive each viewer's send budget by its bandwidth estimate (REMB, loss, NACKs);
+    off: every viewer may be sent up to ``viewer_max_bitrate``."""
+    viewer_min_bitrate: int = 100_000
+    """The estimate never goes below this (bits/s); audio always fits."""
+    viewer_max_queue_delay: float = 0.5
+    """Seconds of frames a viewer whose estimate limits it may be behind before its
+    video pauses until the next keyframe its link can take."""
+
     # Audience Q&A (signaling/qa.py)
     qa_retention_ms: int = 7 * 24 * 3600 * 1000
     """How long questions stay in Kafka: long enough to show them again with a replay."""

@@ -56,6 +56,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bits/s one viewer may be sent (default 50000000)")  # fmt: skip
     parser.add_argument("--retransmit-budget", type=float, help="NACK resends may add at "
                         "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
+    parser.add_argument("--no-viewer-adapt", dest="viewer_adapt", action="store_false",
+                        default=None, help="send every viewer the full stream, whatever "
+                        "its bandwidth estimate")  # fmt: skip
+    parser.add_argument("--viewer-min-bitrate", type=int, help="floor of a viewer's "
+                        "bandwidth estimate, bits/s (default 100000)")  # fmt: skip
+    parser.add_argument("--viewer-max-queue-delay", type=float, help="seconds a viewer may "
+                        "fall behind before its video pauses to the next keyframe "
+                        "(default 0.5)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -106,6 +114,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         qa_trust_forwarded_for=getattr(args, "qa_trust_forwarded_for", None),
         viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
         retransmit_budget=getattr(args, "retransmit_budget", None),
+        viewer_adapt=getattr(args, "viewer_adapt", None),
+        viewer_min_bitrate=getattr(args, "viewer_min_bitrate", None),
+        viewer_max_queue_delay=getattr(args, "viewer_max_queue_delay", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 
