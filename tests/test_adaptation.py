@@ -78,6 +78,10 @@ async def test_single_layer_viewer_on_a_slow_link(adapt_server, stream_name):
             got = fast.frames[fast_start:]
             assert len(got) > 10 * (time.monotonic() - settled), len(got)
             assert max_gap([at for at, _, _ in got], settled) < 1.0
+            # Operators see it, aggregated per stream.
+            async with http.get("/api/stats") as response:
+                stats = (await response.json())["streams"][stream_name]["egress"]
+            assert stats["video_pauses"] >= 1 and stats["estimate_kbps_min"] < 1000
 
             # The link is fast again: within ~15 s the viewer is back to live video.
             link.bitrate = None
