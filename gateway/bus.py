@@ -90,6 +90,19 @@ class Bus:
     def nodes_topic(self) -> str:
         return f"{self._prefix}.nodes"
 
+    @property
+    def sessions_topic(self) -> str:
+        """Compacted history of publish sessions, live and ended (replays)."""
+        return f"{self._prefix}.sessions"
+
+    async def create_sessions_topic(self) -> None:
+        """Compacted, and kept a day longer than frames: a session's record outlives
+        the frames it describes, so every replay still in Kafka is listed."""
+        retention = self.settings.stream_retention_ms + 24 * 3600 * 1000
+        configs = {"cleanup.policy": "compact,delete", "retention.ms": str(retention)}
+        topic = NewTopic(self.sessions_topic, 1, self._replicas, topic_configs=configs)
+        await self._create_topics([topic])
+
     async def start(self) -> None:
         self.producer = AIOKafkaProducer(
             **self.settings.kafka_client_options(),
@@ -168,6 +181,17 @@ class Bus:
         )
         await self._create_topics([topic])
 
+    async def create_topics(self, topics: list[NewTopic]) -> None:
+        """Create the topics a reader of the log writes to (existing ones are kept),
+        replicated like every topic of this bus (their own replication factor is
+        replaced)."""
+        await self._create_topics(
+            [
+                NewTopic(t.name, t.num_partitions, self._replicas, topic_configs=t.topic_configs)
+                for t in topics
+            ]
+        )
+
     async def _create_topics(self, topics: list[NewTopic]) -> None:
         admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())
         await admin.start()
@@ -237,16 +261,33 @@ class ReadFrame:
 
 
 class FrameReader:
-    """Reads one stream's frames for one egress node; all its viewers share it.
+    """Reads one stream's frames: the one way every reader of the log reads them.
 
-    It starts ``lookback`` video frames back so the current GOP can be rebuilt from
-    Kafka and a first viewer can start on a keyframe without waiting for the next one.
+    By default (egress) it starts ``lookback`` video frames back so the current GOP can
+    be rebuilt from Kafka and a first viewer can start on a keyframe without waiting
+    for the next one, then follows live. Readers of the past (replay, recorders) give
+    ``start`` offsets per track instead, and a ``session`` to read only that publish:
+    frames of other sessions are skipped, and a partition on which a later session's
+    frame appears is marked finished (the session ended there).
     """
 
-    def __init__(self, bus: Bus, stream: str, lookback: int) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        stream: str,
+        lookback: int = 0,
+        *,
+        start: dict[Track, int] | None = None,
+        session: int | None = None,
+    ) -> None:
         self.topic = bus.stream_topic(stream)
         self._consumer = bus.consumer()
         self._lookback = lookback
+        self._start = start
+        self.session = session
+        self.finished: set[Track] = set()
+        """Tracks on which a later session's frame was seen: this session is over there."""
+        self._seen: set[Track] = set()
         self._live_from: dict[int, int] = {}
         self.caught_up = asyncio.Event()
         """Set once the history (the GOP in Kafka before this reader started) is read."""
@@ -260,6 +301,12 @@ class FrameReader:
         await self._consumer.start()
         partitions = [TopicPartition(self.topic, track) for track in Track]
         self._consumer.assign(partitions)
+        if self._start is not None:
+            for tp in partitions:
+                self._live_from[tp.partition] = 0
+                self._consumer.seek(tp, self._start[Track(tp.partition)])
+            self.caught_up.set()
+            return
         ends = await self._consumer.end_offsets(partitions)
         begins = await self._consumer.beginning_offsets(partitions)
         for tp in partitions:
@@ -288,6 +335,12 @@ class FrameReader:
                     except FrameFormatError:
                         self.malformed += 1
                         continue
+                    if self.session is not None:
+                        if frame.session != self.session:
+                            if frame.track in self._seen:  # a later publish began
+                                self.finished.add(frame.track)
+                            continue
+                        self._seen.add(frame.track)
                     out.append(ReadFrame(frame, record.offset < live_from))
                     if tp.partition == Track.VIDEO and record.offset >= live_from - 1:
                         self.caught_up.set()
@@ -298,3 +351,13 @@ class FrameReader:
                     highwater = self._consumer.highwater(video) or 0
                     self.lag_records = max(0, highwater - batches[video][-1].offset - 1)
                 yield out
+
+    async def at_end(self) -> bool:
+        """Whether every partition has been read up to the newest record in Kafka."""
+        partitions = [TopicPartition(self.topic, track) for track in Track]
+        ends = await self._consumer.end_offsets(partitions)
+        for tp in partitions:
+            unread = await self._consumer.position(tp) < ends[tp]
+            if unread and Track(tp.partition) not in self.finished:
+                return False
+        return True

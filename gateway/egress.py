@@ -101,8 +101,19 @@ class ViewerSession(PeerSession):
         self._pacer: Pacer | None = None
         self._paused_at: float | None = None
         """When the video paused for a slow link (None: not paused)."""
+        self._live = True  # False while gateway/playback.py sends this viewer the past
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
+        answer = await self.negotiate(offer, offer_sdp, info)
+        self.fanout = await self.node.fanout(info)
+        self.fanout.viewers.add(self)
+        if Track.VIDEO in self.senders:
+            self.spawn(self._start_video(self.senders[Track.VIDEO]))
+        self.log(logging.INFO, "viewer joined")
+        return answer
+
+    async def negotiate(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
+        """Answer the offer with the stream's codecs; no media flows yet."""
         matched = {}
         for media in offer.media:
             source = info.codec(media.kind)
@@ -150,13 +161,7 @@ class ViewerSession(PeerSession):
             if track is Track.VIDEO and self.estimate is not None:
                 sender.estimate = self.estimate
                 self._pacer = Pacer(sender, budget, self._drain)
-        answer = await answer_offer(pc, self.settings)
-        self.fanout = await self.node.fanout(info)
-        self.fanout.viewers.add(self)
-        if Track.VIDEO in self.senders:
-            self.spawn(self._start_video(self.senders[Track.VIDEO]))
-        self.log(logging.INFO, "viewer joined")
-        return answer
+        return await answer_offer(pc, self.settings)
 
     async def _start_video(self, sender: FanoutSender) -> None:
         """Once DTLS is up: the cached GOP, then live frames."""
@@ -186,12 +191,12 @@ class ViewerSession(PeerSession):
         self._skip_to_keyframe = False
         self._resume()
         self._queue.clear()  # the GOP supersedes whatever was waiting
-        first = (gop[-1].frame.rtp_timestamp - (len(gop) - 1)) & 0xFFFFFFFF
+        first = (gop[-1].frame.rtp_timestamp + sender.ts_offset - (len(gop) - 1)) & 0xFFFFFFFF
         last = sender.last_timestamp
         if last is not None and 0 < (last + 1 - first) & 0xFFFFFFFF < 0x80000000:
             first = (last + 1) & 0xFFFFFFFF
         for i, prepared in enumerate(gop):
-            self._send_video(sender, prepared, (first + i) & 0xFFFFFFFF)
+            self.send_video(sender, prepared, (first + i) & 0xFFFFFFFF)
             self._count_sent()
             if i % BURST_CHUNK == BURST_CHUNK - 1:
                 await asyncio.sleep(0.002)
@@ -200,7 +205,7 @@ class ViewerSession(PeerSession):
         while self._queue:
             prepared = self._queue.popleft()
             if prepared.frame.sequence > newest:
-                self._send_video(sender, prepared)
+                self.send_video(sender, prepared)
                 self._count_sent()
         return True
 
@@ -225,7 +230,7 @@ class ViewerSession(PeerSession):
         if self._skip_to_keyframe:
             if not frame.keyframe:
                 return
-            if self._paused_at is not None and not self._can_send(sender):
+            if self._paused_at is not None and not self.can_send(sender):
                 self.stats.keyframes_skipped += 1  # the link cannot take it yet
                 if self.estimate is not None:
                     self.estimate.probe(time.monotonic())
@@ -234,7 +239,7 @@ class ViewerSession(PeerSession):
             self._queue.clear()
             self._resume()
         queue = self._queue
-        if self._bursting or queue or not self._can_send(sender):
+        if self._bursting or queue or not self.can_send(sender):
             queue.append(prepared)
             if len(queue) > self.settings.viewer_queue_frames or (
                 self._link_limited()
@@ -245,7 +250,7 @@ class ViewerSession(PeerSession):
             else:
                 self._drain()
             return
-        self._send_video(sender, prepared)
+        self.send_video(sender, prepared)
         self._count_sent()
 
     def _link_limited(self) -> bool:
@@ -254,12 +259,16 @@ class ViewerSession(PeerSession):
         estimate = self.estimate
         return not self._bursting and estimate is not None and estimate.bitrate < estimate.ceiling
 
-    def _can_send(self, sender: FanoutSender) -> bool:
+    def can_send(self, sender: FanoutSender) -> bool:
+        """Whether a video frame may go out now (socket clear, budget left, pacer idle);
+        also asked by gateway/playback.py for a viewer playing the past."""
         return sender.writable() and (self._pacer is None or not self._pacer.busy)
 
-    def _send_video(
+    def send_video(
         self, sender: FanoutSender, prepared: PreparedFrame, timestamp: int | None = None
     ) -> None:
+        """Send one video frame, through the pacer when the viewer has one (live and
+        replay alike: both go through the viewer's budget and abs-send-time stamps)."""
         if self._pacer is not None:
             self._pacer.send(prepared, timestamp)
         else:
@@ -270,8 +279,8 @@ class ViewerSession(PeerSession):
         when it has sent everything it held)."""
         sender = self.senders.get(Track.VIDEO)
         queue = self._queue
-        while queue and not self._bursting and sender is not None and self._can_send(sender):
-            self._send_video(sender, queue.popleft())
+        while queue and not self._bursting and sender is not None and self.can_send(sender):
+            self.send_video(sender, queue.popleft())
             self._count_sent()
 
     def _drop_to_keyframe(self) -> None:
@@ -318,6 +327,29 @@ class ViewerSession(PeerSession):
             "pauses": self.stats.pauses,
         }
 
+    # Hooks for replay (gateway/playback.py): a viewer leaves the live fan-out while it
+    # plays the past, and rejoins it once the caller has sent it a GOP.
+    def leave_live(self) -> None:
+        self._live = False
+        self._queue.clear()
+        self.drop_pending_video()  # live frames still waiting must not follow the past
+        self._resume()
+
+    def drop_pending_video(self) -> None:
+        """Forget frames the pacer still holds (a seek's GOP supersedes them)."""
+        if self._pacer is not None:
+            self._pacer.clear()
+        if self.fanout is not None:
+            self.fanout.viewers.discard(self)
+
+    def follow_live(self, fanout: StreamFanout) -> None:
+        self.fanout = fanout
+        self._queue.clear()
+        self._skip_to_keyframe = False
+        self._bursting = False
+        self._live = True
+        fanout.viewers.add(self)
+
     def keyframe_requested(self, reason: str) -> None:
         """A PLI/FIR from this viewer: answered from the cached GOP, for it alone, at
         most once per ``viewer_keyframe_interval``; upstream only without a cache."""
@@ -328,11 +360,13 @@ class ViewerSession(PeerSession):
         sender = self.senders.get(Track.VIDEO)
         if self.fanout is None or sender is None or self._bursting or self._skip_to_keyframe:
             return  # a keyframe is already on its way to this viewer
+        if not self._live:
+            return  # playing the past: the live GOP is not its picture; the next keyframe is
         now = time.monotonic()
         if now - self._keyframe_answered < self.settings.viewer_keyframe_interval:
             return
         self._keyframe_answered = now
-        if not self._can_send(sender) or self._link_limited():
+        if not self.can_send(sender) or self._link_limited():
             # A GOP burst would only deepen the backlog of a link already short of
             # bandwidth: the viewer waits for the next keyframe it can take instead.
             self._drop_to_keyframe()

@@ -43,6 +43,8 @@ class Pacer:
         if not self._waiting and self._fits(prepared):
             self._sender.send_frame(prepared, timestamp)
             return
+        if timestamp is None:  # fixed now: a replay may re-base the sender meanwhile
+            timestamp = (prepared.frame.rtp_timestamp + self._sender.ts_offset) & 0xFFFFFFFF
         self._waiting.append((prepared, timestamp, 0))
         if self._timer is None:
             self._tick()

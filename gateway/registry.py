@@ -10,6 +10,7 @@ counts as ended, so a crashed ingest cannot leave a stream "live" for ever.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -73,8 +74,18 @@ class StreamInfo(Beat):
 
 
 async def publish(bus: Bus, info: StreamInfo) -> None:
+    """Write the registry record, and the same record to the session history
+    (:mod:`whipcast.gateway.sessions`), where it outlives the next publish."""
     info.updated_at = time.time()
-    await bus.send_record(bus.registry_topic, info.stream, info.encode())
+    value = info.encode()
+    await asyncio.gather(
+        bus.send_record(bus.registry_topic, info.stream, value),
+        bus.send_record(bus.sessions_topic, session_key(info.stream, info.session), value),
+    )
+
+
+def session_key(stream: str, session: int) -> str:
+    return f"{stream}/{session:08x}"
 
 
 class RegistryView(CompactedView[StreamInfo]):

@@ -208,6 +208,10 @@ class FanoutSender(RTCRtpSender):
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
         self._last_arrival_us = 0
+        # Replay (gateway/playback.py) re-bases a viewer's timeline: added to each frame's
+        # RTP timestamp and arrival time; both stay 0 for live viewers.
+        self.ts_offset = 0
+        self.clock_shift_us = 0
         self.packets_sent = 0
         self.octets_sent = 0
         self.retransmitted = 0
@@ -273,7 +277,9 @@ class FanoutSender(RTCRtpSender):
         packets = prepared.packets(self.layout)
         if first or end is not None:
             packets = packets[first:end]
-        ts = prepared.frame.rtp_timestamp if timestamp is None else timestamp
+        if timestamp is None:
+            timestamp = (prepared.frame.rtp_timestamp + self.ts_offset) & 0xFFFFFFFF
+        ts = timestamp
         seq, ssrc, history = self._seq, self.ssrc, self._history
         pack, join, sendto, now = _FIELDS.pack, b"".join, sock.sendto, time.monotonic()
         sent_at = abs_send_time(now) if self.layout.abs_send_time_id is not None else b""
@@ -291,7 +297,7 @@ class FanoutSender(RTCRtpSender):
         policy = self.retransmit_policy
         self._rtx_allowance = min(policy.burst, self._rtx_allowance + octets * policy.budget)
         self._last_ts = ts
-        self._last_arrival_us = prepared.frame.arrival_us
+        self._last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
 
     @property
     def last_timestamp(self) -> int | None:

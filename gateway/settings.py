@@ -102,6 +102,16 @@ class Settings:
     viewer_max_queue_delay: float = 0.5
     """Seconds of frames a viewer whose estimate limits it may be behind before its
     video pauses until the next keyframe its link can take."""
+    # Rewind and replay (gateway/playback.py, gateway/keyframes.py); the window itself
+    # is the stream topics' retention (``stream_retention_ms``)
+    rewind_search_s: float = 5.0
+    """How far before a target the keyframe search starts: longer than any GOP the
+    ingest lets through (``max_keyframe_interval`` plus the publisher's reaction)."""
+    rewind_ahead_s: float = 1.0
+    """How far a replay reads ahead of what it has sent (bounds its memory)."""
+    replay_end_grace_s: float = 3.0
+    """Seconds a replay session stays open after its recording ended, reporting
+    ``"ended": true``, before it is closed (RTCP BYE)."""
 
     # Audience Q&A (signaling/qa.py)
     qa_retention_ms: int = 7 * 24 * 3600 * 1000
@@ -133,6 +143,12 @@ class Settings:
     qa_trust_forwarded_for: bool = False
     """Take the client address from the last ``X-Forwarded-For`` entry (only behind a
     proxy that sets it); otherwise the connection's peer address is used."""
+
+    # Thumbnails (gateway/thumbnails.py, the ``thumbnails`` role)
+    thumbnail_interval: float = 5.0
+    """Seconds between two pictures of one stream; each costs one keyframe decode."""
+    thumbnail_width: int = 320
+    """Width of a thumbnail in pixels (never wider than the stream)."""
 
     # Kafka
     kafka_bootstrap: str | None = None

@@ -21,20 +21,24 @@ from whipcast.gateway.ingest import IngestNode
 from whipcast.gateway.metrics import GatewayCollector, Metrics
 from whipcast.gateway.nodes import Heartbeat, NodeInfo, NodeView
 from whipcast.gateway.peer import use_host_addresses
+from whipcast.gateway.playback import Rewinder
 from whipcast.gateway.registry import RegistryView
+from whipcast.gateway.sessions import SessionsView
 from whipcast.gateway.settings import Settings
+from whipcast.gateway.thumbnails import ThumbnailMaker
 
-from . import directory, observability, openapi, pages, qa_api, security, whep, whip
+from . import directory, observability, openapi, pages, qa_api, security, thumbnails_api, whep, whip
 from .directory import Directory
 from .kafkalog import StateLog
 from .problem import problems_middleware
 from .qa import QAService
 from .resources import cors_middleware
 from .routing import Router
+from .thumbnails_api import Thumbnails
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("ingest", "egress", "signaling")
+ROLES = ("ingest", "egress", "signaling", "thumbnails")
 
 
 @dataclass
@@ -50,7 +54,11 @@ class Node:
     directory: Directory = field(init=False)
     ingest: IngestNode | None = None
     egress: EgressNode | None = None
+    sessions: SessionsView = field(init=False)
+    rewinder: Rewinder | None = None
     qa: QAService | None = None
+    thumbnails: Thumbnails | None = None
+    thumbnail_maker: ThumbnailMaker | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -59,17 +67,25 @@ class Node:
         self.bus = Bus(self.settings, self.metrics)
         self.nodes = NodeView(self.bus)
         self.view = RegistryView(self.bus, self.nodes)
+        self.sessions = SessionsView(self.bus, self.view.get)
         self.heartbeat = Heartbeat(self.bus, self.describe)
         if "ingest" in self.roles:
             self.ingest = IngestNode(self.settings, self.bus, self.view)
         if "egress" in self.roles:
             self.egress = EgressNode(self.settings, self.bus, self.view)
+            self.rewinder = Rewinder(self.egress, self.sessions)
         self.state_log = StateLog(self.settings)
         self.directory = Directory(self.settings, self.bus, self.state_log)
         if "signaling" in self.roles:
             self.qa = QAService(self.settings, self.bus, self.view, self.state_log, self.metrics)
+            self.thumbnails = Thumbnails(self.settings, self.bus, self.state_log)
+        if "thumbnails" in self.roles:
+            self.thumbnail_maker = ThumbnailMaker(self.settings, self.bus, self.view)
         sources = [part.snapshot for part in (self.ingest, self.egress) if part is not None]
-        self.metrics.registry.register(GatewayCollector(sources, self._node_metrics()))
+        node_metrics = self._node_metrics()
+        if self.thumbnail_maker is not None:
+            node_metrics.update(self.thumbnail_maker.snapshot_metrics())
+        self.metrics.registry.register(GatewayCollector(sources, node_metrics))
 
     def _node_metrics(self) -> dict:
         bus = self.bus
@@ -94,9 +110,10 @@ class Node:
         await self.bus.start()
         await self.nodes.start()
         await self.view.start()
+        await self.sessions.start()
         await self.state_log.start()
         await self.directory.start()
-        for part in (self.ingest, self.egress, self.qa):
+        for part in (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker):
             if part is not None:
                 await part.start()
         await self.heartbeat.start()
@@ -106,11 +123,14 @@ class Node:
     async def stop(self) -> None:
         self.ready = False
         await self.heartbeat.stop()
-        for part in (self.qa, self.egress, self.ingest):
+        if self.rewinder is not None:
+            await self.rewinder.stop()
+        for part in (self.thumbnail_maker, self.thumbnails, self.qa, self.egress, self.ingest):
             if part is not None:
                 await part.stop()
         await self.directory.stop()
         await self.state_log.stop()
+        await self.sessions.stop()
         await self.view.stop()
         await self.nodes.stop()
         await self.bus.stop()
@@ -157,13 +177,16 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
     else:
         whip.add_redirects(app, router, settings)
     if node.egress is not None:
-        whep.add_routes(app, node.egress, settings)
+        assert node.rewinder is not None
+        whep.add_routes(app, node.egress, node.rewinder, settings)
     else:
         whep.add_redirects(app, router, settings)
     pages.add_routes(app, node, with_pages="signaling" in roles)
     directory.add_routes(app, node.directory, settings)
     if node.qa is not None:
         qa_api.add_routes(app, node.qa, settings)
+    if node.thumbnails is not None:
+        thumbnails_api.add_routes(app, node.thumbnails)
     openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):

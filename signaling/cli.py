@@ -39,6 +39,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ice-server", action="append", dest="ice_servers",
                         help="STUN/TURN URL for clients' Link headers (repeatable)")  # fmt: skip
     parser.add_argument("--retention-minutes", type=float, help="how long frames stay in Kafka")
+    parser.add_argument("--rewind-search-seconds", type=float, dest="rewind_search_s",
+                        help="keyframe search span before a rewind target")  # fmt: skip
     parser.add_argument("--node-id", help="this node's name in the registry")
     parser.add_argument("--advertise-url", help="base URL clients are redirected to, "
                         "e.g. http://10.0.0.5:8081 (env WHIPCAST_ADVERTISE_URL)")  # fmt: skip
@@ -64,6 +66,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--viewer-max-queue-delay", type=float, help="seconds a viewer may "
                         "fall behind before its video pauses to the next keyframe "
                         "(default 0.5)")  # fmt: skip
+    parser.add_argument("--thumbnail-interval", type=float,
+                        help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -105,6 +109,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         public_ip=getattr(args, "public_ip", None),
         ice_servers=tuple(args.ice_servers) if getattr(args, "ice_servers", None) else None,
         stream_retention_ms=int(retention * 60_000) if retention else None,
+        rewind_search_s=getattr(args, "rewind_search_s", None),
         node_id=getattr(args, "node_id", None),
         advertise_url=getattr(args, "advertise_url", None),
         max_viewers=getattr(args, "max_viewers", None),
@@ -117,6 +122,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         viewer_adapt=getattr(args, "viewer_adapt", None),
         viewer_min_bitrate=getattr(args, "viewer_min_bitrate", None),
         viewer_max_queue_delay=getattr(args, "viewer_max_queue_delay", None),
+        thumbnail_interval=getattr(args, "thumbnail_interval", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

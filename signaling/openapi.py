@@ -245,7 +245,102 @@ SCHEMAS: dict = {
     },
 }
 
-_STREAMS = {"type": "object", "properties": {"streams": {"type": "array", "items": _ref("Stream")}}}
+SCHEMAS.update({
+    "Position": {
+        "type": "object",
+        "description": "Where a WHEP session is in the broadcast (times in ms since the epoch "
+                       "of the frames' ingest arrival)",
+        "required": ["position", "live_edge", "window_start", "live", "paused", "ended"],
+        "properties": {
+            "position": {"type": "integer", "description": "The moment playing now"},
+            "live_edge": {"type": "integer", "description": "Newest moment: now while live, "
+                                                            "the end of an ended broadcast"},
+            "window_start": {"type": "integer", "description": "Oldest moment still in Kafka "
+                                                               "(retention)"},
+            "live": {"type": "boolean", "description": "Playing at the live edge"},
+            "paused": {"type": "boolean"},
+            "ended": {"type": "boolean", "description": "A replay reached the end of the "
+                      "recording; the server closes the session (RTCP BYE) "
+                      "`replay_end_grace_s` (3 s) later, after which this resource is 404"},
+            "session": {"type": "string", "description": "Publish session being played (hex)"},
+        },
+    },
+    "Move": {
+        "type": "object",
+        "description": "Exactly one field. The picture changes within 500 ms, starting on a "
+                       "keyframe at or before the target; no renegotiation",
+        "minProperties": 1, "maxProperties": 1, "additionalProperties": False,
+        "properties": {
+            "seek": {"type": "number", "description": "Seconds from the current position "
+                                                      "(negative: back)"},
+            "at": {"type": "number", "description": "Epoch ms to play from"},
+            "live": {"type": "boolean", "const": True, "description": "Back to the live edge"},
+            "paused": {"type": "boolean", "description": "Pause (the connection stays up) or "
+                                                         "resume where paused"},
+        },
+    },
+    "OutOfWindow": {
+        "type": "object",
+        "description": "A Problem with the window Kafka holds, for clamping",
+        "allOf": [_ref("Problem")],
+        "properties": {"window_start": {"type": "integer"}, "live_edge": {"type": "integer"}},
+    },
+    "Replay": {
+        "type": "object",
+        "required": ["stream", "session", "started", "ended", "duration", "thumbnail"],
+        "properties": {
+            "stream": {"type": "string"},
+            "session": {"type": "string", "description": "Pass as `?session=` to WHEP"},
+            "live": {"type": "boolean", "const": False},
+            "title": {"type": ["string", "null"]},
+            "started": {"type": "number", "description": "Unix time the broadcast began"},
+            "ended": {"type": "number", "description": "Unix time it ended"},
+            "duration": {"type": "number", "description": "Seconds"},
+            "available_from": {"type": "number",
+                               "description": "Unix time of the oldest moment still in Kafka"},
+            "thumbnail": {"type": "string", "description": "URL of a still image"},
+            "video": {"oneOf": [_ref("Codec"), {"type": "null"}]},
+            "audio": {"oneOf": [_ref("Codec"), {"type": "null"}]},
+        },
+    },
+})  # fmt: skip
+
+_STREAMS = {
+    "type": "object",
+    "properties": {
+        "streams": {"type": "array", "items": {"oneOf": [_ref("Stream"), _ref("Replay")]}}
+    },
+}
+_STATE = {"name": "state", "in": "query", "required": False,
+          "description": "`live` (default) or `ended`: broadcasts still playable as replays",
+          "schema": {"type": "string", "enum": ["live", "ended"]}}  # fmt: skip
+_START = {"name": "start", "in": "query", "required": False,
+          "description": "Start in the past: seconds before the live edge (`-30`), epoch "
+                         "milliseconds, or an ISO 8601 date with a time zone. Playback "
+                         "begins on the keyframe at or before that point, in real time. "
+                         "Also plays an ended broadcast still in Kafka; out of the window: "
+                         "422 with `window_start` and `live_edge`",
+          "schema": {"type": "string"}}  # fmt: skip
+_SESSION = {"name": "session", "in": "query", "required": False,
+            "description": "Which broadcast of this name (hex id from `/api/streams?state=ended`)",
+            "schema": {"type": "string", "pattern": "^[0-9a-f]{1,8}$"}}  # fmt: skip
+_POSITION = {
+    "parameters": [STREAM, RESOURCE],
+    "get": {"tags": ["WHEP"], "summary": "Where the session is in the broadcast",
+            "responses": {"200": _json(_ref("Position"), "The position"), **_errors(404)}},
+    "post": {
+        "tags": ["WHEP"], "summary": "Seek, pause/resume or go back to live",
+        "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Move")}}},
+        "responses": {
+            "200": _json(_ref("Position"), "The new position"),
+            **_errors(400, 404, 413, 415),
+            "422": {"description": "Target outside the window (body has the window)",
+                    "content": {PROBLEM: {"schema": _ref("OutOfWindow")}}},
+            **_errors(503),
+        },
+    },
+    "options": {"tags": ["WHEP"], "summary": "CORS preflight", "responses": {"204": EMPTY}},
+}  # fmt: skip
 _ACCEPTED = _json({"type": "object"}, "Saved in Kafka, not yet visible on this node")
 _CLIENT = [{"clientCookie": []}, {}]  # optional: a request without one gets one
 _SET_COOKIE = {
@@ -266,11 +361,19 @@ def _cookie(response: dict) -> dict:
     return {**response, "headers": _SET_COOKIE}
 
 
+_WHEP_ENDPOINT = _session_endpoint("playing", "WHEP", auth=False)
+_WHEP_ENDPOINT["post"]["parameters"] = [_START, _SESSION]
+_WHEP_ENDPOINT["post"]["responses"]["201"]["headers"]["Link"] = {
+    "description": 'STUN/TURN servers (`rel="ice-server"`) and the position API '
+                   '(`rel="urn:whipcast:position"`)',
+    "schema": {"type": "string"},
+}  # fmt: skip
+
 PATHS: dict = {
     "/whip/{stream}": _session_endpoint("publishing", "WHIP", auth=True),
     "/whip/{stream}/{resource}": _session_resource("WHIP", auth=True),
     "/whep/{stream}": {
-        **_session_endpoint("playing", "WHEP", auth=False),
+        **_WHEP_ENDPOINT,
         "get": {"tags": ["WHEP"], "summary": "Probe: answers 200 for a WHEP endpoint",
                 "responses": {"200": EMPTY, **_errors(400)}},  # fmt: skip
     },
@@ -285,9 +388,13 @@ PATHS: dict = {
                           **_errors(400, 404)},
         },
     },  # fmt: skip
+    "/whep/{stream}/{resource}/position": _POSITION,
     "/api/streams": {
-        "get": {"tags": ["Directory"], "summary": "Live streams",
-                "responses": {"200": _json(_STREAMS, "Every live stream")}},  # fmt: skip
+        "get": {"tags": ["Directory"], "summary": "Live streams, or replays (`state=ended`)",
+                "parameters": [_STATE],
+                "responses": {"200": _json(_STREAMS, "Every live stream, or every replay "
+                                                     "still in Kafka, newest first"),
+                              **_errors(400)}},
     },
     "/api/streams/{stream}": {
         "parameters": [STREAM],
@@ -299,6 +406,22 @@ PATHS: dict = {
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Details")}}},
             "responses": {"200": _json(_ref("Details"), "The details now"),
                           **_errors(400, 401, 413, 415, 503)},
+        },
+    },
+    "/api/streams/{stream}/thumbnail": {
+        "parameters": [STREAM],
+        "get": {
+            "tags": ["Directory"], "summary": "The stream's latest picture (JPEG)",
+            "description": "Made every few seconds while the stream is live and kept after "
+                           "it ends (for its replay). `ETag` and `Cache-Control` allow "
+                           "conditional requests (`If-None-Match` answers 304).",
+            "responses": {
+                "200": {"description": "The picture, at most 320 pixels wide by default",
+                        "content": {"image/jpeg": {"schema": {"type": "string",
+                                                              "format": "binary"}}}},
+                "304": {"description": "Unchanged since the `If-None-Match` ETag"},
+                **_errors(400, 404),
+            },
         },
     },
     "/api/streams/{stream}/questions": {

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from whipcast.gateway.bus import STREAM_NAME
+from whipcast.gateway.errors import SessionError
 
 from .security import EMBED_PREFIX, PagePolicies
 
@@ -25,6 +26,11 @@ PAGES = {
 
 def add_routes(app: web.Application, node: Node, with_pages: bool) -> None:
     async def streams(request: web.Request) -> web.Response:
+        state = request.query.get("state", "live")
+        if state == "ended":
+            return web.json_response({"streams": _replays(node)})
+        if state != "live":
+            raise SessionError('state must be "live" or "ended"')
         return web.json_response(
             {"streams": [_describe(node, i.stream) for i in node.view.live_streams()]}
         )
@@ -87,6 +93,32 @@ def _describe(node: Node, name: str) -> dict:
         described["viewers_here"] = len(fanout.viewers)
     if node.ingest is not None and name in node.ingest.sessions:
         described["ingest"] = vars(node.ingest.sessions[name].stats)
+    return described
+
+
+def _replays(node: Node) -> list[dict]:
+    """Ended broadcasts whose frames are still in Kafka, newest first: each plays with
+    ``POST /whep/{stream}?session={session}&start={started}``."""
+    retention_s = node.settings.stream_retention_ms / 1000
+    horizon = time.time() - retention_s
+    described = []
+    for replay in node.sessions.replays(retention_s):
+        info = replay.info
+        described.append(
+            {
+                "stream": info.stream,
+                "session": f"{info.session:08x}",
+                "live": False,
+                "title": node.directory.details(info.stream).get("title"),
+                "started": info.started_at,
+                "ended": replay.ended_at,
+                "duration": round(replay.duration_s, 1),
+                "available_from": max(info.started_at, horizon),
+                "thumbnail": f"/api/streams/{info.stream}/thumbnail",
+                "video": info.video,
+                "audio": info.audio,
+            }
+        )
     return described
 
 

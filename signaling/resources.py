@@ -141,4 +141,4 @@ def location(settings: Settings, path: str) -> str:
 
 def redirect(base_url: str, request: web.Request) -> web.Response:
     """307 keeps the method and body: the client re-sends its offer to ``base_url``."""
-    return web.Response(status=307, headers={"Location": f"{base_url}{request.path}"})
+    return web.Response(status=307, headers={"Location": f"{base_url}{request.path_qs}"})

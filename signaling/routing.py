@@ -87,9 +87,10 @@ class Router:
             raise NoCapacity("no ingest node can take a publisher now; try again shortly")
         return self._place(min(fitting, key=lambda c: (c[0], c[1].cpu_percent))[1], stream)
 
-    def place_viewer(self, stream: str) -> str:
-        """Base URL of the egress node that should take this viewer."""
-        if self._streams.get(stream) is None:
+    def place_viewer(self, stream: str, replay: bool = False) -> str:
+        """Base URL of the egress node that should take this viewer (a ``replay`` may
+        be of a broadcast that ended: the egress node checks it is in Kafka)."""
+        if not replay and self._streams.get(stream) is None:
             raise NotLive(f"stream {stream!r} is not live")
         fitting = [
             (n.viewers + p.count(), n.streams.get(stream, 0) + p.count(stream), n)

@@ -211,15 +211,24 @@ class Link:
 
 
 async def play(
-    base: str, stream: str, loss: float = 0.0, seed: int = 1, link: Link | None = None
+    base: str,
+    stream: str,
+    query: str = "",
+    loss: float = 0.0,
+    seed: int = 1,
+    link: Link | None = None,
 ) -> Viewer:
+    """A WHEP viewer; ``query`` (e.g. ``start=-30``) is appended to the endpoint URL,
+    ``loss`` drops that share of incoming RTP before aiortc sees it, and ``link`` puts
+    a bottleneck in front of it (an impaired link)."""
     pc = RTCPeerConnection()
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
     session = aiohttp.ClientSession(base_url=base)
     await pc.setLocalDescription(await pc.createOffer())
     posted = time.monotonic()
-    status, headers, body = await post_sdp(session, f"/whep/{stream}", pc.localDescription.sdp)
+    url = f"/whep/{stream}" + (f"?{query}" if query else "")
+    status, headers, body = await post_sdp(session, url, pc.localDescription.sdp)
     if status != 201:
         await pc.close()
         await session.close()

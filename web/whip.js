@@ -152,6 +152,11 @@ class Session {
      * gathered before the POST, so they only help a later attempt (pass as iceServers).
      */
     this.iceServers = [];
+    /**
+     * Absolute URL of the session's position API (Link rel="urn:whipcast:position": seek,
+     * pause, go live), or null when the server offers none (WHIP, other WHEP servers).
+     */
+    this.positionUrl = null;
     this._token = options.token || null;
     this._stopped = false;
     this._onState = options.onState || null;
@@ -242,6 +247,9 @@ class Session {
     }
     this.etag = response.headers.get('ETag');
     this.iceServers = parseIceServerLinks(response.headers.get('Link'));
+    const position = parseLinks(response.headers.get('Link'))
+      .find((link) => link.rel.split(/\s+/).includes(POSITION_REL));
+    if (position) this.positionUrl = new URL(position.uri, response.url || endpoint).href;
     const answer = await response.text();
     if (this._stopped) {
       await this._deleteResource(); // stop() came while the POST was in flight
@@ -338,10 +346,13 @@ function preferVideoCodec(transceiver, wanted) {
   transceiver.setCodecPreferences([...preferred, ...others]);
 }
 
-/** RFC 8288 Link header entries with rel="ice-server" (RFC 9725 §4.6) as RTCIceServer. */
-export function parseIceServerLinks(header) {
+/** The relation whipcast's WHEP sessions announce their position API with. */
+export const POSITION_REL = 'urn:whipcast:position';
+
+/** RFC 8288 Link header entries as { uri, rel (lower case), params }. */
+export function parseLinks(header) {
   if (!header) return [];
-  const servers = [];
+  const links = [];
   const re = /<([^>]*)>((?:\s*;\s*[^;,=\s]+(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;,\s]*))?)*)/g;
   for (const [, uri, paramText] of header.matchAll(re)) {
     const params = {};
@@ -349,14 +360,21 @@ export function parseIceServerLinks(header) {
       /;\s*([^;,=\s]+)(?:\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;,\s]*)))?/g)) {
       params[key.toLowerCase()] = quoted !== undefined ? quoted.replace(/\\(.)/g, '$1') : bare;
     }
-    if ((params.rel || '').toLowerCase().split(/\s+/).includes('ice-server')) {
+    links.push({ uri, rel: (params.rel || '').toLowerCase(), params });
+  }
+  return links;
+}
+
+/** RFC 8288 Link header entries with rel="ice-server" (RFC 9725 §4.6) as RTCIceServer. */
+export function parseIceServerLinks(header) {
+  return parseLinks(header)
+    .filter((link) => link.rel.split(/\s+/).includes('ice-server'))
+    .map(({ uri, params }) => {
       const server = { urls: uri };
       if (params.username !== undefined) server.username = params.username;
       if (params.credential !== undefined) server.credential = params.credential;
-      servers.push(server);
-    }
-  }
-  return servers;
+      return server;
+    });
 }
 
 /** Turn a non-201 response into a WhipError, reading an RFC 9457 problem+json body. */
@@ -468,6 +486,8 @@ export class Player {
     this._attempt = null;
     this._stopped = false;
     this._retryDelay = RETRY_MIN_MS;
+    /** Set while the viewer paused playback (position API): no video then is no stall. */
+    this.paused = false;
   }
 
   get pc() { return this.session?.pc ?? null; }
@@ -549,6 +569,7 @@ export class Player {
         else if (now - (disconnectedSince ??= now) > DISCONNECTED_GRACE_MS) {
           return finish('reconnecting', 'Connection lost');
         }
+        if (this.paused) lastProgress = now;
         if (s.framesDecoded > lastFrames) {
           lastFrames = s.framesDecoded;
           lastProgress = now;
