@@ -252,7 +252,7 @@ async def main(args) -> dict:
     async with EmbeddedKafka(Settings.from_env()) as kafka:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        flags = ["--no-viewer-adapt"] if args.no_viewer_adapt else []
+        flags = [] if args.no_viewer_adapt else ["--viewer-adapt"]
         node = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "whipcast.signaling.cli", "dev", "--kafka-bootstrap",
             kafka.bootstrap, "--port", str(port), "--log-level", "WARNING", *flags,

@@ -39,6 +39,9 @@ REQUIRED: tuple[tuple[object, str, str], ...] = (
     (RTCIceTransport, "_connection", "init"),
     (RTCDtlsTransport, "_state", "init"),
     (RTCDtlsTransport, "_tx_srtp", "init"),
+    (RTCDtlsTransport, "_ssl", "init"),
+    (RTCDtlsTransport, "_role", "init"),
+    (RTCDtlsTransport, "_srtp_profiles", "init"),
     (RTCDtlsTransport, "_send_rtp", "attr"),
     (RTCDtlsTransport, "_register_rtp_sender", "attr"),
     (RTCDtlsTransport, "_unregister_rtp_sender", "attr"),
@@ -128,6 +131,23 @@ def media_route(dtls: RTCDtlsTransport) -> tuple[object, object] | None:
 def srtp_protect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes]:
     """The SRTP protect function of a connected transport (one per packet sent)."""
     return dtls._tx_srtp.protect
+
+
+def srtp_tx_key(dtls: RTCDtlsTransport) -> tuple[str, bytes]:
+    """(DTLS-SRTP profile name, sending master key + master salt) of a connected
+    transport, for an SRTP context outside aiortc (the native fan-out core).
+
+    aiortc derives them once in its handshake and keeps only the libsrtp session; the
+    RFC 5764 exporter gives the same bytes again, split as aiortc splits them.
+    """
+    selected = dtls._ssl.get_selected_srtp_profile()
+    profile = next(p for p in dtls._srtp_profiles if p.openssl_profile == selected)
+    material = dtls._ssl.export_keying_material(
+        b"EXTRACTOR-dtls_srtp", 2 * (profile.key_length + profile.salt_length)
+    )
+    return profile.openssl_profile.decode(), profile.get_key_and_salt(
+        material, 1 if dtls._role == "server" else 0
+    )
 
 
 async def send_rtcp(dtls: RTCDtlsTransport, data: bytes) -> None:

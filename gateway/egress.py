@@ -39,13 +39,14 @@ from .metrics import StreamSeries
 from .pacer import Pacer
 from .peer import PeerSession, answer_offer, parse_offer
 from .registry import STALE_AFTER_S, RegistryView, StreamInfo
-from .rtpsend import FanoutSender, PreparedFrame, RetransmitPolicy, SendBudget
+from .rtpsend import FanoutSender, PreparedFrame, RetransmitPolicy, SendBudget, native_core
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 BURST_CHUNK = 8  # GOP frames sent to a viewer between two yields to the loop
 BUDGET_BURST_S = 1.0  # a viewer's send budget holds this many seconds of its rate
+STREAM_RATE_WINDOW_S = 2.0  # a stream's video bitrate is measured over this (GOPs vary)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class ViewerSession(PeerSession):
                 self.keyframe_requested,
                 budget,
                 retransmit,
+                self.node.native,
             )
             aiortc_compat.replace_sender(transceiver, sender)
             self.senders[track] = sender
@@ -230,10 +232,8 @@ class ViewerSession(PeerSession):
         if self._skip_to_keyframe:
             if not frame.keyframe:
                 return
-            if self._paused_at is not None and not self.can_send(sender):
+            if self._paused_at is not None and not self._may_resume(sender):
                 self.stats.keyframes_skipped += 1  # the link cannot take it yet
-                if self.estimate is not None:
-                    self.estimate.probe(time.monotonic())
                 return
             self._skip_to_keyframe = False
             self._queue.clear()
@@ -252,6 +252,16 @@ class ViewerSession(PeerSession):
             return
         self.send_video(sender, prepared)
         self._count_sent()
+
+    def _may_resume(self, sender: FanoutSender) -> bool:
+        """At a keyframe while paused: resume if the estimate covers the stream's
+        bitrate, or as a probe of the link (``BandwidthEstimate.probe``)."""
+        estimate, fanout = self.estimate, self.fanout
+        if estimate is not None and fanout is not None:
+            need = fanout.video_bitrate
+            if estimate.bitrate < need and not estimate.probe(need, time.monotonic()):
+                return False
+        return self.can_send(sender)
 
     def _link_limited(self) -> bool:
         """Whether this viewer's estimate holds it below the node's cap: only then is
@@ -413,6 +423,10 @@ class StreamFanout:
         self.gop: list[PreparedFrame] = []
         self.frames = 0
         self.gop_overflows = 0
+        self.video_bitrate = 0.0
+        """The stream's video bitrate over the last ``STREAM_RATE_WINDOW_S`` or more (bits/s)."""
+        self._rate_bytes = 0
+        self._rate_from_us: int | None = None
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=2048)
         # Frames carry the ingest's wall-clock arrival time; only when that ingest is this
         # process does one clock serve both ends, so only then is latency measured.
@@ -467,6 +481,16 @@ class StreamFanout:
         finally:
             await self._reader.stop()
 
+    def _count_rate(self, frame) -> None:
+        """Once per video frame for all viewers: the bitrate paused viewers probe for."""
+        self._rate_bytes += len(frame.payload)
+        start = self._rate_from_us
+        if start is None:
+            self._rate_from_us, self._rate_bytes = frame.arrival_us, 0
+        elif frame.arrival_us - start >= STREAM_RATE_WINDOW_S * 1e6:
+            self.video_bitrate = self._rate_bytes * 8e6 / (frame.arrival_us - start)
+            self._rate_from_us, self._rate_bytes = frame.arrival_us, 0
+
     def _on_frame(self, frame, history: bool) -> None:
         if frame.session != self.session:
             return  # an earlier publish of the same stream name
@@ -488,6 +512,8 @@ class StreamFanout:
         if history:
             return
         self.frames += 1
+        if frame.track is Track.VIDEO:
+            self._count_rate(frame)
         for viewer in list(self.viewers):
             viewer.deliver(prepared)
         if self._one_clock:
@@ -510,6 +536,8 @@ class EgressNode:
         self.bus = bus
         self.view = view
         self.keyframes = KeyframeRequester(bus, settings.keyframe_request_interval)
+        self.native = native_core(settings.no_native_fanout)
+        """The native fan-out core viewers send with, or None for the pure-Python path."""
         self.viewers: dict[str, ViewerSession] = {}
         self.started = 0
         self._departed_octets = 0

@@ -168,11 +168,18 @@ class Cursor:
         await self._reader.stop()
 
     def _buffered_us(self) -> int:
-        """How far ahead of the playback clock the buffer reaches."""
+        """How far ahead of the playback clock the buffer reaches, for the track that
+        reaches least far: one fetch can bring seconds more audio than video, and
+        waiting on the audio's lead would starve the video."""
         if self.shift_us is None:
             return 0
-        newest = max((q[-1].frame.arrival_us for q in self._buffer.values() if q), default=0)
-        return newest + self.shift_us - time.time_ns() // 1000
+        now_us = time.time_ns() // 1000
+        ahead = [
+            queue[-1].frame.arrival_us + self.shift_us - now_us if queue else 0
+            for track, queue in self._buffer.items()
+            if track in self._packetizers and track not in self._reader.finished
+        ]
+        return min(ahead, default=0)
 
     async def _read(self) -> None:
         """Frames from Kafka: up to the target into the GOP (the joiners' burst),

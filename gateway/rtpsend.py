@@ -12,23 +12,36 @@ top out near 100 viewers per core) and writes straight to the SRTP session and t
 ICE pair's socket. It answers NACKs from its own history (RTX when negotiated), within
 a per-viewer retransmission budget, and hands PLI/FIR to its viewer. It stamps
 abs-send-time (once per frame) when the viewer negotiated it, and passes REMB, receiver
-reports and NACKs to the viewer's ``bandwidth.BandwidthEstimate``.
+reports to the viewer's ``bandwidth.BandwidthEstimate``.
+
+Below :meth:`FanoutSender.send_frame` sits an optional native core (``gateway/native/``,
+the extension module ``whipcast.gateway._fanout``), as aiohttp puts its C parser below an
+unchanged interface: per viewer and frame, one call writes the header fields, protects
+every packet with SRTP and hands them to the kernel with ``sendmmsg``. Its output is the
+pure-Python path's, byte for byte (``tests/test_native_fanout.py``); that path stays as
+the fallback where the core was not built, or with ``Settings.no_native_fanout``.
+SRTP ownership: a viewer's native :class:`_fanout.Track` protects every packet of its
+media SSRC (live frames and non-RTX resends); aiortc's libsrtp session keeps the RTX
+SSRC and all RTCP, so no SSRC is ever protected by two contexts.
 
 Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at the rate its
 bandwidth estimate sets. A viewer whose budget is spent is a slow viewer: its frames
-wait in the viewer's short queue (``egress.ViewerSession``). Budget checks are O(1) per
-frame and per resend.
+wait in the viewer's bounded queue (``egress.ViewerSession``). Budget checks are O(1)
+per frame and per resend. Both send paths take a pacer's slice of a frame and stamp
+abs-send-time per viewer frame (the native core writes it into each packet itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import random
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from aiortc import clock
@@ -53,16 +66,38 @@ from aiortc.rtp import (
 from . import aiortc_compat
 from .frames import Frame
 
+try:
+    from . import _fanout
+except ImportError as exc:  # not built: no Rust toolchain when this was installed
+    _fanout = None
+    _NOT_BUILT = f"the native core was not built ({exc})"
+
 if TYPE_CHECKING:
     from .bandwidth import BandwidthEstimate
 
+logger = logging.getLogger(__name__)
+
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
-HISTORY_SIZE = 1024  # packets kept per viewer track for NACK (about 5 s of 720p video)
+HISTORY_FRAMES = 256  # frames kept per viewer track for NACK (8 s of 30 fps video)
+RESENDS_KEPT = 1024  # resent packets whose resend count is kept
 _FIELDS = struct.Struct("!HII")  # sequence number, timestamp, SSRC: RTP bytes 2-11
 _SEQ = struct.Struct("!H")
 RTX_AGE_FLOOR = 0.2  # s: a resend may be this much older than 3 round trips and still help
 RTX_AGE_RTTS = 3
+
+
+def native_core(disabled: bool = False) -> ModuleType | None:
+    """The native fan-out core, or None for the pure-Python path; logs which and why
+    (called once per egress node)."""
+    if disabled:
+        logger.info("egress send path: pure-Python fan-out (native core disabled by setting)")
+        return None
+    if _fanout is None:
+        logger.warning("egress send path: pure-Python fan-out (%s)", _NOT_BUILT)
+        return None
+    logger.info("egress send path: native fan-out core (SRTP and sendmmsg in %s)", _fanout.__name__)
+    return _fanout
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +132,10 @@ class SendBudget:
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
         self._at = now
         return self._tokens > 0
+
+    def refill(self, now: float) -> None:
+        """Forgive the debt: a fresh start at the current rate (a probe's)."""
+        self._tokens, self._at = self.burst, now
 
     def spend(self, octets: int) -> None:
         self._tokens -= octets
@@ -138,10 +177,13 @@ class Layout:
 _AST_AT = 5
 
 
-def abs_send_time(now: float) -> bytes:
+def abs_send_time(now: float) -> int:
     """The 24-bit abs-send-time value (6.18 fixed-point seconds, wrapping every 64 s);
     only differences matter to the receiver, so any monotonic clock serves."""
-    return (int(now * 262144) & 0xFFFFFF).to_bytes(3, "big")
+    return int(now * 262144) & 0xFFFFFF
+
+
+_AST = struct.Struct("!I")  # abs-send-time: the low 3 bytes of this
 
 
 Packet = tuple[bytes, bytes, bytes]
@@ -155,6 +197,7 @@ class PreparedFrame:
     payloads: list[bytes]
     marker_last: bool
     _packets: dict[Layout, list[Packet]] = field(default_factory=dict)
+    _native: dict[Layout, object] = field(default_factory=dict)
 
     def packets(self, layout: Layout) -> list[Packet]:
         """RTP packets for ``layout``, built once and shared by its viewers."""
@@ -175,6 +218,14 @@ class PreparedFrame:
             self._packets[layout] = built
         return built
 
+    def native_packets(self, layout: Layout, core: ModuleType):
+        """:meth:`packets` as the native core's ``Packets``, built once per layout."""
+        built = self._native.get(layout)
+        if built is None:
+            stamped = layout.abs_send_time_id is not None
+            built = self._native[layout] = core.Packets(self.packets(layout), stamped)
+        return built
+
 
 class FanoutSender(RTCRtpSender):
     """One track of one viewer: header fields, SRTP and the send are all it does."""
@@ -186,6 +237,7 @@ class FanoutSender(RTCRtpSender):
         on_keyframe_request: Callable[[str], None],
         budget: SendBudget,
         retransmit: RetransmitPolicy,
+        native: ModuleType | None = None,
     ) -> None:
         super().__init__(kind, transport)
         self._on_keyframe_request = on_keyframe_request
@@ -199,11 +251,15 @@ class FanoutSender(RTCRtpSender):
         self._cname = ""
         self._seq = random.randint(0, 0x7FFF)  # low half: avoids early SRTP rollover
         self._rtx_seq = random.randint(0, 0x7FFF)
-        # (sequence number, packet, timestamp, monotonic time first sent) per slot.
-        self._history: list[tuple[int, Packet, int, float] | None]
-        self._history = [None] * HISTORY_SIZE
+        # Per frame sent: (first sequence number, its packets, timestamp, monotonic time).
+        self._history: collections.deque[tuple[int, list[Packet], int, float]]
+        self._history = collections.deque(maxlen=HISTORY_FRAMES)
         # Resends per packet, kept only for packets resent (nothing per packet sent).
         self._resends: dict[int, tuple[tuple, int]] = {}
+        self._native = native
+        self._track = None  # native core's Track: SRTP state of self.ssrc, once routed
+        self._track_transport = None
+        self._direct = False
         self._rtx_allowance = 0.0
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
@@ -272,25 +328,34 @@ class FanoutSender(RTCRtpSender):
         route = aiortc_compat.media_route(self.transport)
         if route is None or self.layout is None:
             return
-        sock, addr = route
-        protect = aiortc_compat.srtp_protect(self.transport)
         packets = prepared.packets(self.layout)
         if first or end is not None:
             packets = packets[first:end]
         if timestamp is None:
             timestamp = (prepared.frame.rtp_timestamp + self.ts_offset) & 0xFFFFFFFF
         ts = timestamp
-        seq, ssrc, history = self._seq, self.ssrc, self._history
-        pack, join, sendto, now = _FIELDS.pack, b"".join, sock.sendto, time.monotonic()
-        sent_at = abs_send_time(now) if self.layout.abs_send_time_id is not None else b""
-        octets = 0
-        for packet in packets:
-            head, before, after = packet
-            history[seq % HISTORY_SIZE] = (seq, packet, ts, now)
-            sendto(protect(join((head, pack(seq, ts, ssrc), before, sent_at, after))), addr)
-            octets += len(after)
-            seq = (seq + 1) & 0xFFFF
-        self._seq = seq
+        seq = self._seq
+        now = time.monotonic()
+        stamped = self.layout.abs_send_time_id is not None
+        track = self._native_track(route) if self._native is not None else None
+        if track is not None:
+            native = prepared.native_packets(self.layout, self._native)
+            octets = native.octets if not first and end is None else native.octets_of(first, end)
+            sent_at = abs_send_time(now) if stamped else None
+            transport, addr = route
+            if not self._direct or transport.get_write_buffer_size():
+                # behind the queue, in order
+                unsent = track.protect_frame(native, seq, ts, first, end, sent_at)
+            else:
+                unsent = track.send(native, seq, ts, first, end, sent_at)
+            if unsent:
+                for packet in unsent:  # the socket was full: queue the rest
+                    transport.sendto(packet, addr)
+            self._seq = (seq + len(packets)) & 0xFFFF
+        else:
+            sent_at = _AST.pack(abs_send_time(now))[1:] if stamped else b""
+            octets = self._send_python(route, packets, seq, ts, sent_at)
+        self._history.append((seq, packets, ts, now))
         self.packets_sent += len(packets)
         self.octets_sent += octets
         self.budget.spend(octets)
@@ -298,6 +363,43 @@ class FanoutSender(RTCRtpSender):
         self._rtx_allowance = min(policy.burst, self._rtx_allowance + octets * policy.budget)
         self._last_ts = ts
         self._last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
+
+    def _send_python(self, route, packets: list[Packet], seq: int, ts: int, sent_at: bytes) -> int:
+        """The pure-Python send path: per packet, header fields, libsrtp, ``sendto``."""
+        sock, addr = route
+        protect = aiortc_compat.srtp_protect(self.transport)
+        ssrc, pack, join, sendto = self.ssrc, _FIELDS.pack, b"".join, sock.sendto
+        octets = 0
+        for head, before, after in packets:
+            packet = join((head, pack(seq, ts, ssrc), before, sent_at, after))
+            sendto(protect(packet), addr)
+            octets += len(packet) - 12
+            seq = (seq + 1) & 0xFFFF
+        self._seq = seq
+        return octets
+
+    def _native_track(self, route):
+        """This viewer's native Track, routed to ``route``'s socket (``_direct``) where
+        it can be; None where the native core cannot protect its packets (then the
+        pure-Python path serves it, for good: an SSRC never changes SRTP context)."""
+        transport, addr = route
+        if self._track_transport is not transport:
+            if self._track is None:
+                try:
+                    profile, key = aiortc_compat.srtp_tx_key(self.transport)
+                    self._track = self._native.Track(profile, key, self.ssrc)
+                except ValueError as exc:
+                    logger.warning("pure-Python send path for a viewer track: %s", exc)
+                    self._native = None
+                    return None
+            try:
+                self._track.route(transport.get_extra_info("socket").fileno(), addr[0], addr[1])
+                self._direct = True
+            except (ValueError, OSError, AttributeError) as exc:
+                logger.warning("a viewer track is sent through its transport: %s", exc)
+                self._direct = False
+            self._track_transport = transport
+        return self._track
 
     @property
     def last_timestamp(self) -> int | None:
@@ -310,17 +412,27 @@ class FanoutSender(RTCRtpSender):
             return policy.max_age
         return min(policy.max_age, RTX_AGE_FLOOR + RTX_AGE_RTTS * self.rtt)
 
+    def _find(self, seq: int) -> tuple[tuple, int] | None:
+        """(history entry, packet index) of the newest packet sent with ``seq``."""
+        for entry in reversed(self._history):
+            index = (seq - entry[0]) & 0xFFFF
+            if index < len(entry[1]):
+                return entry, index
+        return None
+
     def _retransmit(self, seq: int, now: float, deadline: float) -> None:
         """Resend one packet the viewer NACKed, unless it is unknown, was resent
         enough, is too old to arrive in time, or the viewer's allowance is spent."""
-        entry = self._history[seq % HISTORY_SIZE]
+        found = self._find(seq)
         route = aiortc_compat.media_route(self.transport)
-        if entry is None or entry[0] != seq or route is None or self.layout is None:
+        if found is None or route is None or self.layout is None:
             return
-        _, (head, before, after), ts, sent_at = entry
+        entry, index = found
+        _, packets, ts, sent_at = entry
+        head, before, after = packets[index]
         layout = self.layout
         if layout.abs_send_time_id is not None:
-            before += abs_send_time(now)
+            before += _AST.pack(abs_send_time(now))[1:]
         rest = before + after
         resent_entry, resends = self._resends.get(seq, (None, 0))
         if resent_entry is not entry:
@@ -334,7 +446,7 @@ class FanoutSender(RTCRtpSender):
         if self._rtx_allowance < len(rest):
             self.retransmit_refused["budget"] += 1
             return
-        if len(self._resends) >= HISTORY_SIZE:
+        if len(self._resends) >= RESENDS_KEPT:
             self._resends.clear()  # bounded; packets this old are refused for age anyway
         self._resends[seq] = (entry, resends + 1)
         self._rtx_allowance -= len(rest)
@@ -347,10 +459,14 @@ class FanoutSender(RTCRtpSender):
             fields = _FIELDS.pack(self._rtx_seq, ts, self.rtx_ssrc)
             rest = rest[:ext_size] + _SEQ.pack(seq) + rest[ext_size:]
             self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
+            protect = aiortc_compat.srtp_protect(self.transport)  # RTX SSRC: libsrtp's
         else:
             fields = _FIELDS.pack(seq, ts, self.ssrc)
+            # The media SSRC's SRTP context: the native track's once it has one.
+            track = self._track
+            protect = track.protect if track else aiortc_compat.srtp_protect(self.transport)
         sock, addr = route
-        sock.sendto(aiortc_compat.srtp_protect(self.transport)(head + fields + rest), addr)
+        sock.sendto(protect(head + fields + rest), addr)
         self.retransmitted += 1
 
     async def _handle_rtcp_packet(self, packet) -> None:
@@ -360,8 +476,6 @@ class FanoutSender(RTCRtpSender):
             now, deadline = time.monotonic(), self._retransmit_deadline()
             for seq in packet.lost:
                 self._retransmit(seq, now, deadline)
-            if estimate is not None:
-                estimate.on_nack(packet.lost)
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
             self._on_keyframe_request("FIR" if packet.fmt == RTCP_PSFB_FIR else "PLI")
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
@@ -380,9 +494,7 @@ class FanoutSender(RTCRtpSender):
                         now = (clock.current_ntp_time() >> 16) & 0xFFFFFFFF
                         self.rtt = max(0.0, ((now - report.lsr - report.dlsr) & 0xFFFFFFFF) / 65536)
                     if estimate is not None:
-                        estimate.on_receiver_report(
-                            report.fraction_lost, self.packets_sent, time.monotonic()
-                        )
+                        estimate.on_receiver_report(report.fraction_lost, time.monotonic())
 
     async def _run_rtcp(self) -> None:
         """Sender reports map RTP time to wall-clock time (players need it for A/V sync).

@@ -29,6 +29,7 @@ ENV_VARS = {
     "WHIPCAST_ADVERTISE_URL": "advertise_url",
     "WHIPCAST_WEB_ROOT": "web_root",
     "WHIPCAST_QA_SECRET": "qa_secret",
+    "WHIPCAST_NO_NATIVE": "no_native_fanout",
 }
 
 
@@ -94,9 +95,11 @@ class Settings:
     """Resends of one packet to one viewer at most."""
 
     # Per-viewer adaptation to the viewer's link (gateway/bandwidth.py, gateway/egress.py)
-    viewer_adapt: bool = True
-    """Drive each viewer's send budget by its bandwidth estimate (REMB, loss, NACKs);
-    off: every viewer may be sent up to ``viewer_max_bitrate``."""
+    viewer_adapt: bool = False
+    """Drive each viewer's send budget by its bandwidth estimate (REMB, RR loss).
+    Opt-in while experimental: with moderate random loss the estimate still pauses
+    viewers whose link carries the stream (docs/architecture.md). Off: every viewer may
+    be sent up to ``viewer_max_bitrate``."""
     viewer_min_bitrate: int = 100_000
     """The estimate never goes below this (bits/s); audio always fits."""
     viewer_max_queue_delay: float = 0.5
@@ -112,6 +115,11 @@ class Settings:
     replay_end_grace_s: float = 3.0
     """Seconds a replay session stays open after its recording ended, reporting
     ``"ended": true``, before it is closed (RTCP BYE)."""
+
+    # Egress send path (gateway/rtpsend.py, gateway/native/)
+    no_native_fanout: bool = False
+    """Send with the pure-Python path even where the native fan-out core is built (it is
+    the reference the native core is tested against, and the fallback)."""
 
     # Audience Q&A (signaling/qa.py)
     qa_retention_ms: int = 7 * 24 * 3600 * 1000
@@ -177,7 +185,11 @@ class Settings:
         values: dict[str, object] = {}
         for var, name in ENV_VARS.items():
             if env.get(var):
-                values[name] = Path(env[var]) if "Path" in str(types[name]) else env[var]
+                kind = str(types[name])
+                if kind == "bool":
+                    values[name] = env[var].lower() not in ("0", "false", "no")
+                else:
+                    values[name] = Path(env[var]) if "Path" in kind else env[var]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -58,9 +58,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bits/s one viewer may be sent (default 50000000)")  # fmt: skip
     parser.add_argument("--retransmit-budget", type=float, help="NACK resends may add at "
                         "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
-    parser.add_argument("--no-viewer-adapt", dest="viewer_adapt", action="store_false",
-                        default=None, help="send every viewer the full stream, whatever "
-                        "its bandwidth estimate")  # fmt: skip
+    parser.add_argument("--viewer-adapt", dest="viewer_adapt", action="store_true",
+                        default=None, help="experimental: send each viewer what its "
+                        "bandwidth estimate says its link carries (off by default)")  # fmt: skip
     parser.add_argument("--viewer-min-bitrate", type=int, help="floor of a viewer's "
                         "bandwidth estimate, bits/s (default 100000)")  # fmt: skip
     parser.add_argument("--viewer-max-queue-delay", type=float, help="seconds a viewer may "
@@ -68,6 +68,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "(default 0.5)")  # fmt: skip
     parser.add_argument("--thumbnail-interval", type=float,
                         help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
+    parser.add_argument("--no-native-fanout", action="store_true", default=None,
+                        help="send to viewers with the pure-Python path, not the native "
+                        "core (env WHIPCAST_NO_NATIVE=1)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -123,6 +126,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         viewer_min_bitrate=getattr(args, "viewer_min_bitrate", None),
         viewer_max_queue_delay=getattr(args, "viewer_max_queue_delay", None),
         thumbnail_interval=getattr(args, "thumbnail_interval", None),
+        no_native_fanout=getattr(args, "no_native_fanout", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

@@ -4,6 +4,7 @@ it. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ class Server:
 async def start_server(kafka: EmbeddedKafka, **overrides) -> Server:
     port = free_port()
     settings = Settings.from_env(
-        env={},
+        # Only the send-path switch passes through: WHIPCAST_NO_NATIVE=1 runs the
+        # suite on the pure-Python fallback.
+        env={"WHIPCAST_NO_NATIVE": os.environ.get("WHIPCAST_NO_NATIVE", "")},
         host="127.0.0.1",
         port=port,
         kafka_bootstrap=kafka.bootstrap,

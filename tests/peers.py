@@ -217,13 +217,18 @@ async def play(
     loss: float = 0.0,
     seed: int = 1,
     link: Link | None = None,
+    rtx: bool = True,
 ) -> Viewer:
     """A WHEP viewer; ``query`` (e.g. ``start=-30``) is appended to the endpoint URL,
-    ``loss`` drops that share of incoming RTP before aiortc sees it, and ``link`` puts
-    a bottleneck in front of it (an impaired link)."""
+    ``loss`` drops that share of incoming RTP before aiortc sees it, ``link`` puts a
+    bottleneck in front of it (an impaired link), and ``rtx=False`` offers no RTX, so
+    resends come on the media SSRC."""
     pc = RTCPeerConnection()
-    pc.addTransceiver("video", direction="recvonly")
+    video = pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
+    if not rtx:
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        video.setCodecPreferences([c for c in codecs if not c.mimeType.endswith("/rtx")])
     session = aiohttp.ClientSession(base_url=base)
     await pc.setLocalDescription(await pc.createOffer())
     posted = time.monotonic()

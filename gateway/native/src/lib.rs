@@ -1,0 +1,660 @@
+//! whipcast's native egress fan-out core (`whipcast.gateway._fanout`).
+//!
+//! Below `gateway/rtpsend.py`'s unchanged Python interface: a frame's RTP packets are
+//! built once per header layout ([`Packets`]); for each viewer track ([`Track`]) one call
+//! writes that viewer's sequence numbers, timestamp and SSRC, SRTP-protects every packet
+//! (RFC 3711 AES_CM_128_HMAC_SHA1_80, RFC 7714 AEAD_AES_128_GCM / AEAD_AES_256_GCM) and
+//! hands them all to the kernel in `sendmmsg` calls, with the GIL released. The output is
+//! byte for byte what libsrtp (aiortc's SRTP) makes of the same packets; the pure-Python
+//! path in `rtpsend.py` is the reference and the fallback.
+//!
+//! A [`Track`] owns the SRTP state (rollover counter) of one media SSRC alone: no other
+//! SRTP context may protect packets of that SSRC. RTX and RTCP stay in aiortc's libsrtp
+//! session, under other SSRCs or in SRTCP's own index space.
+
+use std::net::{IpAddr, SocketAddr};
+
+use aes::cipher::{KeyIvInit, StreamCipher};
+use aes::{Aes128, Aes256};
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes128Gcm, Aes256Gcm, KeyInit, Nonce};
+use hmac::{Hmac, Mac};
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+use sha1::Sha1;
+
+type Aes128Ctr = ctr::Ctr128BE<Aes128>;
+type Aes256Ctr = ctr::Ctr128BE<Aes256>;
+
+/// libsrtp's replay window on the sending side (aiortc sets 1024): a packet further
+/// back than this from the newest index is refused, as libsrtp refuses it.
+const WINDOW: i64 = 1024;
+const SEQ_MEDIAN: i64 = 1 << 15;
+const SEQ_MAX: i64 = 1 << 16;
+/// Packets handed to one `sendmmsg` call at most (the kernel's UIO_MAXIOV is 1024).
+const BATCH: usize = 64;
+
+/// Profile names as OpenSSL's DTLS-SRTP extension spells them.
+const CM_SHA1_80: &str = "SRTP_AES128_CM_SHA1_80";
+const GCM_128: &str = "SRTP_AEAD_AES_128_GCM";
+const GCM_256: &str = "SRTP_AEAD_AES_256_GCM";
+
+enum Cipher {
+    CmSha1 {
+        key: [u8; 16],
+        salt: [u8; 14],
+        auth: Hmac<Sha1>,
+    },
+    Gcm128 {
+        aead: Box<Aes128Gcm>,
+        salt: [u8; 12],
+    },
+    Gcm256 {
+        aead: Box<Aes256Gcm>,
+        salt: [u8; 12],
+    },
+}
+
+/// RFC 3711 section 4.3 key derivation (AES-CM PRF, key derivation rate 0), as libsrtp
+/// does it for every profile: GCM's 96-bit master salt is zero-padded to 112 bits.
+fn derive(master_key: &[u8], master_salt: &[u8], label: u8, out: &mut [u8]) {
+    let mut iv = [0u8; 16];
+    iv[..master_salt.len()].copy_from_slice(master_salt);
+    iv[7] ^= label;
+    out.fill(0);
+    if master_key.len() == 32 {
+        Aes256Ctr::new(master_key.into(), &iv.into()).apply_keystream(out);
+    } else {
+        Aes128Ctr::new(master_key.into(), &iv.into()).apply_keystream(out);
+    }
+}
+
+impl Cipher {
+    fn new(profile: &str, key_salt: &[u8]) -> Result<Self, String> {
+        let (key_len, salt_len) = match profile {
+            CM_SHA1_80 => (16, 14),
+            GCM_128 => (16, 12),
+            GCM_256 => (32, 12),
+            other => return Err(format!("unsupported SRTP profile {other}")),
+        };
+        if key_salt.len() != key_len + salt_len {
+            return Err(format!(
+                "{profile} needs {} bytes of key and salt",
+                key_len + salt_len
+            ));
+        }
+        let (master_key, master_salt) = key_salt.split_at(key_len);
+        Ok(match profile {
+            CM_SHA1_80 => {
+                let (mut key, mut salt, mut auth) = ([0u8; 16], [0u8; 14], [0u8; 20]);
+                derive(master_key, master_salt, 0, &mut key);
+                derive(master_key, master_salt, 1, &mut auth);
+                derive(master_key, master_salt, 2, &mut salt);
+                let auth = <Hmac<Sha1> as Mac>::new_from_slice(&auth).expect("any key length");
+                Cipher::CmSha1 { key, salt, auth }
+            }
+            GCM_128 => {
+                let (mut key, mut salt) = ([0u8; 16], [0u8; 12]);
+                derive(master_key, master_salt, 0, &mut key);
+                derive(master_key, master_salt, 2, &mut salt);
+                Cipher::Gcm128 {
+                    aead: Box::new(Aes128Gcm::new(&key.into())),
+                    salt,
+                }
+            }
+            _ => {
+                let (mut key, mut salt) = ([0u8; 32], [0u8; 12]);
+                derive(master_key, master_salt, 0, &mut key);
+                derive(master_key, master_salt, 2, &mut salt);
+                Cipher::Gcm256 {
+                    aead: Box::new(Aes256Gcm::new(&key.into())),
+                    salt,
+                }
+            }
+        })
+    }
+
+    fn tag_len(&self) -> usize {
+        match self {
+            Cipher::CmSha1 { .. } => 10,
+            _ => 16,
+        }
+    }
+
+    /// Protect one RTP packet in place: `buf` holds it, followed by `tag_len` spare bytes.
+    fn protect(&self, buf: &mut [u8], header_len: usize, ssrc: u32, index: u64) {
+        let roc = (index >> 16) as u32;
+        let seq = index as u16;
+        let body_end = buf.len() - self.tag_len();
+        match self {
+            Cipher::CmSha1 { key, salt, auth } => {
+                let mut iv = [0u8; 16];
+                iv[..14].copy_from_slice(salt);
+                for (i, b) in ssrc.to_be_bytes().iter().enumerate() {
+                    iv[4 + i] ^= b;
+                }
+                for (i, b) in index.to_be_bytes()[2..].iter().enumerate() {
+                    iv[8 + i] ^= b;
+                }
+                Aes128Ctr::new(key.into(), &iv.into())
+                    .apply_keystream(&mut buf[header_len..body_end]);
+                let mut mac = auth.clone();
+                mac.update(&buf[..body_end]);
+                mac.update(&roc.to_be_bytes());
+                let tag = mac.finalize().into_bytes();
+                buf[body_end..].copy_from_slice(&tag[..10]);
+            }
+            Cipher::Gcm128 { aead, salt } => {
+                let nonce = gcm_iv(salt, ssrc, roc, seq);
+                let (head, rest) = buf.split_at_mut(header_len);
+                let (body, tag_out) = rest.split_at_mut(body_end - header_len);
+                let tag = aead
+                    .encrypt_in_place_detached(Nonce::from_slice(&nonce), head, body)
+                    .expect("packet within GCM limits");
+                tag_out.copy_from_slice(&tag);
+            }
+            Cipher::Gcm256 { aead, salt } => {
+                let nonce = gcm_iv(salt, ssrc, roc, seq);
+                let (head, rest) = buf.split_at_mut(header_len);
+                let (body, tag_out) = rest.split_at_mut(body_end - header_len);
+                let tag = aead
+                    .encrypt_in_place_detached(Nonce::from_slice(&nonce), head, body)
+                    .expect("packet within GCM limits");
+                tag_out.copy_from_slice(&tag);
+            }
+        }
+    }
+}
+
+/// RFC 7714 section 8.1: (00 00 || SSRC || ROC || SEQ) XOR salt.
+fn gcm_iv(salt: &[u8; 12], ssrc: u32, roc: u32, seq: u16) -> [u8; 12] {
+    let mut iv = [0u8; 12];
+    iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+    iv[6..10].copy_from_slice(&roc.to_be_bytes());
+    iv[10..12].copy_from_slice(&seq.to_be_bytes());
+    for (v, s) in iv.iter_mut().zip(salt) {
+        *v ^= s;
+    }
+    iv
+}
+
+/// Length of an RTP header with its CSRCs and extension, or None if `p` is too short.
+fn header_len(p: &[u8]) -> Option<usize> {
+    (p.len() >= 12)
+        .then(|| header_tail_len(p[0], &p[12..]))?
+        .map(|t| 12 + t)
+}
+
+/// Length past byte 12 of a header whose first byte is `first` (CSRCs, extension),
+/// read from `rest` = the packet from byte 12 on; None if `rest` is too short.
+fn header_tail_len(first: u8, rest: &[u8]) -> Option<usize> {
+    let mut len = 4 * (first & 0x0F) as usize;
+    if first & 0x10 != 0 {
+        let words = rest.get(len + 2..len + 4)?;
+        len += 4 + 4 * u16::from_be_bytes([words[0], words[1]]) as usize;
+    }
+    (len <= rest.len()).then_some(len)
+}
+
+/// The sender's packet index for a sequence number, as libsrtp estimates it
+/// (`srtp_rdbx_estimate_index`): (guessed 48-bit index, distance from the newest).
+fn estimate(newest: u64, seq: u16) -> (u64, i64) {
+    let s = seq as i64;
+    if newest as i64 <= SEQ_MEDIAN {
+        return (s as u64, s - (newest as u16) as i64);
+    }
+    let roc = (newest >> 16) as i64;
+    let local = (newest as u16) as i64;
+    let (guess_roc, delta) = if local < SEQ_MEDIAN {
+        if s - local > SEQ_MEDIAN {
+            (roc - 1, s - local - SEQ_MAX)
+        } else {
+            (roc, s - local)
+        }
+    } else if local - SEQ_MEDIAN > s {
+        (roc + 1, s - local + SEQ_MAX)
+    } else {
+        (roc, s - local)
+    };
+    ((((guess_roc as u64) & 0xFFFF_FFFF) << 16) | s as u64, delta)
+}
+
+/// A frame's RTP packets for one header layout, shared by the viewers that use it:
+/// per packet its first two header bytes, then (after the 10 bytes a viewer fills in:
+/// sequence number, timestamp, SSRC) the rest of the header and the payload, with a
+/// 3-byte hole for the abs-send-time value where the layout has one.
+#[pyclass(frozen, module = "whipcast.gateway._fanout")]
+struct Packets {
+    heads: Vec<[u8; 2]>,
+    /// Where each packet's rest starts in `data`, and one past the last.
+    bounds: Vec<usize>,
+    data: Vec<u8>,
+    /// Length of the header past byte 12 (CSRCs and extension), alike for all packets.
+    header_tail: usize,
+    /// Where the abs-send-time hole lies in each packet's rest (alike for all packets).
+    abs_send_time_at: Option<usize>,
+}
+
+#[pymethods]
+impl Packets {
+    /// `packets`: `(bytes 0-1, bytes 12-end)` pairs, or `(bytes 0-1, before, after)`
+    /// triples as `PreparedFrame.packets` makes them (joined; with `abs_send_time`, a
+    /// 3-byte abs-send-time hole goes between them, at the same place in every packet,
+    /// which each send fills in). Every packet must have the same header length.
+    #[new]
+    #[pyo3(signature = (packets, abs_send_time = false))]
+    fn new(packets: &Bound<'_, PyList>, abs_send_time: bool) -> PyResult<Self> {
+        let mut heads = Vec::with_capacity(packets.len());
+        let mut bounds = Vec::with_capacity(packets.len() + 1);
+        let mut data = Vec::new();
+        let mut header_tail = None;
+        let mut hole_at = None;
+        for item in packets.iter() {
+            let parts = item.downcast::<PyTuple>()?;
+            let head = parts.get_item(0)?;
+            let head: &[u8] = head.downcast::<PyBytes>()?.as_bytes();
+            if head.len() != 2 {
+                return Err(PyValueError::new_err("a packet's head is RTP bytes 0-1"));
+            }
+            let start = data.len();
+            match parts.len() {
+                2 if !abs_send_time => {
+                    data.extend_from_slice(parts.get_item(1)?.downcast::<PyBytes>()?.as_bytes())
+                }
+                3 => {
+                    let before = parts.get_item(1)?;
+                    let before: &[u8] = before.downcast::<PyBytes>()?.as_bytes();
+                    data.extend_from_slice(before);
+                    if abs_send_time {
+                        if *hole_at.get_or_insert(before.len()) != before.len() {
+                            return Err(PyValueError::new_err(
+                                "abs-send-time lies at one place in every packet",
+                            ));
+                        }
+                        data.extend_from_slice(&[0u8; 3]);
+                    }
+                    data.extend_from_slice(parts.get_item(2)?.downcast::<PyBytes>()?.as_bytes());
+                }
+                _ => {
+                    return Err(PyValueError::new_err(
+                        "a packet is (head, rest) or (head, before, after)",
+                    ))
+                }
+            }
+            let tail = header_tail_len(head[0], &data[start..])
+                .ok_or_else(|| PyValueError::new_err("truncated RTP header"))?;
+            if *header_tail.get_or_insert(tail) != tail {
+                return Err(PyValueError::new_err(
+                    "packets of one layout share a header",
+                ));
+            }
+            if hole_at.is_some_and(|at| at + 3 > tail) {
+                return Err(PyValueError::new_err(
+                    "abs-send-time lies outside the header",
+                ));
+            }
+            heads.push([head[0], head[1]]);
+            bounds.push(start);
+        }
+        bounds.push(data.len());
+        let header_tail = header_tail.unwrap_or(0);
+        Ok(Packets {
+            heads,
+            bounds,
+            data,
+            header_tail,
+            abs_send_time_at: hole_at,
+        })
+    }
+
+    /// Number of packets.
+    #[getter]
+    fn count(&self) -> usize {
+        self.heads.len()
+    }
+
+    /// Bytes after the fixed 12-byte headers, summed (what `octets_sent` counts).
+    #[getter]
+    fn octets(&self) -> usize {
+        self.data.len()
+    }
+
+    /// `octets` of packets `first` up to `end` (a slice, as Python's).
+    #[pyo3(signature = (first = 0, end = None))]
+    fn octets_of(&self, first: usize, end: Option<usize>) -> usize {
+        let (first, end) = self.range(first, end);
+        self.bounds[end] - self.bounds[first]
+    }
+
+    /// Where the abs-send-time value lies in a packet (from byte 0), or None.
+    #[getter]
+    fn abs_send_time_at(&self) -> Option<usize> {
+        self.abs_send_time_at.map(|at| 12 + at)
+    }
+}
+
+impl Packets {
+    /// `first..end` clamped to the packets, as a Python slice with those bounds.
+    fn range(&self, first: usize, end: Option<usize>) -> (usize, usize) {
+        let end = end.unwrap_or(self.heads.len()).min(self.heads.len());
+        (first.min(end), end)
+    }
+}
+
+/// One viewer track: the SRTP state of its media SSRC and where its packets go.
+#[pyclass(module = "whipcast.gateway._fanout")]
+struct Track {
+    cipher: Cipher,
+    ssrc: u32,
+    /// Newest packet index protected (libsrtp's `rdbx->index`).
+    newest: u64,
+    fd: i32,
+    dest: Option<libc::sockaddr_storage>,
+    dest_len: libc::socklen_t,
+    scratch: Vec<u8>,
+}
+
+/// Where one `send` of a frame (or a pacer's slice of it) goes in a viewer's stream.
+#[derive(Clone, Copy)]
+struct Frame {
+    seq: u16,
+    ts: u32,
+    first: usize,
+    end: usize,
+    sent_at: Option<u32>,
+}
+
+impl Frame {
+    fn new(
+        packets: &Packets,
+        seq: u16,
+        ts: u32,
+        first: usize,
+        end: Option<usize>,
+        sent_at: Option<u32>,
+    ) -> PyResult<Self> {
+        if sent_at.is_some() && packets.abs_send_time_at.is_none() {
+            return Err(PyValueError::new_err(
+                "an abs-send-time for packets without its hole",
+            ));
+        }
+        let (first, end) = packets.range(first, end);
+        Ok(Frame {
+            seq,
+            ts,
+            first,
+            end,
+            sent_at: sent_at.map(|v| v & 0xFF_FFFF),
+        })
+    }
+}
+
+// SAFETY: sockaddr_storage is plain data; a Track is only used under its PyRefMut.
+unsafe impl Send for Track {}
+
+impl Track {
+    fn index_for(&mut self, seq: u16) -> PyResult<u64> {
+        let (index, delta) = estimate(self.newest, seq);
+        if delta > 0 {
+            self.newest = index;
+        } else if delta + WINDOW - 1 < 0 {
+            return Err(PyValueError::new_err(
+                "SRTP index too old to protect (replay window)",
+            ));
+        }
+        Ok(index)
+    }
+
+    /// Build, protect and send one frame's packets; returns the protected packets
+    /// the kernel did not take (its buffer was full) for the caller to queue.
+    /// Packets `first..end` get sequence numbers from `seq` on; `sent_at`, a 24-bit
+    /// abs-send-time value, goes into each packet's hole for it.
+    fn send_inner(&mut self, packets: &Packets, frame: Frame, direct: bool) -> Vec<Vec<u8>> {
+        let Frame {
+            seq,
+            ts,
+            first,
+            end,
+            sent_at,
+        } = frame;
+        let tag_len = self.cipher.tag_len();
+        let count = end - first;
+        let total = packets.bounds[end] - packets.bounds[first] + count * (12 + tag_len);
+        let hole = packets
+            .abs_send_time_at
+            .zip(sent_at)
+            .map(|(at, v)| (12 + at, v.to_be_bytes()));
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.resize(total, 0);
+        let mut spans = Vec::with_capacity(count);
+        let mut at = 0;
+        for (n, i) in (first..end).enumerate() {
+            let rest = &packets.data[packets.bounds[i]..packets.bounds[i + 1]];
+            let len = 12 + rest.len() + tag_len;
+            let buf = &mut scratch[at..at + len];
+            let s = seq.wrapping_add(n as u16);
+            buf[..2].copy_from_slice(&packets.heads[i]);
+            buf[2..4].copy_from_slice(&s.to_be_bytes());
+            buf[4..8].copy_from_slice(&ts.to_be_bytes());
+            buf[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
+            buf[12..12 + rest.len()].copy_from_slice(rest);
+            if let Some((hole_at, value)) = hole {
+                buf[hole_at..hole_at + 3].copy_from_slice(&value[1..]);
+            }
+            // Sequence numbers only move forward here, so the index never is too old.
+            let index = self.index_for(s).unwrap_or(s as u64);
+            self.cipher
+                .protect(buf, 12 + packets.header_tail, self.ssrc, index);
+            spans.push((at, len));
+            at += len;
+        }
+        let sent = if direct {
+            self.sendmmsg(&scratch, &spans)
+        } else {
+            0
+        };
+        let unsent = spans[sent..]
+            .iter()
+            .map(|&(a, l)| scratch[a..a + l].to_vec())
+            .collect();
+        self.scratch = scratch;
+        unsent
+    }
+
+    /// `sendmmsg` the spans of `buf` in batches; returns how many were handed to the
+    /// kernel (or lost to a hard error, as asyncio's transport loses them). Stops at the
+    /// first EAGAIN/ENOBUFS.
+    fn sendmmsg(&self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
+        let Some(dest) = self.dest.as_ref() else {
+            return 0;
+        };
+        let mut iovs: Vec<libc::iovec> = spans
+            .iter()
+            .map(|&(a, l)| libc::iovec {
+                iov_base: buf[a..].as_ptr() as *mut _,
+                iov_len: l,
+            })
+            .collect();
+        let mut done = 0;
+        while done < spans.len() {
+            let n = (spans.len() - done).min(BATCH);
+            // SAFETY: zeroed mmsghdr is valid; every pointer outlives the call.
+            let mut msgs: Vec<libc::mmsghdr> = (0..n)
+                .map(|k| {
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = dest as *const _ as *mut libc::c_void;
+                    m.msg_hdr.msg_namelen = self.dest_len;
+                    m.msg_hdr.msg_iov = &mut iovs[done + k];
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            let rc = unsafe {
+                libc::sendmmsg(
+                    self.fd,
+                    msgs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc > 0 {
+                done += rc as usize;
+                continue;
+            }
+            let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            match err {
+                libc::EINTR => continue,
+                libc::EAGAIN | libc::ENOBUFS => break,
+                _ => done += 1, // lost, as asyncio's datagram transport loses it
+            }
+        }
+        done
+    }
+}
+
+#[pymethods]
+impl Track {
+    /// `profile`: the negotiated DTLS-SRTP profile name; `key_salt`: the sending
+    /// master key followed by the master salt; `ssrc`: the one media SSRC it protects.
+    #[new]
+    fn new(profile: &str, key_salt: &[u8], ssrc: u32) -> PyResult<Self> {
+        let cipher = Cipher::new(profile, key_salt).map_err(PyValueError::new_err)?;
+        Ok(Track {
+            cipher,
+            ssrc,
+            newest: 0,
+            fd: -1,
+            dest: None,
+            dest_len: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Where `send` writes: a UDP socket's file descriptor and the viewer's address.
+    fn route(&mut self, fd: i32, host: &str, port: u16) -> PyResult<()> {
+        let ip: IpAddr = host
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("not an IP: {host:?}")))?;
+        let addr = SocketAddr::new(ip, port);
+        // SAFETY: sockaddr_storage is large enough for either family.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        self.fd = fd;
+        self.dest = Some(storage);
+        self.dest_len = len as libc::socklen_t;
+        Ok(())
+    }
+
+    /// Send one frame, or its packets `first` up to `end` (a pacer's slice): the i-th
+    /// packet sent gets sequence number `seq + i`, timestamp `ts`, this track's SSRC and
+    /// (where given) the 24-bit `abs_send_time` value in the packets' hole for it, is
+    /// SRTP-protected and goes out with `sendmmsg`, the GIL released.
+    /// Returns None, or the protected packets the socket had no room for (in order):
+    /// the caller queues them on the socket's transport.
+    #[pyo3(signature = (packets, seq, ts, first = 0, end = None, abs_send_time = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        mut slf: PyRefMut<'_, Self>,
+        py: Python<'_>,
+        packets: &Bound<'_, Packets>,
+        seq: u16,
+        ts: u32,
+        first: usize,
+        end: Option<usize>,
+        abs_send_time: Option<u32>,
+    ) -> PyResult<Option<Vec<Py<PyBytes>>>> {
+        if slf.dest.is_none() {
+            return Err(PyOSError::new_err("track has no route"));
+        }
+        let packets = packets.get();
+        let at = Frame::new(packets, seq, ts, first, end, abs_send_time)?;
+        let track: &mut Track = &mut slf;
+        let unsent = py.allow_threads(|| track.send_inner(packets, at, true));
+        if unsent.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            unsent
+                .iter()
+                .map(|p| PyBytes::new(py, p).unbind())
+                .collect(),
+        ))
+    }
+
+    /// What `send` sends, protected but not sent: for a caller that must queue them
+    /// behind packets already waiting on the socket's transport.
+    #[pyo3(signature = (packets, seq, ts, first = 0, end = None, abs_send_time = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn protect_frame(
+        &mut self,
+        py: Python<'_>,
+        packets: &Bound<'_, Packets>,
+        seq: u16,
+        ts: u32,
+        first: usize,
+        end: Option<usize>,
+        abs_send_time: Option<u32>,
+    ) -> PyResult<Vec<Py<PyBytes>>> {
+        let packets = packets.get();
+        let at = Frame::new(packets, seq, ts, first, end, abs_send_time)?;
+        let out = self.send_inner(packets, at, false);
+        Ok(out.iter().map(|p| PyBytes::new(py, p).unbind()).collect())
+    }
+
+    /// SRTP-protect one RTP packet of this track's SSRC (for resends and tests).
+    fn protect<'py>(&mut self, py: Python<'py>, packet: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let hlen = header_len(packet).ok_or_else(|| PyValueError::new_err("not an RTP packet"))?;
+        let ssrc = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+        if ssrc != self.ssrc {
+            return Err(PyValueError::new_err("packet of another SSRC"));
+        }
+        let index = self.index_for(u16::from_be_bytes([packet[2], packet[3]]))?;
+        let mut buf = Vec::with_capacity(packet.len() + 16);
+        buf.extend_from_slice(packet);
+        buf.resize(packet.len() + self.cipher.tag_len(), 0);
+        self.cipher.protect(&mut buf, hlen, ssrc, index);
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Newest SRTP packet index (rollover counter << 16 | sequence number).
+    #[getter]
+    fn index(&self) -> u64 {
+        self.newest
+    }
+}
+
+#[pymodule]
+fn _fanout(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Packets>()?;
+    m.add_class::<Track>()?;
+    m.add("PROFILES", (CM_SHA1_80, GCM_128, GCM_256))?;
+    Ok(())
+}

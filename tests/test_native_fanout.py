@@ -1,0 +1,277 @@
+"""The native fan-out core against the pure-Python send path it accelerates, as aiohttp
+tests its C parser against the Python one: the same frame, keys, sequence numbers,
+timestamp and SSRC give the same SRTP packets byte for byte, for every SRTP profile
+aiortc negotiates; and real aiortc viewers decode, NACK and get resends through
+either path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import shutil
+import socket
+import struct
+
+import pytest
+from pylibsrtp import Policy, Session
+from whipcast.gateway import aiortc_compat, rtpsend
+from whipcast.gateway.frames import Track
+from whipcast.gateway.rtpsend import Layout, PreparedFrame
+
+from .conftest import start_server
+from .peers import play, publish
+
+if rtpsend._fanout is None:
+    # A machine with Rust must have built it (CI does): a failed build fails here.
+    if shutil.which("cargo"):
+        raise AssertionError("cargo is installed but whipcast.gateway._fanout was not built")
+    pytest.skip("the native core is not built (no Rust toolchain)", allow_module_level=True)
+core = rtpsend._fanout
+
+LIBSRTP = {
+    "SRTP_AES128_CM_SHA1_80": (Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 16 + 14),
+    "SRTP_AEAD_AES_128_GCM": (Policy.SRTP_PROFILE_AEAD_AES_128_GCM, 16 + 12),
+    "SRTP_AEAD_AES_256_GCM": (Policy.SRTP_PROFILE_AEAD_AES_256_GCM, 32 + 12),
+}
+SSRC = 0x1234ABCD
+FIELDS = struct.Struct("!HII")
+
+
+def libsrtp(profile: str, key: bytes) -> Session:
+    """A sending libsrtp session set up exactly as aiortc sets up its own."""
+    policy = Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND, srtp_profile=LIBSRTP[profile][0])
+    policy.allow_repeat_tx = True
+    policy.window_size = 1024
+    return Session(policy)
+
+
+def prepared(count: int, layout: Layout, rng: random.Random) -> PreparedFrame:
+    payloads = [rng.randbytes(rng.randint(1, 1200)) for _ in range(count)]
+    return PreparedFrame(None, payloads, True)  # type: ignore[arg-type]  # no Frame needed
+
+
+def reference(
+    frame: PreparedFrame,
+    layout: Layout,
+    seq: int,
+    ts: int,
+    protect,
+    first: int = 0,
+    end: int | None = None,
+    sent_at: int | None = None,
+) -> list[bytes]:
+    """What the pure-Python path sends (``FanoutSender._send_python``)."""
+    out = []
+    stamp = struct.pack("!I", sent_at)[1:] if sent_at is not None else b""
+    for head, before, after in frame.packets(layout)[first:end]:
+        out.append(protect(head + FIELDS.pack(seq, ts, SSRC) + before + stamp + after))
+        seq = (seq + 1) & 0xFFFF
+    return out
+
+
+def test_every_profile_aiortc_offers_is_supported():
+    from aiortc.rtcdtlstransport import SRTP_PROFILES
+
+    offered = {p.openssl_profile.decode() for p in SRTP_PROFILES}
+    assert offered <= set(core.PROFILES)
+
+
+@pytest.mark.parametrize("profile", core.PROFILES)
+def test_protect_matches_libsrtp(profile):
+    """Packet by packet, across a rollover, with repeats (resends) and old packets."""
+    rng = random.Random(profile)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    reference_session, track = libsrtp(profile, key), core.Track(profile, key, SSRC)
+    seqs = [*range(0xFFE0, 0x10000), *range(0, 40), 3, 0xFFF0, 39, 40, 41]
+    layouts = [Layout(96, None, None), Layout(102, 4, "0"), Layout(111, 9, "video-1")]
+    for i, seq in enumerate(seqs):
+        head = layouts[i % 3].header(i % 5 == 0)
+        packet = (
+            head[:2] + FIELDS.pack(seq, 90000 * i, SSRC) + head[12:] + rng.randbytes((i % 40) * 30)
+        )
+        assert track.protect(packet) == reference_session.protect(packet), (seq, i)
+    assert track.index >> 16 == 1, "the rollover counter must have moved on"
+
+
+def test_protect_refuses_what_it_must():
+    track = core.Track("SRTP_AEAD_AES_128_GCM", bytes(28), SSRC)
+    with pytest.raises(ValueError, match="another SSRC"):
+        track.protect(bytes([0x80, 96]) + FIELDS.pack(1, 0, SSRC + 1) + b"x")
+    with pytest.raises(ValueError, match="not an RTP packet"):
+        track.protect(b"\x90\x60" + bytes(10))
+    with pytest.raises(ValueError, match="key and salt"):
+        core.Track("SRTP_AEAD_AES_128_GCM", bytes(30), SSRC)
+    with pytest.raises(ValueError, match="unsupported"):
+        core.Track("SRTP_NULL_SHA1_80", bytes(30), SSRC)
+    with pytest.raises(ValueError, match="truncated"):
+        core.Packets([(b"\x90\x60", b"\xbe\xde")])
+
+
+@pytest.mark.parametrize("profile", core.PROFILES)
+def test_send_matches_the_python_path(profile):
+    """Whole frames through ``Track.send`` (``sendmmsg`` on a real loopback socket, more
+    packets than one call takes) and ``protect_frame`` equal the Python path's bytes."""
+    rng = random.Random(profile)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    layout = Layout(102, 4, "0")
+    reference_session = libsrtp(profile, key)
+    track = core.Track(profile, key, SSRC)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        tx.setblocking(False)
+        track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+        seq, ts = 0xFFC0, 3_000_000
+        for count in (1, 7, 150, 3):  # 150: three sendmmsg calls; crosses seq 0xFFFF -> 0
+            frame = prepared(count, layout, rng)
+            expected = reference(frame, layout, seq, ts, reference_session.protect)
+            native = frame.native_packets(layout, core)
+            assert (native.count, native.octets) == (
+                count,
+                sum(len(b) + len(a) for _, b, a in frame.packets(layout)),
+            )
+            assert track.send(native, seq, ts) is None, "loopback never fills the socket"
+            assert [rx.recv(2048) for _ in range(count)] == expected
+            seq, ts = (seq + count) & 0xFFFF, ts + 3000
+        frame = prepared(5, layout, rng)
+        expected = reference(frame, layout, seq, ts, reference_session.protect)
+        assert track.protect_frame(frame.native_packets(layout, core), seq, ts) == expected
+
+
+@pytest.mark.parametrize("profile", core.PROFILES)
+def test_abs_send_time_and_slices_match_the_python_path(profile):
+    """A layout with abs-send-time: each send writes its value into every packet (the
+    Python path joins it in), and a pacer's slices of a frame, sent one after another,
+    equal the Python path's slices; ``octets_of`` counts what the Python path counts."""
+    rng = random.Random(profile)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    layout = Layout(102, 4, "0", abs_send_time_id=3)
+    reference_session = libsrtp(profile, key)
+    track = core.Track(profile, key, SSRC)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        tx.setblocking(False)
+        track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+        seq, ts = 0xFFF0, 90_000
+        for count, cuts in ((1, [(0, None)]), (40, [(0, 7), (7, 7), (7, 30), (30, None)])):
+            frame = prepared(count, layout, rng)
+            native = frame.native_packets(layout, core)
+            assert native.abs_send_time_at == 12 + rtpsend._AST_AT
+            for first, end in cuts:
+                sent_at = rng.randrange(1 << 24)
+                expected = reference(
+                    frame, layout, seq, ts, reference_session.protect, first, end, sent_at
+                )
+                packets = frame.packets(layout)[first:end]
+                assert native.octets_of(first, end) == sum(
+                    len(b) + 3 + len(a) for _, b, a in packets
+                )
+                assert track.send(native, seq, ts, first, end, sent_at) is None
+                got = [rx.recv(2048) for _ in expected]
+                assert got == expected, (count, first, end)
+                seq = (seq + len(expected)) & 0xFFFF
+            ts += 3000
+        frame = prepared(9, layout, rng)
+        expected = reference(frame, layout, seq, ts, reference_session.protect, 2, 6, 0xABCDEF)
+        native = frame.native_packets(layout, core)
+        assert track.protect_frame(native, seq, ts, 2, 6, 0xABCDEF) == expected
+        plain = frame.native_packets(Layout(102, 4, "0"), core)
+        with pytest.raises(ValueError, match="abs-send-time"):
+            track.protect_frame(plain, seq, ts, abs_send_time=1)
+
+
+def test_the_fallback_is_logged(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger=rtpsend.__name__)
+    assert rtpsend.native_core() is core
+    assert rtpsend.native_core(disabled=True) is None
+    monkeypatch.setattr(rtpsend, "_fanout", None)
+    monkeypatch.setattr(
+        rtpsend, "_NOT_BUILT", "the native core was not built (test)", raising=False
+    )
+    assert rtpsend.native_core() is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert "egress send path: native fan-out core" in lines[0]
+    assert "pure-Python fan-out (native core disabled by setting)" in lines[1]
+    assert "pure-Python fan-out (the native core was not built (test))" in lines[2]
+    assert caplog.records[2].levelno == logging.WARNING
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+async def either_server(request, kafka):
+    """A node sending with the native core, then one with the pure-Python path."""
+    server = await start_server(kafka, no_native_fanout=request.param == "python")
+    yield request.param, server
+    await server.runner.cleanup()
+
+
+def sessions(server, stream):
+    return list(server.node.egress.fanouts[stream].viewers)
+
+
+async def test_viewers_decode_through_either_path(either_server, stream_name):
+    path, server = either_server
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewers = [await play(server.url, stream_name) for _ in range(2)]
+        for viewer in viewers:
+            await viewer.wait_frames(45)
+            counters = [c for _, c, _ in viewer.frames]
+            assert counters == list(range(counters[0], counters[0] + len(counters)))
+            assert viewer.audio_frames > 0
+        for session in sessions(server, stream_name):
+            for sender in session.senders.values():
+                assert (sender._track is not None) == (path == "native"), path
+            if path == "native":
+                # The key the core was given is aiortc's: same bytes for a fresh SSRC.
+                dtls = session.senders[Track.VIDEO].transport
+                profile, key = aiortc_compat.srtp_tx_key(dtls)
+                packet = bytes([0x80, 96]) + FIELDS.pack(7, 1, 0x5EED0001) + os.urandom(64)
+                expected = aiortc_compat.srtp_protect(dtls)(packet)
+                assert core.Track(profile, key, 0x5EED0001).protect(packet) == expected
+        for viewer in viewers:
+            await viewer.close()
+    finally:
+        await publisher.close()
+
+
+@pytest.mark.parametrize("rtx", [True, False], ids=["rtx", "no-rtx"])
+async def test_nacks_are_answered_through_either_path(either_server, stream_name, rtx):
+    """NACKs are answered: on the RTX SSRC (libsrtp's), or on the media SSRC (the
+    native track's, where native; byte for byte libsrtp's, see the tests above).
+
+    Only with RTX can the test viewer use the resends: its lossy link drops packets
+    after SRTP, so a resend on the media SSRC is a replay to its libsrtp."""
+    path, server = either_server
+    publisher = await publish(server.url, stream_name, audio=False)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name, loss=0.1, rtx=rtx)
+        await viewer.wait_frames(5, timeout=15)
+        sender = sessions(server, stream_name)[0].senders[Track.VIDEO]
+        assert (sender._track is not None) == (path == "native")
+        assert (sender._rtx_pt is not None) == rtx
+        for _ in range(100):
+            if sender.retransmitted > 5:
+                break
+            await asyncio.sleep(0.05)
+        assert sender.retransmitted > 5, sender.retransmitted
+        if rtx:  # resends repair the loss: frames keep coming in order
+            before = len(viewer.frames)
+            await viewer.wait_frames(before + 30, timeout=15)
+            counters = [c for _, c, _ in viewer.frames[before:]]
+            assert counters == list(range(counters[0], counters[0] + len(counters)))
+        await viewer.close()
+    finally:
+        await publisher.close()
