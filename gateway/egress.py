@@ -9,6 +9,12 @@ that viewer alone, and goes upstream to the publisher only when no GOP is cached
 viewer that cannot keep up (its socket backs up or its send budget is spent) queues a
 bounded number of frames, then is dropped to the next keyframe; the others never wait
 for it.
+
+A viewer's send budget follows its bandwidth estimate (``gateway/bandwidth.py``): when
+its link cannot carry the stream, its frames wait at most ``viewer_max_queue_delay``,
+then its video pauses until the next keyframe its budget can take, while audio keeps
+flowing; the pause shows in the viewer's session resource (``GET``), which the watch
+page polls.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
 from . import aiortc_compat, codecs
+from .bandwidth import BandwidthEstimate
 from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, Unavailable, UnprocessableOffer
 from .frames import Codec, Track
 from .metrics import StreamSeries
+from .pacer import Pacer
 from .peer import PeerSession, answer_offer, parse_offer
 from .registry import STALE_AFTER_S, RegistryView, StreamInfo
 from .rtpsend import FanoutSender, PreparedFrame, RetransmitPolicy, SendBudget, native_core
@@ -38,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 BURST_CHUNK = 8  # GOP frames sent to a viewer between two yields to the loop
 BUDGET_BURST_S = 1.0  # a viewer's send budget holds this many seconds of its rate
+STREAM_RATE_WINDOW_S = 2.0  # a stream's video bitrate is measured over this (GOPs vary)
 
 
 @dataclass
@@ -57,6 +66,14 @@ class ViewerStats:
     refused_age: int = 0
     refused_repeat: int = 0
     """Resends refused: allowance spent, packet too old, packet resent enough."""
+    pauses: int = 0
+    """Times the viewer's video paused because its link could not carry the stream."""
+    paused_s: float = 0.0
+    """Seconds its video spent paused, over all pauses that ended."""
+    keyframes_skipped: int = 0
+    """Keyframes a paused viewer's link could not take (it waited for a later one)."""
+    congestion_cuts: int = 0
+    """Times REMB or loss cut the viewer's bandwidth estimate."""
     first_frame_s: float | None = None
     """Seconds from the WHEP request to the first video frame sent."""
 
@@ -81,6 +98,10 @@ class ViewerSession(PeerSession):
         self._skip_to_keyframe = False
         self._ready_at = 0.0
         self._keyframe_answered = float("-inf")
+        self.estimate: BandwidthEstimate | None = None
+        self._pacer: Pacer | None = None
+        self._paused_at: float | None = None
+        """When the video paused for a slow link (None: not paused)."""
         self._live = True  # False while gateway/playback.py sends this viewer the past
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
@@ -112,6 +133,13 @@ class ViewerSession(PeerSession):
         settings = self.settings
         rate = settings.viewer_max_bitrate / 8
         budget = SendBudget(rate, rate * BUDGET_BURST_S)  # shared by the viewer's tracks
+        if settings.viewer_adapt:
+            self.estimate = BandwidthEstimate(
+                budget,
+                floor=settings.viewer_min_bitrate,
+                ceiling=settings.viewer_max_bitrate,
+                initial=settings.viewer_max_bitrate,
+            )
         retransmit = RetransmitPolicy(
             budget=settings.retransmit_budget,
             max_age=settings.retransmit_max_age,
@@ -132,6 +160,9 @@ class ViewerSession(PeerSession):
             )
             aiortc_compat.replace_sender(transceiver, sender)
             self.senders[track] = sender
+            if track is Track.VIDEO and self.estimate is not None:
+                sender.estimate = self.estimate
+                self._pacer = Pacer(sender, budget, self._drain)
         return await answer_offer(pc, self.settings)
 
     async def _start_video(self, sender: FanoutSender) -> None:
@@ -160,13 +191,14 @@ class ViewerSession(PeerSession):
             return False
         self._bursting = True
         self._skip_to_keyframe = False
+        self._resume()
         self._queue.clear()  # the GOP supersedes whatever was waiting
         first = (gop[-1].frame.rtp_timestamp + sender.ts_offset - (len(gop) - 1)) & 0xFFFFFFFF
         last = sender.last_timestamp
         if last is not None and 0 < (last + 1 - first) & 0xFFFFFFFF < 0x80000000:
             first = (last + 1) & 0xFFFFFFFF
         for i, prepared in enumerate(gop):
-            sender.send_frame(prepared, (first + i) & 0xFFFFFFFF)
+            self.send_video(sender, prepared, (first + i) & 0xFFFFFFFF)
             self._count_sent()
             if i % BURST_CHUNK == BURST_CHUNK - 1:
                 await asyncio.sleep(0.002)
@@ -175,7 +207,7 @@ class ViewerSession(PeerSession):
         while self._queue:
             prepared = self._queue.popleft()
             if prepared.frame.sequence > newest:
-                sender.send_frame(prepared)
+                self.send_video(sender, prepared)
                 self._count_sent()
         return True
 
@@ -200,23 +232,70 @@ class ViewerSession(PeerSession):
         if self._skip_to_keyframe:
             if not frame.keyframe:
                 return
+            if self._paused_at is not None and not self._may_resume(sender):
+                self.stats.keyframes_skipped += 1  # the link cannot take it yet
+                return
             self._skip_to_keyframe = False
             self._queue.clear()
+            self._resume()
         queue = self._queue
-        if self._bursting or queue or not sender.writable():
+        if self._bursting or queue or not self.can_send(sender):
             queue.append(prepared)
-            if len(queue) > self.settings.viewer_queue_frames:
+            if len(queue) > self.settings.viewer_queue_frames or (
+                self._link_limited()
+                and frame.arrival_us - queue[0].frame.arrival_us
+                > self.settings.viewer_max_queue_delay * 1e6
+            ):
                 self._drop_to_keyframe()
-            elif not self._bursting:
-                while queue and sender.writable():
-                    sender.send_frame(queue.popleft())
-                    self._count_sent()
+            else:
+                self._drain()
             return
-        sender.send_frame(prepared)
+        self.send_video(sender, prepared)
         self._count_sent()
 
+    def _may_resume(self, sender: FanoutSender) -> bool:
+        """At a keyframe while paused: resume if the estimate covers the stream's
+        bitrate, or as a probe of the link (``BandwidthEstimate.probe``)."""
+        estimate, fanout = self.estimate, self.fanout
+        if estimate is not None and fanout is not None:
+            need = fanout.video_bitrate
+            if estimate.bitrate < need and not estimate.probe(need, time.monotonic()):
+                return False
+        return self.can_send(sender)
+
+    def _link_limited(self) -> bool:
+        """Whether this viewer's estimate holds it below the node's cap: only then is
+        a backlog the link's fault (on a busy node a socket backlog is the CPU's)."""
+        estimate = self.estimate
+        return not self._bursting and estimate is not None and estimate.bitrate < estimate.ceiling
+
+    def can_send(self, sender: FanoutSender) -> bool:
+        """Whether a video frame may go out now (socket clear, budget left, pacer idle);
+        also asked by gateway/playback.py for a viewer playing the past."""
+        return sender.writable() and (self._pacer is None or not self._pacer.busy)
+
+    def send_video(
+        self, sender: FanoutSender, prepared: PreparedFrame, timestamp: int | None = None
+    ) -> None:
+        """Send one video frame, through the pacer when the viewer has one (live and
+        replay alike: both go through the viewer's budget and abs-send-time stamps)."""
+        if self._pacer is not None:
+            self._pacer.send(prepared, timestamp)
+        else:
+            sender.send_frame(prepared, timestamp)
+
+    def _drain(self) -> None:
+        """Send queued frames while the viewer can take them (also the pacer's call
+        when it has sent everything it held)."""
+        sender = self.senders.get(Track.VIDEO)
+        queue = self._queue
+        while queue and not self._bursting and sender is not None and self.can_send(sender):
+            self.send_video(sender, queue.popleft())
+            self._count_sent()
+
     def _drop_to_keyframe(self) -> None:
-        """Give up on a viewer's backlog: it resumes at the stream's next keyframe.
+        """Give up on a viewer's backlog: its video pauses until the stream's next
+        keyframe that its budget can take (audio keeps flowing).
 
         Nothing is asked of the publisher (that would cost every viewer a keyframe):
         ingest forces one every ``max_keyframe_interval``, and the fan-out asks for
@@ -225,11 +304,51 @@ class ViewerSession(PeerSession):
         self.stats.keyframe_drops += 1
         self._queue.clear()
         self._skip_to_keyframe = True
+        if self._paused_at is None:
+            self._paused_at = time.monotonic()
+            self.stats.pauses += 1
+            if self.estimate is not None:
+                self.estimate.paused(True, self._paused_at)
+
+    def _resume(self) -> None:
+        if self._paused_at is not None:
+            now = time.monotonic()
+            self.stats.paused_s += now - self._paused_at
+            self._paused_at = None
+            if self.estimate is not None:
+                self.estimate.paused(False, now)
+
+    @property
+    def video_paused(self) -> bool:
+        return self._paused_at is not None
+
+    def status(self) -> dict:
+        """What the viewer's session resource tells its page (``GET``)."""
+        estimate = self.estimate
+        return {
+            "stream": self.stream,
+            "video": "paused" if self.video_paused else "live",
+            "reason": "connection too slow" if self.video_paused else None,
+            "layer": None,
+            "estimate_kbps": None if estimate is None else round(estimate.bitrate / 1000),
+            "sent_kbps": None if estimate is None else round(estimate.sent_bitrate / 1000),
+            "loss": None if estimate is None else round(estimate.loss, 3),
+            "frames_sent": self.stats.frames_sent,
+            "pauses": self.stats.pauses,
+        }
 
     # Hooks for replay (gateway/playback.py): a viewer leaves the live fan-out while it
     # plays the past, and rejoins it once the caller has sent it a GOP.
     def leave_live(self) -> None:
         self._live = False
+        self._queue.clear()
+        self.drop_pending_video()  # live frames still waiting must not follow the past
+        self._resume()
+
+    def drop_pending_video(self) -> None:
+        """Forget frames the pacer still holds (a seek's GOP supersedes them)."""
+        if self._pacer is not None:
+            self._pacer.clear()
         if self.fanout is not None:
             self.fanout.viewers.discard(self)
 
@@ -257,7 +376,11 @@ class ViewerSession(PeerSession):
         if now - self._keyframe_answered < self.settings.viewer_keyframe_interval:
             return
         self._keyframe_answered = now
-        if self.fanout.gop:
+        if not self.can_send(sender) or self._link_limited():
+            # A GOP burst would only deepen the backlog of a link already short of
+            # bandwidth: the viewer waits for the next keyframe it can take instead.
+            self._drop_to_keyframe()
+        elif self.fanout.gop:
             self.stats.cached_keyframes += 1
             self.spawn(self._send_gop(sender))
         else:
@@ -273,6 +396,10 @@ class ViewerSession(PeerSession):
         stats.refused_budget = sum(s.retransmit_refused["budget"] for s in senders)
         stats.refused_age = sum(s.retransmit_refused["age"] for s in senders)
         stats.refused_repeat = sum(s.retransmit_refused["repeat"] for s in senders)
+        if self._paused_at is not None:
+            stats.paused_s += time.monotonic() - self._paused_at
+        if self.estimate is not None:
+            stats.congestion_cuts = self.estimate.stats.congestion_cuts
         return stats
 
     async def close(self) -> None:
@@ -296,6 +423,10 @@ class StreamFanout:
         self.gop: list[PreparedFrame] = []
         self.frames = 0
         self.gop_overflows = 0
+        self.video_bitrate = 0.0
+        """The stream's video bitrate over the last ``STREAM_RATE_WINDOW_S`` or more (bits/s)."""
+        self._rate_bytes = 0
+        self._rate_from_us: int | None = None
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=2048)
         # Frames carry the ingest's wall-clock arrival time; only when that ingest is this
         # process does one clock serve both ends, so only then is latency measured.
@@ -350,6 +481,16 @@ class StreamFanout:
         finally:
             await self._reader.stop()
 
+    def _count_rate(self, frame) -> None:
+        """Once per video frame for all viewers: the bitrate paused viewers probe for."""
+        self._rate_bytes += len(frame.payload)
+        start = self._rate_from_us
+        if start is None:
+            self._rate_from_us, self._rate_bytes = frame.arrival_us, 0
+        elif frame.arrival_us - start >= STREAM_RATE_WINDOW_S * 1e6:
+            self.video_bitrate = self._rate_bytes * 8e6 / (frame.arrival_us - start)
+            self._rate_from_us, self._rate_bytes = frame.arrival_us, 0
+
     def _on_frame(self, frame, history: bool) -> None:
         if frame.session != self.session:
             return  # an earlier publish of the same stream name
@@ -371,6 +512,8 @@ class StreamFanout:
         if history:
             return
         self.frames += 1
+        if frame.track is Track.VIDEO:
+            self._count_rate(frame)
         for viewer in list(self.viewers):
             viewer.deliver(prepared)
         if self._one_clock:

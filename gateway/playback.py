@@ -448,6 +448,7 @@ class Playback:
     # Sending
     def _rebase(self, shift_us: int, burst: list[PreparedFrame]) -> None:
         """Move the viewer's timeline to a new playback clock (see the module doc)."""
+        self.viewer.drop_pending_video()
         delta_us = shift_us - self._shift_us
         senders = self.viewer.senders
         for sender in senders.values():
@@ -477,7 +478,7 @@ class Playback:
             return
         newest = (gop[-1].frame.rtp_timestamp + sender.ts_offset) & _MASK
         for i, prepared in enumerate(gop):
-            sender.send_frame(prepared, (newest - (len(gop) - 1 - i)) & _MASK)
+            self.viewer.send_video(sender, prepared, (newest - (len(gop) - 1 - i)) & _MASK)
             self._count()
 
     def deliver(self, prepared: PreparedFrame) -> None:
@@ -492,11 +493,11 @@ class Playback:
                 if not frame.keyframe:
                     return
                 self._skip_to_keyframe = False
-            if not sender.writable():
+            if not self.viewer.can_send(sender):
                 self._skip_to_keyframe = True
                 self.viewer.stats.keyframe_drops += 1
                 return
-            sender.send_frame(prepared)
+            self.viewer.send_video(sender, prepared)
             self._count()
         else:
             sender.send_frame(prepared)

@@ -10,7 +10,9 @@ connection: aiortc still negotiates, runs ICE and DTLS and routes RTCP to it, bu
 media path below bypasses aiortc's per-packet coroutines (the reason stock senders
 top out near 100 viewers per core) and writes straight to the SRTP session and the
 ICE pair's socket. It answers NACKs from its own history (RTX when negotiated), within
-a per-viewer retransmission budget, and hands PLI/FIR to its viewer.
+a per-viewer retransmission budget, and hands PLI/FIR to its viewer. It stamps
+abs-send-time (once per frame) when the viewer negotiated it, and passes REMB, receiver
+reports to the viewer's ``bandwidth.BandwidthEstimate``.
 
 Below :meth:`FanoutSender.send_frame` sits an optional native core (``gateway/native/``,
 the extension module ``whipcast.gateway._fanout``), as aiohttp puts its C parser below an
@@ -22,9 +24,11 @@ SRTP ownership: a viewer's native :class:`_fanout.Track` protects every packet o
 media SSRC (live frames and non-RTX resends); aiortc's libsrtp session keeps the RTX
 SSRC and all RTCP, so no SSRC is ever protected by two contexts.
 
-Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at a rate. A
-viewer whose budget is spent is a slow viewer: its frames wait in the viewer's bounded
-queue (``egress.ViewerSession``). Budget checks are O(1) per frame and per resend.
+Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at the rate its
+bandwidth estimate sets. A viewer whose budget is spent is a slow viewer: its frames
+wait in the viewer's bounded queue (``egress.ViewerSession``). Budget checks are O(1)
+per frame and per resend. Both send paths take a pacer's slice of a frame and stamp
+abs-send-time per viewer frame (the native core writes it into each packet itself).
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from aiortc import clock
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtp import (
+    RTCP_PSFB_APP,
     RTCP_PSFB_FIR,
     RTCP_PSFB_PLI,
     RTCP_RTPFB_NACK,
@@ -54,6 +60,7 @@ from aiortc.rtp import (
     RtcpSenderInfo,
     RtcpSourceInfo,
     RtcpSrPacket,
+    unpack_remb_fci,
 )
 
 from . import aiortc_compat
@@ -65,9 +72,13 @@ except ImportError as exc:  # not built: no Rust toolchain when this was install
     _fanout = None
     _NOT_BUILT = f"the native core was not built ({exc})"
 
+if TYPE_CHECKING:
+    from .bandwidth import BandwidthEstimate
+
 logger = logging.getLogger(__name__)
 
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 HISTORY_FRAMES = 256  # frames kept per viewer track for NACK (8 s of 30 fps video)
 RESENDS_KEPT = 1024  # resent packets whose resend count is kept
 _FIELDS = struct.Struct("!HII")  # sequence number, timestamp, SSRC: RTP bytes 2-11
@@ -107,11 +118,13 @@ class SendBudget:
     """A token bucket of bytes: refills at ``rate`` up to ``burst``. A frame is never
     split, so a send may overdraw it; nothing more goes out until the debt is repaid."""
 
-    __slots__ = ("rate", "burst", "_tokens", "_at")
+    __slots__ = ("rate", "burst", "spent", "_tokens", "_at")
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
+        self.spent = 0
+        """Bytes spent so far (the viewer's sent rate, for its bandwidth estimate)."""
         self._tokens = burst
         self._at = time.monotonic()
 
@@ -120,8 +133,13 @@ class SendBudget:
         self._at = now
         return self._tokens > 0
 
+    def refill(self, now: float) -> None:
+        """Forgive the debt: a fresh start at the current rate (a probe's)."""
+        self._tokens, self._at = self.burst, now
+
     def spend(self, octets: int) -> None:
         self._tokens -= octets
+        self.spent += octets
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +149,46 @@ class Layout:
     payload_type: int
     mid_id: int | None
     mid: str | None
+    abs_send_time_id: int | None = None
+    """abs-send-time goes first in the extension block, so its 3 bytes sit at a fixed
+    place that a viewer's send fills in (its REMB estimate needs it)."""
 
     def header(self, marker: bool) -> bytes:
-        ext = b""
+        elements = b""
+        if self.abs_send_time_id is not None:
+            elements += bytes([(self.abs_send_time_id << 4) | 2]) + b"\x00\x00\x00"
         if self.mid_id is not None and self.mid:
-            element = bytes([(self.mid_id << 4) | (len(self.mid) - 1)]) + self.mid.encode()
-            element += b"\x00" * (-len(element) % 4)
-            ext = b"\xbe\xde" + _SEQ.pack(len(element) // 4) + element
+            elements += bytes([(self.mid_id << 4) | (len(self.mid) - 1)]) + self.mid.encode()
+        ext = b""
+        if elements:
+            elements += b"\x00" * (-len(elements) % 4)
+            ext = b"\xbe\xde" + _SEQ.pack(len(elements) // 4) + elements
         first = 0x90 if ext else 0x80
         second = (0x80 if marker else 0) | self.payload_type
         return bytes([first, second]) + b"\x00" * 10 + ext
+
+    @property
+    def extension_size(self) -> int:
+        return len(self.header(False)) - 12
+
+
+# Where the abs-send-time value lies in a packet's bytes 12-end: after the extension
+# profile and length (4 bytes) and the element's id/length byte.
+_AST_AT = 5
+
+
+def abs_send_time(now: float) -> int:
+    """The 24-bit abs-send-time value (6.18 fixed-point seconds, wrapping every 64 s);
+    only differences matter to the receiver, so any monotonic clock serves."""
+    return int(now * 262144) & 0xFFFFFF
+
+
+_AST = struct.Struct("!I")  # abs-send-time: the low 3 bytes of this
+
+
+Packet = tuple[bytes, bytes, bytes]
+"""(bytes 0-1, bytes 12 up to the abs-send-time value, the rest): a viewer's sequence
+number, timestamp and SSRC go after the first, its send time after the second."""
 
 
 @dataclass(slots=True)
@@ -148,20 +196,23 @@ class PreparedFrame:
     frame: Frame
     payloads: list[bytes]
     marker_last: bool
-    _packets: dict[Layout, list[tuple[bytes, bytes]]] = field(default_factory=dict)
+    _packets: dict[Layout, list[Packet]] = field(default_factory=dict)
     _native: dict[Layout, object] = field(default_factory=dict)
 
-    def packets(self, layout: Layout) -> list[tuple[bytes, bytes]]:
-        """RTP packets for ``layout``, built once and shared by its viewers, each as
-        (bytes 0-1, bytes 12-end): a viewer's sequence number, timestamp and SSRC go
-        in between."""
+    def packets(self, layout: Layout) -> list[Packet]:
+        """RTP packets for ``layout``, built once and shared by its viewers."""
         built = self._packets.get(layout)
         if built is None:
             last = len(self.payloads) - 1
             plain = layout.header(False)
             marked = layout.header(True) if self.marker_last else plain
+            ext = plain[12:]
+            if layout.abs_send_time_id is None:
+                before, after = ext, b""
+            else:
+                before, after = ext[:_AST_AT], ext[_AST_AT + 3 :]
             built = [
-                ((marked if i == last else plain)[:2], plain[12:] + payload)
+                ((marked if i == last else plain)[:2], before, after + payload)
                 for i, payload in enumerate(self.payloads)
             ]
             self._packets[layout] = built
@@ -171,7 +222,8 @@ class PreparedFrame:
         """:meth:`packets` as the native core's ``Packets``, built once per layout."""
         built = self._native.get(layout)
         if built is None:
-            built = self._native[layout] = core.Packets(self.packets(layout))
+            stamped = layout.abs_send_time_id is not None
+            built = self._native[layout] = core.Packets(self.packets(layout), stamped)
         return built
 
 
@@ -200,7 +252,7 @@ class FanoutSender(RTCRtpSender):
         self._seq = random.randint(0, 0x7FFF)  # low half: avoids early SRTP rollover
         self._rtx_seq = random.randint(0, 0x7FFF)
         # Per frame sent: (first sequence number, its packets, timestamp, monotonic time).
-        self._history: collections.deque[tuple[int, list[tuple[bytes, bytes]], int, float]]
+        self._history: collections.deque[tuple[int, list[Packet], int, float]]
         self._history = collections.deque(maxlen=HISTORY_FRAMES)
         # Resends per packet, kept only for packets resent (nothing per packet sent).
         self._resends: dict[int, tuple[tuple, int]] = {}
@@ -225,6 +277,8 @@ class FanoutSender(RTCRtpSender):
         self.nacks_received = 0
         self.rtt: float | None = None
         self.fraction_lost = 0
+        self.estimate: BandwidthEstimate | None = None
+        """Set on a viewer's video sender: its feedback feeds the viewer's estimate."""
 
     async def send(self, parameters: RTCRtpSendParameters) -> None:
         """Called by aiortc once DTLS is up: note what was negotiated and go live."""
@@ -235,8 +289,10 @@ class FanoutSender(RTCRtpSender):
         for c in parameters.codecs[1:]:
             if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") == codec.payloadType:
                 self._rtx_pt = c.payloadType
-        mid_id = next((e.id for e in parameters.headerExtensions if e.uri == MID_URI), None)
-        self.layout = Layout(codec.payloadType, mid_id, parameters.muxId)
+        ids = {e.uri: e.id for e in parameters.headerExtensions}
+        self.layout = Layout(
+            codec.payloadType, ids.get(MID_URI), parameters.muxId, ids.get(ABS_SEND_TIME_URI)
+        )
         self._cname = parameters.rtcp.cname or ""
         aiortc_compat.register_sender(self.transport, self, parameters)
         self._rtcp_task = asyncio.create_task(self._run_rtcp())
@@ -260,32 +316,46 @@ class FanoutSender(RTCRtpSender):
             and self.budget.available(time.monotonic())
         )
 
-    def send_frame(self, prepared: PreparedFrame, timestamp: int | None = None) -> None:
-        """Send one prepared frame (``timestamp`` overrides the frame's, for fast start)."""
+    def send_frame(
+        self,
+        prepared: PreparedFrame,
+        timestamp: int | None = None,
+        first: int = 0,
+        end: int | None = None,
+    ) -> None:
+        """Send one prepared frame (``timestamp`` overrides the frame's, for fast start),
+        or its packets ``first`` to ``end`` (a pacer's slice)."""
         route = aiortc_compat.media_route(self.transport)
         if route is None or self.layout is None:
             return
         packets = prepared.packets(self.layout)
+        if first or end is not None:
+            packets = packets[first:end]
         if timestamp is None:
             timestamp = (prepared.frame.rtp_timestamp + self.ts_offset) & 0xFFFFFFFF
         ts = timestamp
         seq = self._seq
+        now = time.monotonic()
+        stamped = self.layout.abs_send_time_id is not None
         track = self._native_track(route) if self._native is not None else None
         if track is not None:
             native = prepared.native_packets(self.layout, self._native)
-            octets = native.octets
+            octets = native.octets if not first and end is None else native.octets_of(first, end)
+            sent_at = abs_send_time(now) if stamped else None
             transport, addr = route
             if not self._direct or transport.get_write_buffer_size():
-                unsent = track.protect_frame(native, seq, ts)  # behind the queue, in order
+                # behind the queue, in order
+                unsent = track.protect_frame(native, seq, ts, first, end, sent_at)
             else:
-                unsent = track.send(native, seq, ts)
+                unsent = track.send(native, seq, ts, first, end, sent_at)
             if unsent:
                 for packet in unsent:  # the socket was full: queue the rest
                     transport.sendto(packet, addr)
             self._seq = (seq + len(packets)) & 0xFFFF
         else:
-            octets = self._send_python(route, packets, seq, ts)
-        self._history.append((seq, packets, ts, time.monotonic()))
+            sent_at = _AST.pack(abs_send_time(now))[1:] if stamped else b""
+            octets = self._send_python(route, packets, seq, ts, sent_at)
+        self._history.append((seq, packets, ts, now))
         self.packets_sent += len(packets)
         self.octets_sent += octets
         self.budget.spend(octets)
@@ -294,15 +364,16 @@ class FanoutSender(RTCRtpSender):
         self._last_ts = ts
         self._last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
 
-    def _send_python(self, route, packets: list[tuple[bytes, bytes]], seq: int, ts: int) -> int:
+    def _send_python(self, route, packets: list[Packet], seq: int, ts: int, sent_at: bytes) -> int:
         """The pure-Python send path: per packet, header fields, libsrtp, ``sendto``."""
         sock, addr = route
         protect = aiortc_compat.srtp_protect(self.transport)
         ssrc, pack, join, sendto = self.ssrc, _FIELDS.pack, b"".join, sock.sendto
         octets = 0
-        for head, rest in packets:
-            sendto(protect(join((head, pack(seq, ts, ssrc), rest))), addr)
-            octets += len(rest)
+        for head, before, after in packets:
+            packet = join((head, pack(seq, ts, ssrc), before, sent_at, after))
+            sendto(protect(packet), addr)
+            octets += len(packet) - 12
             seq = (seq + 1) & 0xFFFF
         self._seq = seq
         return octets
@@ -358,7 +429,11 @@ class FanoutSender(RTCRtpSender):
             return
         entry, index = found
         _, packets, ts, sent_at = entry
-        head, rest = packets[index]
+        head, before, after = packets[index]
+        layout = self.layout
+        if layout.abs_send_time_id is not None:
+            before += _AST.pack(abs_send_time(now))[1:]
+        rest = before + after
         resent_entry, resends = self._resends.get(seq, (None, 0))
         if resent_entry is not entry:
             resends = 0  # the count was for an older packet with this sequence number
@@ -379,7 +454,7 @@ class FanoutSender(RTCRtpSender):
         self.retransmitted_octets += len(rest)
         if self._rtx_pt is not None:
             # RFC 4588: RTX payload type and SSRC, own sequence, original seq first.
-            ext_size = len(self.layout.header(False)) - 12
+            ext_size = layout.extension_size
             head = bytes([head[0], (head[1] & 0x80) | self._rtx_pt])
             fields = _FIELDS.pack(self._rtx_seq, ts, self.rtx_ssrc)
             rest = rest[:ext_size] + _SEQ.pack(seq) + rest[ext_size:]
@@ -395,6 +470,7 @@ class FanoutSender(RTCRtpSender):
         self.retransmitted += 1
 
     async def _handle_rtcp_packet(self, packet) -> None:
+        estimate = self.estimate
         if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
             self.nacks_received += 1
             now, deadline = time.monotonic(), self._retransmit_deadline()
@@ -402,6 +478,14 @@ class FanoutSender(RTCRtpSender):
                 self._retransmit(seq, now, deadline)
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
             self._on_keyframe_request("FIR" if packet.fmt == RTCP_PSFB_FIR else "PLI")
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            # REMB: this viewer's own estimate; it never goes on to the publisher.
+            if estimate is not None:
+                try:
+                    bitrate, _ = unpack_remb_fci(packet.fci)
+                except ValueError:
+                    return
+                estimate.on_remb(bitrate, time.monotonic())
         elif isinstance(packet, RtcpRrPacket | RtcpSrPacket):
             for report in packet.reports:
                 if report.ssrc == self.ssrc:
@@ -409,6 +493,8 @@ class FanoutSender(RTCRtpSender):
                     if report.lsr and report.dlsr:
                         now = (clock.current_ntp_time() >> 16) & 0xFFFFFFFF
                         self.rtt = max(0.0, ((now - report.lsr - report.dlsr) & 0xFFFFFFFF) / 65536)
+                    if estimate is not None:
+                        estimate.on_receiver_report(report.fraction_lost, time.monotonic())
 
     async def _run_rtcp(self) -> None:
         """Sender reports map RTP time to wall-clock time (players need it for A/V sync).

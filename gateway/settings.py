@@ -95,6 +95,17 @@ class Settings:
     retransmit_max_resends: int = 3
     """Resends of one packet to one viewer at most."""
 
+    # Per-viewer adaptation to the viewer's link (gateway/bandwidth.py, gateway/egress.py)
+    viewer_adapt: bool = False
+    """Drive each viewer's send budget by its bandwidth estimate (REMB, RR loss).
+    Opt-in while experimental: with moderate random loss the estimate still pauses
+    viewers whose link carries the stream (docs/architecture.md). Off: every viewer may
+    be sent up to ``viewer_max_bitrate``."""
+    viewer_min_bitrate: int = 100_000
+    """The estimate never goes below this (bits/s); audio always fits."""
+    viewer_max_queue_delay: float = 0.5
+    """Seconds of frames a viewer whose estimate limits it may be behind before its
+    video pauses until the next keyframe its link can take."""
     # Rewind and replay (gateway/playback.py, gateway/keyframes.py); the window itself
     # is the stream topics' retention (``stream_retention_ms``)
     rewind_search_s: float = 5.0

@@ -58,6 +58,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bits/s one viewer may be sent (default 50000000)")  # fmt: skip
     parser.add_argument("--retransmit-budget", type=float, help="NACK resends may add at "
                         "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
+    parser.add_argument("--viewer-adapt", dest="viewer_adapt", action="store_true",
+                        default=None, help="experimental: send each viewer what its "
+                        "bandwidth estimate says its link carries (off by default)")  # fmt: skip
+    parser.add_argument("--viewer-min-bitrate", type=int, help="floor of a viewer's "
+                        "bandwidth estimate, bits/s (default 100000)")  # fmt: skip
+    parser.add_argument("--viewer-max-queue-delay", type=float, help="seconds a viewer may "
+                        "fall behind before its video pauses to the next keyframe "
+                        "(default 0.5)")  # fmt: skip
     parser.add_argument("--thumbnail-interval", type=float,
                         help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
     parser.add_argument("--no-native-fanout", action="store_true", default=None,
@@ -193,6 +201,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         qa_trust_forwarded_for=getattr(args, "qa_trust_forwarded_for", None),
         viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
         retransmit_budget=getattr(args, "retransmit_budget", None),
+        viewer_adapt=getattr(args, "viewer_adapt", None),
+        viewer_min_bitrate=getattr(args, "viewer_min_bitrate", None),
+        viewer_max_queue_delay=getattr(args, "viewer_max_queue_delay", None),
         thumbnail_interval=getattr(args, "thumbnail_interval", None),
         no_native_fanout=getattr(args, "no_native_fanout", None),
         push_token=getattr(args, "push_token", None),

@@ -78,6 +78,9 @@ def node_stats(node: Node) -> dict:
             latency = list(fanout.latency_ms)[-300:]
             totals = fanout.totals()
             lag_records, lag_ms = fanout.lag
+            estimates = [
+                v.estimate.bitrate / 1000 for v in fanout.viewers if v.estimate is not None
+            ]
             streams.setdefault(name, {})["egress"] = {
                 "viewers": len(fanout.viewers),
                 "frames_sent": totals.frames_sent,
@@ -87,6 +90,13 @@ def node_stats(node: Node) -> dict:
                 + totals.refused_age
                 + totals.refused_repeat,
                 "keyframes_from_cache": totals.cached_keyframes,
+                # Per-viewer adaptation, aggregated (no per-viewer series anywhere).
+                "video_pauses": totals.pauses,
+                "video_paused_s": round(totals.paused_s, 1),
+                "viewers_paused": sum(v.video_paused for v in fanout.viewers),
+                "estimate_cuts": totals.congestion_cuts,
+                "estimate_kbps_min": _round(min(estimates, default=None)),
+                "estimate_kbps_p50": _round(_percentile(estimates, 50)),
                 "latency_ms_p50": _round(_percentile(latency, 50)),
                 "latency_ms_p99": _round(_percentile(latency, 99)),
                 "lag_records": lag_records,

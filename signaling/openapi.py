@@ -156,6 +156,20 @@ SCHEMAS: dict = {
             "parameters": {"type": "object"},
         },
     },
+    "ViewerStatus": {
+        "type": "object",
+        "properties": {
+            "stream": {"type": "string"},
+            "video": {"type": "string", "enum": ["live", "reduced", "paused"]},
+            "reason": {"type": ["string", "null"], "description": "Why not live"},
+            "layer": {"type": ["string", "null"], "description": "Simulcast layer sent"},
+            "estimate_kbps": {"type": ["integer", "null"], "description": "Bandwidth estimate"},
+            "sent_kbps": {"type": ["integer", "null"]},
+            "loss": {"type": ["number", "null"], "description": "Share of packets lost"},
+            "frames_sent": {"type": "integer"},
+            "pauses": {"type": "integer"},
+        },
+    },
     "Stream": {
         "type": "object",
         "required": ["stream", "live", "viewers", "uptime_s"],
@@ -385,7 +399,17 @@ PATHS: dict = {
         "get": {"tags": ["WHEP"], "summary": "Probe: answers 200 for a WHEP endpoint",
                 "responses": {"200": EMPTY, **_errors(400)}},  # fmt: skip
     },
-    "/whep/{stream}/{resource}": _session_resource("WHEP", auth=False),
+    "/whep/{stream}/{resource}": {
+        **_session_resource("WHEP", auth=False),
+        "get": {
+            "tags": ["WHEP"], "summary": "The viewer's state: video live or paused, estimate",
+            "description": "Polled by the watch page to tell the viewer when its link is "
+                           "too slow for the stream (video paused until a keyframe it can "
+                           "take; audio keeps flowing).",
+            "responses": {"200": _json(_ref("ViewerStatus"), "The viewer's state"),
+                          **_errors(400, 404)},
+        },
+    },  # fmt: skip
     "/whep/{stream}/{resource}/position": _POSITION,
     "/api/streams": {
         "get": {"tags": ["Directory"], "summary": "Live streams, or replays (`state=ended`)",

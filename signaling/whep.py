@@ -56,6 +56,17 @@ def add_routes(
     async def delete(request: web.Request) -> web.Response:
         return await resources.delete(request, egress.find)
 
+    async def status(request: web.Request) -> web.Response:
+        """The viewer's state for its page: video live or paused for a slow link,
+        layer and bandwidth estimate (the resource URL is the capability)."""
+        stream = resources.stream_name(request)
+        viewer = egress.find(stream, request.match_info["resource"])
+        if viewer is None:
+            raise web.HTTPNotFound(reason="no such session (it may have ended)")
+        response = web.json_response(viewer.status())
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     def playback(request: web.Request):
         viewer = egress.find(request.match_info["stream"], request.match_info["resource"])
         if viewer is None:
@@ -78,6 +89,7 @@ def add_routes(
     app.router.add_post("/whep/{stream}", play)
     app.router.add_get("/whep/{stream}", probe)  # aiohttp answers HEAD from GET
     app.router.add_options("/whep/{stream}", resources.options)
+    app.router.add_get("/whep/{stream}/{resource}", status)
     app.router.add_patch("/whep/{stream}/{resource}", patch)
     app.router.add_delete("/whep/{stream}/{resource}", delete)
     app.router.add_options("/whep/{stream}/{resource}", resources.options)

@@ -3,7 +3,10 @@ pixels, and a WHEP viewer that decodes what it receives and reads the counters b
 
 Loopback never loses a packet, so a viewer can be given a lossy link: ``loss`` drops
 that share of the RTP packets it receives (retransmissions included) before aiortc's
-receiver sees them, so its own NACK and PLI logic reacts as on a bad network."""
+receiver sees them, so its own NACK and PLI logic reacts as on a bad network. A
+:class:`Link` goes further: a bottleneck of a given bitrate with a short queue (kernel
+traffic shaping is not available on test machines), so the viewer's REMB, receiver
+reports and NACKs say what a slow real link would."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
     VideoStreamTrack,
+    clock,
 )
 from aiortc.mediastreams import MediaStreamError
 
@@ -30,11 +34,17 @@ BITS = 16
 CELL = WIDTH // BITS
 
 
-def draw_counter(counter: int) -> av.VideoFrame:
+_NOISE = np.random.default_rng(7)
+
+
+def draw_counter(counter: int, noise: bool = False) -> av.VideoFrame:
     """A frame whose top band holds ``counter`` as 16 black/white cells (survives any
-    sane encoder), over a moving gradient so the encoder has real work."""
+    sane encoder), over a moving gradient so the encoder has real work; with ``noise``,
+    fresh noise below the band makes it spend its whole target bitrate."""
     image = np.full((HEIGHT, WIDTH, 3), 64, dtype=np.uint8)
     image[HEIGHT // 2 :, :, 1] = (np.arange(WIDTH) + counter * 4) % 256
+    if noise:
+        image[CELL * 2 :] = _NOISE.integers(0, 256, (HEIGHT - CELL * 2, WIDTH, 3), np.uint8)
     for bit in range(BITS):
         if counter >> bit & 1:
             image[0:CELL, bit * CELL : (bit + 1) * CELL] = 255
@@ -58,9 +68,10 @@ def read_counter(frame: av.VideoFrame) -> int:
 
 
 class CounterTrack(VideoStreamTrack):
-    def __init__(self, fps: int = 30) -> None:
+    def __init__(self, fps: int = 30, noise: bool = False) -> None:
         super().__init__()
         self.fps = fps
+        self.noise = noise
         self.counter = 0
         self._start: float | None = None
 
@@ -69,7 +80,7 @@ class CounterTrack(VideoStreamTrack):
             self._start = time.monotonic()
         target = self._start + self.counter / self.fps
         await asyncio.sleep(max(0.0, target - time.monotonic()))
-        frame = draw_counter(self.counter)
+        frame = draw_counter(self.counter, self.noise)
         frame.pts = self.counter * (90000 // self.fps)
         frame.time_base = fractions.Fraction(1, 90000)
         self.counter += 1
@@ -108,9 +119,9 @@ async def post_sdp(session: aiohttp.ClientSession, url: str, sdp: str, headers=N
 
 
 async def publish(base: str, stream: str, codec: str = "video/H264", token: str | None = None,
-                  fps: int = 30, audio: bool = True) -> Publisher:  # fmt: skip
+                  fps: int = 30, audio: bool = True, noise: bool = False) -> Publisher:  # fmt: skip
     pc = RTCPeerConnection()
-    track = CounterTrack(fps)
+    track = CounterTrack(fps, noise)
     pc.addTransceiver(track, direction="sendonly")
     if audio:
         pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
@@ -142,6 +153,9 @@ class Viewer:
     rtp_received: int = 0
     rtp_dropped: int = 0
     """RTP packets that arrived, and those of them the simulated lossy link dropped."""
+    audio_times: list[float] = field(default_factory=list)
+    """Arrival (monotonic) time of each decoded audio frame."""
+    link: Link | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     async def wait_frames(self, count: int, timeout: float = 10.0) -> None:
@@ -163,17 +177,52 @@ class Viewer:
         return status
 
 
+@dataclass
+class Link:
+    """A bottleneck in front of a test viewer: packets leave a FIFO at ``bitrate``
+    (bits/s; ``None``: unlimited), a packet that would wait more than ``queue_s`` in it
+    is dropped, and ``loss`` of the rest is dropped at random. Change ``bitrate`` at any
+    time to move the bottleneck."""
+
+    bitrate: float | None = None
+    queue_s: float = 0.1
+    loss: float = 0.0
+    overhead: int = 40
+    """Bytes each packet adds on the wire besides its payload (IP, UDP, RTP, SRTP)."""
+    packets: int = 0
+    queue_drops: int = 0
+    random_drops: int = 0
+    _busy_until: float = 0.0
+
+    def admit(self, size: int, now: float, rng: random.Random) -> float | None:
+        """Seconds until a packet of ``size`` bytes arrives, or None if dropped."""
+        self.packets += 1
+        if self.loss and rng.random() < self.loss:
+            self.random_drops += 1
+            return None
+        if self.bitrate is None:
+            return 0.0
+        start = max(now, self._busy_until)
+        if start - now > self.queue_s:
+            self.queue_drops += 1
+            return None
+        self._busy_until = start + (size + self.overhead) * 8 / self.bitrate
+        return self._busy_until - now
+
+
 async def play(
     base: str,
     stream: str,
     query: str = "",
     loss: float = 0.0,
     seed: int = 1,
+    link: Link | None = None,
     rtx: bool = True,
 ) -> Viewer:
     """A WHEP viewer; ``query`` (e.g. ``start=-30``) is appended to the endpoint URL,
-    ``loss`` drops that share of incoming RTP before aiortc sees it (an impaired link),
-    and ``rtx=False`` offers no RTX, so resends come on the media SSRC."""
+    ``loss`` drops that share of incoming RTP before aiortc sees it, ``link`` puts a
+    bottleneck in front of it (an impaired link), and ``rtx=False`` offers no RTX, so
+    resends come on the media SSRC."""
     pc = RTCPeerConnection()
     video = pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -189,12 +238,14 @@ async def play(
         await pc.close()
         await session.close()
         raise AssertionError(f"WHEP POST answered {status}: {body}")
-    viewer = Viewer(pc, headers["Location"], session, posted)
+    viewer = Viewer(pc, headers["Location"], session, posted, link=link)
     await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
     rng = random.Random(seed)
     for transceiver in pc.getTransceivers():
         if loss:
             _impair(viewer, transceiver.receiver, loss, rng)
+        if link is not None:
+            _shape(link, transceiver.receiver, rng)
         track = transceiver.receiver.track
         viewer._tasks.append(asyncio.create_task(_consume(viewer, track)))
     return viewer
@@ -214,6 +265,27 @@ def _impair(viewer: Viewer, receiver, loss: float, rng: random.Random) -> None:
     receiver._handle_rtp_packet = lossy
 
 
+def _shape(link: Link, receiver, rng: random.Random) -> None:
+    """Put ``link`` in front of ``receiver``; delayed packets reach aiortc with their
+    delayed arrival time, so its REMB estimator sees the queue build up."""
+    handle = receiver._handle_rtp_packet
+    loop = asyncio.get_running_loop()
+
+    def deliver(packet) -> None:
+        loop.create_task(handle(packet, clock.current_ms()))
+
+    async def shaped(packet, arrival_time_ms: int) -> None:
+        delay = link.admit(len(packet.payload) + packet.padding_size, time.monotonic(), rng)
+        if delay is None:
+            return
+        if delay <= 0:
+            await handle(packet, arrival_time_ms)
+        else:
+            loop.call_later(delay, deliver, packet)
+
+    receiver._handle_rtp_packet = shaped
+
+
 async def _consume(viewer: Viewer, track) -> None:
     try:
         while True:
@@ -222,5 +294,6 @@ async def _consume(viewer: Viewer, track) -> None:
                 viewer.frames.append((time.monotonic(), read_counter(frame), frame.key_frame))
             else:
                 viewer.audio_frames += 1
+                viewer.audio_times.append(time.monotonic())
     except MediaStreamError:
         pass

@@ -52,11 +52,21 @@ def prepared(count: int, layout: Layout, rng: random.Random) -> PreparedFrame:
     return PreparedFrame(None, payloads, True)  # type: ignore[arg-type]  # no Frame needed
 
 
-def reference(frame: PreparedFrame, layout: Layout, seq: int, ts: int, protect) -> list[bytes]:
+def reference(
+    frame: PreparedFrame,
+    layout: Layout,
+    seq: int,
+    ts: int,
+    protect,
+    first: int = 0,
+    end: int | None = None,
+    sent_at: int | None = None,
+) -> list[bytes]:
     """What the pure-Python path sends (``FanoutSender._send_python``)."""
     out = []
-    for head, rest in frame.packets(layout):
-        out.append(protect(head + FIELDS.pack(seq, ts, SSRC) + rest))
+    stamp = struct.pack("!I", sent_at)[1:] if sent_at is not None else b""
+    for head, before, after in frame.packets(layout)[first:end]:
+        out.append(protect(head + FIELDS.pack(seq, ts, SSRC) + before + stamp + after))
         seq = (seq + 1) & 0xFFFF
     return out
 
@@ -124,7 +134,7 @@ def test_send_matches_the_python_path(profile):
             native = frame.native_packets(layout, core)
             assert (native.count, native.octets) == (
                 count,
-                sum(len(r) for _, r in frame.packets(layout)),
+                sum(len(b) + len(a) for _, b, a in frame.packets(layout)),
             )
             assert track.send(native, seq, ts) is None, "loopback never fills the socket"
             assert [rx.recv(2048) for _ in range(count)] == expected
@@ -132,6 +142,53 @@ def test_send_matches_the_python_path(profile):
         frame = prepared(5, layout, rng)
         expected = reference(frame, layout, seq, ts, reference_session.protect)
         assert track.protect_frame(frame.native_packets(layout, core), seq, ts) == expected
+
+
+@pytest.mark.parametrize("profile", core.PROFILES)
+def test_abs_send_time_and_slices_match_the_python_path(profile):
+    """A layout with abs-send-time: each send writes its value into every packet (the
+    Python path joins it in), and a pacer's slices of a frame, sent one after another,
+    equal the Python path's slices; ``octets_of`` counts what the Python path counts."""
+    rng = random.Random(profile)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    layout = Layout(102, 4, "0", abs_send_time_id=3)
+    reference_session = libsrtp(profile, key)
+    track = core.Track(profile, key, SSRC)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        tx.setblocking(False)
+        track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+        seq, ts = 0xFFF0, 90_000
+        for count, cuts in ((1, [(0, None)]), (40, [(0, 7), (7, 7), (7, 30), (30, None)])):
+            frame = prepared(count, layout, rng)
+            native = frame.native_packets(layout, core)
+            assert native.abs_send_time_at == 12 + rtpsend._AST_AT
+            for first, end in cuts:
+                sent_at = rng.randrange(1 << 24)
+                expected = reference(
+                    frame, layout, seq, ts, reference_session.protect, first, end, sent_at
+                )
+                packets = frame.packets(layout)[first:end]
+                assert native.octets_of(first, end) == sum(
+                    len(b) + 3 + len(a) for _, b, a in packets
+                )
+                assert track.send(native, seq, ts, first, end, sent_at) is None
+                got = [rx.recv(2048) for _ in expected]
+                assert got == expected, (count, first, end)
+                seq = (seq + len(expected)) & 0xFFFF
+            ts += 3000
+        frame = prepared(9, layout, rng)
+        expected = reference(frame, layout, seq, ts, reference_session.protect, 2, 6, 0xABCDEF)
+        native = frame.native_packets(layout, core)
+        assert track.protect_frame(native, seq, ts, 2, 6, 0xABCDEF) == expected
+        plain = frame.native_packets(Layout(102, 4, "0"), core)
+        with pytest.raises(ValueError, match="abs-send-time"):
+            track.protect_frame(plain, seq, ts, abs_send_time=1)
 
 
 def test_the_fallback_is_logged(monkeypatch, caplog):

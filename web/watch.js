@@ -167,6 +167,18 @@ statsToggle.addEventListener('click', () => {
   updateStats();
 });
 
+// The session resource (GET) says whether the gateway paused this viewer's video
+// because its link is too slow, and its bandwidth estimate.
+async function viewerState() {
+  if (!player?.location) return null;
+  try {
+    const response = await fetch(player.location, { cache: 'no-store' });
+    return response.ok ? await response.json() : null;
+  } catch {
+    return null;
+  }
+}
+
 async function updateStats() {
   const pc = player?.pc;
   if (!pc) {
@@ -176,8 +188,12 @@ async function updateStats() {
   }
   if (sampler?.pc !== pc) sampler = new StatsSampler(pc);
   const s = await sampler.sample();
+  const view = await viewerState();
   const resolution = s.frameWidth ? `${s.frameWidth}×${s.frameHeight}` : '–';
-  $('stats').textContent = [s.codec, s.frameWidth ? resolution : null,
+  // The gateway adapts what it sends to this viewer's link: say so when it does.
+  const notice = view?.video === 'paused' ? 'video paused: connection too slow'
+    : view?.video === 'reduced' ? 'reduced quality' : null;
+  $('stats').textContent = [notice, s.codec, s.frameWidth ? resolution : null,
     s.fps !== null ? `${s.fps} fps` : null].filter(Boolean).join(' · ');
   if (statsOverlay.hidden) return;
   // Glass-to-glass latency needs the publisher's clock; what the player itself adds
@@ -194,6 +210,8 @@ async function updateStats() {
     ['Player latency', latency],
     ['Packet loss', `${s.lossPercent}%`],
     ['Frames decoded', String(s.framesDecoded)],
+    ['Layer', view?.layer ?? (view ? 'single' : '–')],
+    ['Estimate', view?.estimate_kbps != null ? `${view.estimate_kbps} kbit/s` : '–'],
   ];
   statsOverlay.replaceChildren(...rows.flatMap(([name, value]) => {
     const dt = document.createElement('dt');

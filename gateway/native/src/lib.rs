@@ -41,9 +41,19 @@ const GCM_128: &str = "SRTP_AEAD_AES_128_GCM";
 const GCM_256: &str = "SRTP_AEAD_AES_256_GCM";
 
 enum Cipher {
-    CmSha1 { key: [u8; 16], salt: [u8; 14], auth: Hmac<Sha1> },
-    Gcm128 { aead: Box<Aes128Gcm>, salt: [u8; 12] },
-    Gcm256 { aead: Box<Aes256Gcm>, salt: [u8; 12] },
+    CmSha1 {
+        key: [u8; 16],
+        salt: [u8; 14],
+        auth: Hmac<Sha1>,
+    },
+    Gcm128 {
+        aead: Box<Aes128Gcm>,
+        salt: [u8; 12],
+    },
+    Gcm256 {
+        aead: Box<Aes256Gcm>,
+        salt: [u8; 12],
+    },
 }
 
 /// RFC 3711 section 4.3 key derivation (AES-CM PRF, key derivation rate 0), as libsrtp
@@ -69,7 +79,10 @@ impl Cipher {
             other => return Err(format!("unsupported SRTP profile {other}")),
         };
         if key_salt.len() != key_len + salt_len {
-            return Err(format!("{profile} needs {} bytes of key and salt", key_len + salt_len));
+            return Err(format!(
+                "{profile} needs {} bytes of key and salt",
+                key_len + salt_len
+            ));
         }
         let (master_key, master_salt) = key_salt.split_at(key_len);
         Ok(match profile {
@@ -85,13 +98,19 @@ impl Cipher {
                 let (mut key, mut salt) = ([0u8; 16], [0u8; 12]);
                 derive(master_key, master_salt, 0, &mut key);
                 derive(master_key, master_salt, 2, &mut salt);
-                Cipher::Gcm128 { aead: Box::new(Aes128Gcm::new(&key.into())), salt }
+                Cipher::Gcm128 {
+                    aead: Box::new(Aes128Gcm::new(&key.into())),
+                    salt,
+                }
             }
             _ => {
                 let (mut key, mut salt) = ([0u8; 32], [0u8; 12]);
                 derive(master_key, master_salt, 0, &mut key);
                 derive(master_key, master_salt, 2, &mut salt);
-                Cipher::Gcm256 { aead: Box::new(Aes256Gcm::new(&key.into())), salt }
+                Cipher::Gcm256 {
+                    aead: Box::new(Aes256Gcm::new(&key.into())),
+                    salt,
+                }
             }
         })
     }
@@ -162,7 +181,9 @@ fn gcm_iv(salt: &[u8; 12], ssrc: u32, roc: u32, seq: u16) -> [u8; 12] {
 
 /// Length of an RTP header with its CSRCs and extension, or None if `p` is too short.
 fn header_len(p: &[u8]) -> Option<usize> {
-    (p.len() >= 12).then(|| header_tail_len(p[0], &p[12..]))?.map(|t| 12 + t)
+    (p.len() >= 12)
+        .then(|| header_tail_len(p[0], &p[12..]))?
+        .map(|t| 12 + t)
 }
 
 /// Length past byte 12 of a header whose first byte is `first` (CSRCs, extension),
@@ -201,7 +222,8 @@ fn estimate(newest: u64, seq: u16) -> (u64, i64) {
 
 /// A frame's RTP packets for one header layout, shared by the viewers that use it:
 /// per packet its first two header bytes, then (after the 10 bytes a viewer fills in:
-/// sequence number, timestamp, SSRC) the rest of the header and the payload.
+/// sequence number, timestamp, SSRC) the rest of the header and the payload, with a
+/// 3-byte hole for the abs-send-time value where the layout has one.
 #[pyclass(frozen, module = "whipcast.gateway._fanout")]
 struct Packets {
     heads: Vec<[u8; 2]>,
@@ -210,38 +232,80 @@ struct Packets {
     data: Vec<u8>,
     /// Length of the header past byte 12 (CSRCs and extension), alike for all packets.
     header_tail: usize,
+    /// Where the abs-send-time hole lies in each packet's rest (alike for all packets).
+    abs_send_time_at: Option<usize>,
 }
 
 #[pymethods]
 impl Packets {
-    /// `packets`: `(bytes 0-1, bytes 12-end)` pairs, as `PreparedFrame.packets` makes
-    /// them; every packet must have the same header length.
+    /// `packets`: `(bytes 0-1, bytes 12-end)` pairs, or `(bytes 0-1, before, after)`
+    /// triples as `PreparedFrame.packets` makes them (joined; with `abs_send_time`, a
+    /// 3-byte abs-send-time hole goes between them, at the same place in every packet,
+    /// which each send fills in). Every packet must have the same header length.
     #[new]
-    fn new(packets: &Bound<'_, PyList>) -> PyResult<Self> {
+    #[pyo3(signature = (packets, abs_send_time = false))]
+    fn new(packets: &Bound<'_, PyList>, abs_send_time: bool) -> PyResult<Self> {
         let mut heads = Vec::with_capacity(packets.len());
         let mut bounds = Vec::with_capacity(packets.len() + 1);
         let mut data = Vec::new();
         let mut header_tail = None;
+        let mut hole_at = None;
         for item in packets.iter() {
-            let pair = item.downcast::<PyTuple>()?;
-            let head = pair.get_item(0)?;
-            let rest = pair.get_item(1)?;
+            let parts = item.downcast::<PyTuple>()?;
+            let head = parts.get_item(0)?;
             let head: &[u8] = head.downcast::<PyBytes>()?.as_bytes();
-            let rest: &[u8] = rest.downcast::<PyBytes>()?.as_bytes();
             if head.len() != 2 {
                 return Err(PyValueError::new_err("a packet's head is RTP bytes 0-1"));
             }
-            let tail = header_tail_len(head[0], rest)
+            let start = data.len();
+            match parts.len() {
+                2 if !abs_send_time => {
+                    data.extend_from_slice(parts.get_item(1)?.downcast::<PyBytes>()?.as_bytes())
+                }
+                3 => {
+                    let before = parts.get_item(1)?;
+                    let before: &[u8] = before.downcast::<PyBytes>()?.as_bytes();
+                    data.extend_from_slice(before);
+                    if abs_send_time {
+                        if *hole_at.get_or_insert(before.len()) != before.len() {
+                            return Err(PyValueError::new_err(
+                                "abs-send-time lies at one place in every packet",
+                            ));
+                        }
+                        data.extend_from_slice(&[0u8; 3]);
+                    }
+                    data.extend_from_slice(parts.get_item(2)?.downcast::<PyBytes>()?.as_bytes());
+                }
+                _ => {
+                    return Err(PyValueError::new_err(
+                        "a packet is (head, rest) or (head, before, after)",
+                    ))
+                }
+            }
+            let tail = header_tail_len(head[0], &data[start..])
                 .ok_or_else(|| PyValueError::new_err("truncated RTP header"))?;
             if *header_tail.get_or_insert(tail) != tail {
-                return Err(PyValueError::new_err("packets of one layout share a header"));
+                return Err(PyValueError::new_err(
+                    "packets of one layout share a header",
+                ));
+            }
+            if hole_at.is_some_and(|at| at + 3 > tail) {
+                return Err(PyValueError::new_err(
+                    "abs-send-time lies outside the header",
+                ));
             }
             heads.push([head[0], head[1]]);
-            bounds.push(data.len());
-            data.extend_from_slice(rest);
+            bounds.push(start);
         }
         bounds.push(data.len());
-        Ok(Packets { heads, bounds, data, header_tail: header_tail.unwrap_or(0) })
+        let header_tail = header_tail.unwrap_or(0);
+        Ok(Packets {
+            heads,
+            bounds,
+            data,
+            header_tail,
+            abs_send_time_at: hole_at,
+        })
     }
 
     /// Number of packets.
@@ -254,6 +318,27 @@ impl Packets {
     #[getter]
     fn octets(&self) -> usize {
         self.data.len()
+    }
+
+    /// `octets` of packets `first` up to `end` (a slice, as Python's).
+    #[pyo3(signature = (first = 0, end = None))]
+    fn octets_of(&self, first: usize, end: Option<usize>) -> usize {
+        let (first, end) = self.range(first, end);
+        self.bounds[end] - self.bounds[first]
+    }
+
+    /// Where the abs-send-time value lies in a packet (from byte 0), or None.
+    #[getter]
+    fn abs_send_time_at(&self) -> Option<usize> {
+        self.abs_send_time_at.map(|at| 12 + at)
+    }
+}
+
+impl Packets {
+    /// `first..end` clamped to the packets, as a Python slice with those bounds.
+    fn range(&self, first: usize, end: Option<usize>) -> (usize, usize) {
+        let end = end.unwrap_or(self.heads.len()).min(self.heads.len());
+        (first.min(end), end)
     }
 }
 
@@ -270,6 +355,41 @@ struct Track {
     scratch: Vec<u8>,
 }
 
+/// Where one `send` of a frame (or a pacer's slice of it) goes in a viewer's stream.
+#[derive(Clone, Copy)]
+struct Frame {
+    seq: u16,
+    ts: u32,
+    first: usize,
+    end: usize,
+    sent_at: Option<u32>,
+}
+
+impl Frame {
+    fn new(
+        packets: &Packets,
+        seq: u16,
+        ts: u32,
+        first: usize,
+        end: Option<usize>,
+        sent_at: Option<u32>,
+    ) -> PyResult<Self> {
+        if sent_at.is_some() && packets.abs_send_time_at.is_none() {
+            return Err(PyValueError::new_err(
+                "an abs-send-time for packets without its hole",
+            ));
+        }
+        let (first, end) = packets.range(first, end);
+        Ok(Frame {
+            seq,
+            ts,
+            first,
+            end,
+            sent_at: sent_at.map(|v| v & 0xFF_FFFF),
+        })
+    }
+}
+
 // SAFETY: sockaddr_storage is plain data; a Track is only used under its PyRefMut.
 unsafe impl Send for Track {}
 
@@ -279,40 +399,66 @@ impl Track {
         if delta > 0 {
             self.newest = index;
         } else if delta + WINDOW - 1 < 0 {
-            return Err(PyValueError::new_err("SRTP index too old to protect (replay window)"));
+            return Err(PyValueError::new_err(
+                "SRTP index too old to protect (replay window)",
+            ));
         }
         Ok(index)
     }
 
     /// Build, protect and send one frame's packets; returns the protected packets
     /// the kernel did not take (its buffer was full) for the caller to queue.
-    fn send_inner(&mut self, packets: &Packets, seq: u16, ts: u32, direct: bool) -> Vec<Vec<u8>> {
+    /// Packets `first..end` get sequence numbers from `seq` on; `sent_at`, a 24-bit
+    /// abs-send-time value, goes into each packet's hole for it.
+    fn send_inner(&mut self, packets: &Packets, frame: Frame, direct: bool) -> Vec<Vec<u8>> {
+        let Frame {
+            seq,
+            ts,
+            first,
+            end,
+            sent_at,
+        } = frame;
         let tag_len = self.cipher.tag_len();
-        let count = packets.heads.len();
-        let total = packets.data.len() + count * (12 + tag_len);
+        let count = end - first;
+        let total = packets.bounds[end] - packets.bounds[first] + count * (12 + tag_len);
+        let hole = packets
+            .abs_send_time_at
+            .zip(sent_at)
+            .map(|(at, v)| (12 + at, v.to_be_bytes()));
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
         scratch.resize(total, 0);
         let mut spans = Vec::with_capacity(count);
         let mut at = 0;
-        for i in 0..count {
+        for (n, i) in (first..end).enumerate() {
             let rest = &packets.data[packets.bounds[i]..packets.bounds[i + 1]];
             let len = 12 + rest.len() + tag_len;
             let buf = &mut scratch[at..at + len];
-            let s = seq.wrapping_add(i as u16);
+            let s = seq.wrapping_add(n as u16);
             buf[..2].copy_from_slice(&packets.heads[i]);
             buf[2..4].copy_from_slice(&s.to_be_bytes());
             buf[4..8].copy_from_slice(&ts.to_be_bytes());
             buf[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
             buf[12..12 + rest.len()].copy_from_slice(rest);
+            if let Some((hole_at, value)) = hole {
+                buf[hole_at..hole_at + 3].copy_from_slice(&value[1..]);
+            }
             // Sequence numbers only move forward here, so the index never is too old.
             let index = self.index_for(s).unwrap_or(s as u64);
-            self.cipher.protect(buf, 12 + packets.header_tail, self.ssrc, index);
+            self.cipher
+                .protect(buf, 12 + packets.header_tail, self.ssrc, index);
             spans.push((at, len));
             at += len;
         }
-        let sent = if direct { self.sendmmsg(&scratch, &spans) } else { 0 };
-        let unsent = spans[sent..].iter().map(|&(a, l)| scratch[a..a + l].to_vec()).collect();
+        let sent = if direct {
+            self.sendmmsg(&scratch, &spans)
+        } else {
+            0
+        };
+        let unsent = spans[sent..]
+            .iter()
+            .map(|&(a, l)| scratch[a..a + l].to_vec())
+            .collect();
         self.scratch = scratch;
         unsent
     }
@@ -326,7 +472,10 @@ impl Track {
         };
         let mut iovs: Vec<libc::iovec> = spans
             .iter()
-            .map(|&(a, l)| libc::iovec { iov_base: buf[a..].as_ptr() as *mut _, iov_len: l })
+            .map(|&(a, l)| libc::iovec {
+                iov_base: buf[a..].as_ptr() as *mut _,
+                iov_len: l,
+            })
             .collect();
         let mut done = 0;
         while done < spans.len() {
@@ -343,7 +492,12 @@ impl Track {
                 })
                 .collect();
             let rc = unsafe {
-                libc::sendmmsg(self.fd, msgs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT)
+                libc::sendmmsg(
+                    self.fd,
+                    msgs.as_mut_ptr(),
+                    n as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
             };
             if rc > 0 {
                 done += rc as usize;
@@ -367,13 +521,22 @@ impl Track {
     #[new]
     fn new(profile: &str, key_salt: &[u8], ssrc: u32) -> PyResult<Self> {
         let cipher = Cipher::new(profile, key_salt).map_err(PyValueError::new_err)?;
-        Ok(Track { cipher, ssrc, newest: 0, fd: -1, dest: None, dest_len: 0, scratch: Vec::new() })
+        Ok(Track {
+            cipher,
+            ssrc,
+            newest: 0,
+            fd: -1,
+            dest: None,
+            dest_len: 0,
+            scratch: Vec::new(),
+        })
     }
 
     /// Where `send` writes: a UDP socket's file descriptor and the viewer's address.
     fn route(&mut self, fd: i32, host: &str, port: u16) -> PyResult<()> {
-        let ip: IpAddr =
-            host.parse().map_err(|_| PyValueError::new_err(format!("not an IP: {host:?}")))?;
+        let ip: IpAddr = host
+            .parse()
+            .map_err(|_| PyValueError::new_err(format!("not an IP: {host:?}")))?;
         let addr = SocketAddr::new(ip, port);
         // SAFETY: sockaddr_storage is large enough for either family.
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -382,7 +545,9 @@ impl Track {
                 let sin = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
                     sin_zero: [0; 8],
                 };
                 unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
@@ -393,7 +558,9 @@ impl Track {
                     sin6_family: libc::AF_INET6 as libc::sa_family_t,
                     sin6_port: a.port().to_be(),
                     sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
                     sin6_scope_id: 0,
                 };
                 unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
@@ -406,40 +573,60 @@ impl Track {
         Ok(())
     }
 
-    /// Send one frame: packet i gets sequence number `seq + i`, timestamp `ts` and this
-    /// track's SSRC, is SRTP-protected and goes out with `sendmmsg`, the GIL released.
+    /// Send one frame, or its packets `first` up to `end` (a pacer's slice): the i-th
+    /// packet sent gets sequence number `seq + i`, timestamp `ts`, this track's SSRC and
+    /// (where given) the 24-bit `abs_send_time` value in the packets' hole for it, is
+    /// SRTP-protected and goes out with `sendmmsg`, the GIL released.
     /// Returns None, or the protected packets the socket had no room for (in order):
     /// the caller queues them on the socket's transport.
+    #[pyo3(signature = (packets, seq, ts, first = 0, end = None, abs_send_time = None))]
+    #[allow(clippy::too_many_arguments)]
     fn send(
         mut slf: PyRefMut<'_, Self>,
         py: Python<'_>,
         packets: &Bound<'_, Packets>,
         seq: u16,
         ts: u32,
+        first: usize,
+        end: Option<usize>,
+        abs_send_time: Option<u32>,
     ) -> PyResult<Option<Vec<Py<PyBytes>>>> {
         if slf.dest.is_none() {
             return Err(PyOSError::new_err("track has no route"));
         }
         let packets = packets.get();
+        let at = Frame::new(packets, seq, ts, first, end, abs_send_time)?;
         let track: &mut Track = &mut slf;
-        let unsent = py.allow_threads(|| track.send_inner(packets, seq, ts, true));
+        let unsent = py.allow_threads(|| track.send_inner(packets, at, true));
         if unsent.is_empty() {
             return Ok(None);
         }
-        Ok(Some(unsent.iter().map(|p| PyBytes::new(py, p).unbind()).collect()))
+        Ok(Some(
+            unsent
+                .iter()
+                .map(|p| PyBytes::new(py, p).unbind())
+                .collect(),
+        ))
     }
 
     /// What `send` sends, protected but not sent: for a caller that must queue them
     /// behind packets already waiting on the socket's transport.
+    #[pyo3(signature = (packets, seq, ts, first = 0, end = None, abs_send_time = None))]
+    #[allow(clippy::too_many_arguments)]
     fn protect_frame(
         &mut self,
         py: Python<'_>,
         packets: &Bound<'_, Packets>,
         seq: u16,
         ts: u32,
-    ) -> Vec<Py<PyBytes>> {
-        let out = self.send_inner(packets.get(), seq, ts, false);
-        out.iter().map(|p| PyBytes::new(py, p).unbind()).collect()
+        first: usize,
+        end: Option<usize>,
+        abs_send_time: Option<u32>,
+    ) -> PyResult<Vec<Py<PyBytes>>> {
+        let packets = packets.get();
+        let at = Frame::new(packets, seq, ts, first, end, abs_send_time)?;
+        let out = self.send_inner(packets, at, false);
+        Ok(out.iter().map(|p| PyBytes::new(py, p).unbind()).collect())
     }
 
     /// SRTP-protect one RTP packet of this track's SSRC (for resends and tests).
