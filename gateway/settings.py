@@ -29,6 +29,7 @@ ENV_VARS = {
     "WHIPCAST_ADVERTISE_URL": "advertise_url",
     "WHIPCAST_WEB_ROOT": "web_root",
     "WHIPCAST_QA_SECRET": "qa_secret",
+    "WHIPCAST_HLS_URL_SECRET": "hls_url_secret",
 }
 
 
@@ -140,6 +141,20 @@ class Settings:
     """Seconds between two pictures of one stream; each costs one keyframe decode."""
     thumbnail_width: int = 320
     """Width of a thumbnail in pixels (never wider than the stream)."""
+
+    # LL-HLS (gateway/hls/, the ``hls`` role; signaling/hls_api.py)
+    hls_part_target: float = 0.5
+    """Seconds of media per LL-HLS part; players hold back three parts."""
+    hls_target_duration: int = 3
+    """Longest segment in whole seconds; a segment is one GOP (about the 2 s the ingest
+    enforces) and is cut here if a GOP runs longer."""
+    hls_min_segment: float = 1.0
+    """A keyframe starts a new segment only after this much of the current one."""
+    hls_window_s: float = 60.0
+    """The DVR window of a media playlist in seconds (delta updates keep long ones cheap)."""
+    hls_url_secret: str | None = field(default=None, repr=False)
+    """If set, every ``/hls/`` request needs ``exp`` and ``sig`` (HMAC-SHA256 of
+    ``{stream}:{exp}``), so a CDN can sit in front of private streams."""
 
     # Kafka
     kafka_bootstrap: str | None = None

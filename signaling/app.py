@@ -17,6 +17,7 @@ from aiohttp import web
 from whipcast.gateway.bus import Bus
 from whipcast.gateway.codecs import install_passthrough_codecs
 from whipcast.gateway.egress import EgressNode
+from whipcast.gateway.hls.packager import HlsPackager
 from whipcast.gateway.ingest import IngestNode
 from whipcast.gateway.metrics import GatewayCollector, Metrics
 from whipcast.gateway.nodes import Heartbeat, NodeInfo, NodeView
@@ -27,7 +28,18 @@ from whipcast.gateway.sessions import SessionsView
 from whipcast.gateway.settings import Settings
 from whipcast.gateway.thumbnails import ThumbnailMaker
 
-from . import directory, observability, openapi, pages, qa_api, security, thumbnails_api, whep, whip
+from . import (
+    directory,
+    hls_api,
+    observability,
+    openapi,
+    pages,
+    qa_api,
+    security,
+    thumbnails_api,
+    whep,
+    whip,
+)
 from .directory import Directory
 from .kafkalog import StateLog
 from .problem import problems_middleware
@@ -38,7 +50,7 @@ from .thumbnails_api import Thumbnails
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("ingest", "egress", "signaling", "thumbnails")
+ROLES = ("ingest", "egress", "signaling", "thumbnails", "hls")
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Node:
     qa: QAService | None = None
     thumbnails: Thumbnails | None = None
     thumbnail_maker: ThumbnailMaker | None = None
+    hls: HlsPackager | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -81,6 +94,8 @@ class Node:
             self.thumbnails = Thumbnails(self.settings, self.bus, self.state_log)
         if "thumbnails" in self.roles:
             self.thumbnail_maker = ThumbnailMaker(self.settings, self.bus, self.view)
+        if "hls" in self.roles:
+            self.hls = HlsPackager(self.settings, self.bus, self.view, self.sessions)
         sources = [part.snapshot for part in (self.ingest, self.egress) if part is not None]
         node_metrics = self._node_metrics()
         if self.thumbnail_maker is not None:
@@ -113,7 +128,8 @@ class Node:
         await self.sessions.start()
         await self.state_log.start()
         await self.directory.start()
-        for part in (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker):
+        parts = (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker, self.hls)
+        for part in parts:
             if part is not None:
                 await part.start()
         await self.heartbeat.start()
@@ -125,7 +141,8 @@ class Node:
         await self.heartbeat.stop()
         if self.rewinder is not None:
             await self.rewinder.stop()
-        for part in (self.thumbnail_maker, self.thumbnails, self.qa, self.egress, self.ingest):
+        parts = (self.hls, self.thumbnail_maker, self.thumbnails, self.qa, self.egress, self.ingest)
+        for part in parts:
             if part is not None:
                 await part.stop()
         await self.directory.stop()
@@ -187,6 +204,8 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
         qa_api.add_routes(app, node.qa, settings)
     if node.thumbnails is not None:
         thumbnails_api.add_routes(app, node.thumbnails)
+    if node.hls is not None:
+        hls_api.add_routes(app, node.hls, settings)
     openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):

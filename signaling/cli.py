@@ -60,6 +60,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         "most this fraction to a viewer's bytes (default 0.25)")  # fmt: skip
     parser.add_argument("--thumbnail-interval", type=float,
                         help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
+    parser.add_argument("--hls-part-target", type=float,
+                        help="seconds per LL-HLS part (hls role; default 0.5)")  # fmt: skip
+    parser.add_argument("--hls-window", type=float, dest="hls_window_s",
+                        help="seconds of DVR window in HLS playlists (default 60)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -112,6 +116,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         viewer_max_bitrate=getattr(args, "viewer_max_bitrate", None),
         retransmit_budget=getattr(args, "retransmit_budget", None),
         thumbnail_interval=getattr(args, "thumbnail_interval", None),
+        hls_part_target=getattr(args, "hls_part_target", None),
+        hls_window_s=getattr(args, "hls_window_s", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 
