@@ -408,7 +408,7 @@ HLS_PATHS: dict = {
     "/hls/{stream}/{session}/{file}": {
         "parameters": [STREAM, _HLS_SESSION, *_SIGNED,
                        _param("file", "`init{n}.mp4`, `seg{msn}.mp4` or `part{n}.mp4`",
-                              r"^(init|seg|part)[0-9]+\\.mp4$")],
+                              r"^(init|seg|part)[0-9]+\.mp4$")],
         "get": {
             "tags": ["HLS"], "summary": "Init segment, segment or part (CMAF fMP4)",
             "description": "Immutable: long-cacheable with a strong ETag. A request for the "
