@@ -37,7 +37,7 @@ async def test_dev_starts_and_becomes_ready():
                     pass
                 await asyncio.sleep(0.25)
             assert status == 200, "whipcast dev never became ready"
-            assert set(body["roles"]) == {"ingest", "egress", "signaling", "thumbnails"}
+            assert set(body["roles"]) == {"ingest", "egress", "signaling", "thumbnails", "hls"}
             async with http.get(f"http://127.0.0.1:{port}/watch/x") as response:
                 assert response.status == 200 and "text/html" in response.content_type
             async with http.post(
