@@ -121,13 +121,23 @@ class _Unwrapper:
         return self.value
 
 
-def h264_config(payload: bytes) -> cmaf.H264Config | None:
-    """SPS, PPS and picture size of a keyframe that carries them, else ``None``."""
+def parameter_sets(payload: bytes) -> tuple[bytes, bytes] | None:
+    """The SPS and PPS an access unit carries, if it carries both."""
     nals = cmaf.split_annexb(payload)
     sps = next((n for n in nals if n[0] & 0x1F == 7), None)
     pps = next((n for n in nals if n[0] & 0x1F == 8), None)
     if sps is None or pps is None or len(sps) < 4:
         return None
+    return sps, pps
+
+
+def h264_config(payload: bytes) -> cmaf.H264Config | None:
+    """SPS, PPS and picture size of a keyframe that carries them, else ``None``
+    (decodes the picture: called only when the parameter sets change)."""
+    found = parameter_sets(payload)
+    if found is None:
+        return None
+    sps, pps = found
     decoder = av.CodecContext.create("h264", "r")
     try:
         pictures = decoder.decode(av.Packet(payload)) + decoder.decode(None)
@@ -214,11 +224,10 @@ class Segmenter:
             return
         new_init = False
         if frame.keyframe and 7 in h264_nal_types(frame.payload):
-            config = h264_config(frame.payload)
-            if config is not None and (
-                self._config is None
-                or (config.sps, config.pps) != (self._config.sps, self._config.pps)
-            ):
+            current = (self._config.sps, self._config.pps) if self._config else None
+            sets = parameter_sets(frame.payload)
+            config = h264_config(frame.payload) if sets and sets != current else None
+            if config is not None:
                 new_init = True
                 self._config = config
                 audio = cmaf.OpusConfig() if self.with_audio else None
