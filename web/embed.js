@@ -77,8 +77,10 @@ if (stream) {
     player = new Player(whepUrl(), video, { onStatus: showState });
     player.start();
     if (!replay) {
+      let played = false;
+      video.addEventListener('playing', () => { played = true; }, { once: true });
       setTimeout(() => {
-        if (!['live', 'stalled', 'offline', 'ended'].includes(player?.status.state)) startHls();
+        if (!played && !['live', 'offline', 'ended'].includes(player?.status.state)) startHls();
       }, 10000);
     }
   }

@@ -86,9 +86,11 @@ function startPlayer() {
   player = new Player(whepUrl(), video, { onStatus: showState });
   player.start();
   if (!isReplay) {
+    let played = false;
+    video.addEventListener('playing', () => { played = true; }, { once: true });
     setTimeout(() => {
       const state = player?.status.state;
-      if (!['live', 'stalled', 'offline', 'ended', 'paused'].includes(state)) startHls();
+      if (!played && !['live', 'offline', 'ended', 'paused'].includes(state)) startHls();
     }, WHEP_GIVE_UP_MS);
   }
 }
