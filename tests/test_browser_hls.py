@@ -61,3 +61,22 @@ async def test_hls_js_plays_live_across_a_resolution_change(kafka) -> None:
     # Glass to glass (capture in the publisher to display in Chromium) is measured and
     # kept in result.json for docs/benchmarks.md; only sanity is asserted here.
     assert 0 < result["glassToGlassMs"]["p50"] < 10000, result
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+async def test_watch_page_falls_back_to_hls_when_egress_is_full(kafka) -> None:
+    """No room on the only egress (WHEP answers 503): the page plays LL-HLS instead."""
+    server = await start_server(kafka, max_viewers=0)
+    stream = f"hlsfull-{uuid.uuid4().hex[:8]}"
+    publisher = await publish(server.url, stream)
+    try:
+        code, result, stderr = await run_script(
+            "hls.mjs", server.url, stream, str(SHOTS / "fallback"), "--seconds", "5",
+            "--fallback", timeout=RUN_TIMEOUT_S,
+        )  # fmt: skip
+    finally:
+        await publisher.close()
+        await server.runner.cleanup()
+    assert result is not None, f"no JSON result (exit {code})\n{stderr}"
+    assert code == 0 and result["ok"], f"{result.get('error')}\n{stderr}"
+    assert "LL-HLS" in result["via"], result

@@ -52,9 +52,11 @@ window.whipcast = Object.freeze({
 if (stream) {
   $('watch-link').href = `/watch/${encodeURIComponent(stream)}`;
   const replay = query.get('start') !== null || query.get('session') !== null;
+  let played = false; // WebRTC played once: later errors reconnect it, no fallback
+  video.addEventListener('playing', () => { played = true; }, { once: true });
   const showState = ({ state, message }) => {
     if (timeline.position?.ended) return;
-    if (state === 'error' && player && !hlsPlayer && !replay) { startHls(); return; }
+    if (state === 'error' && player && !hlsPlayer && !replay && !played) { startHls(); return; }
     timeline.follow(player?.session?.positionUrl ?? null);
     $('state-badge').dataset.state = state;
     $('state-badge').textContent = LABELS[state] ?? state;
@@ -77,8 +79,6 @@ if (stream) {
     player = new Player(whepUrl(), video, { onStatus: showState });
     player.start();
     if (!replay) {
-      let played = false;
-      video.addEventListener('playing', () => { played = true; }, { once: true });
       setTimeout(() => {
         if (!played && !['live', 'offline', 'ended'].includes(player?.status.state)) startHls();
       }, 10000);

@@ -22,6 +22,8 @@ const timeline = new Timeline($('timeline'), {
 
 let player = null;
 let hlsPlayer = null; // set once playback fell back to (or was asked for) LL-HLS
+let played = false; // WebRTC played once: later errors reconnect it, no fallback
+video.addEventListener('playing', () => { played = true; }, { once: true });
 let sampler = null;
 const WHEP_GIVE_UP_MS = 10000; // not playing over WebRTC by then: LL-HLS instead
 let qa = null;
@@ -86,8 +88,6 @@ function startPlayer() {
   player = new Player(whepUrl(), video, { onStatus: showState });
   player.start();
   if (!isReplay) {
-    let played = false;
-    video.addEventListener('playing', () => { played = true; }, { once: true });
     setTimeout(() => {
       const state = player?.status.state;
       if (!played && !['live', 'offline', 'ended', 'paused'].includes(state)) startHls();
@@ -138,7 +138,7 @@ function startHls() {
 
 function showState({ state, message }) {
   if (replayEnded) return;
-  if (state === 'error' && player && !hlsPlayer && !isReplay) {
+  if (state === 'error' && player && !hlsPlayer && !isReplay && !played) {
     startHls(); // WHEP was refused or could not connect
     return;
   }

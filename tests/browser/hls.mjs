@@ -26,7 +26,7 @@ import {
 const START_TIMEOUT_MS = 30000;
 const STUCK_LIMIT_MS = 1000;
 
-async function main({ baseUrl, stream, screenshotDir, seconds, originMs }, { result, log }) {
+async function main({ baseUrl, stream, screenshotDir, seconds, originMs, fallback }, { result, log }) {
   let chrome;
   let page;
   try {
@@ -34,7 +34,9 @@ async function main({ baseUrl, stream, screenshotDir, seconds, originMs }, { res
     page = await chrome.context.newPage();
     page.on('console', (msg) => log.push(`[${msg.type()}] ${msg.text()}`));
     page.on('pageerror', (err) => log.push(`[pageerror] ${err.message}`));
-    await page.goto(`${baseUrl}/watch/${encodeURIComponent(stream)}?via=hls`);
+    // --fallback: open the page plainly; WHEP must fail (the test fills egress) and the
+    // page must switch to LL-HLS on its own.
+    await page.goto(`${baseUrl}/watch/${encodeURIComponent(stream)}${fallback ? '' : '?via=hls'}`);
     try {
       await page.waitForFunction(() => {
         const v = document.querySelector('#video');
@@ -118,12 +120,13 @@ async function main({ baseUrl, stream, screenshotDir, seconds, originMs }, { res
 }
 
 const { values, usage, ...positionals } = parseCommandLine(
-  'node hls.mjs <base-url> <stream> <screenshot-dir> [--seconds N] [--origin-ms MS] [--verbose]',
-  { seconds: { type: 'string', default: '20' }, 'origin-ms': { type: 'string' } });
+  'node hls.mjs <base-url> <stream> <screenshot-dir> [--seconds N] [--origin-ms MS] [--fallback] [--verbose]',
+  { seconds: { type: 'string', default: '20' }, 'origin-ms': { type: 'string' },
+    fallback: { type: 'boolean', default: false } });
 const originMs = values['origin-ms'] === undefined ? null : Number(values['origin-ms']);
 const seconds = Number(values.seconds);
 if (!(seconds > 0 && seconds <= 120)) usage('--seconds must be 1-120');
-runMain((run) => main({ ...positionals, seconds, originMs }, run), {
+runMain((run) => main({ ...positionals, seconds, originMs, fallback: values.fallback }, run), {
   name: 'hls',
   result: { ok: false, stream: positionals.stream },
   timeoutMs: (seconds + 60) * 1000,
