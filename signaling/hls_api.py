@@ -30,6 +30,8 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 LIVE_PLAYLIST = "public, max-age=1"
 BLOCKED_PLAYLIST = "public, max-age=60"
 ENDED_PLAYLIST = "public, max-age=3600"
+READ_ENDED_TIMEOUT_S = 20.0
+"""How long a request waits for an ended session to be read from Kafka (at disk speed)."""
 _FILE = re.compile(r"^(init|seg|part)(\d{1,9})\.mp4$")
 
 
@@ -92,8 +94,13 @@ def _text(request: web.Request, text: str, cache: str) -> web.Response:
 
 
 async def _first_part(package: SessionPackage) -> Part:
+    """The newest part, once there is one; for a session that has ended, once it is read
+    to its end (a node packaging a replay on first request answers its whole playlist)."""
     timeout = 3 * package.timing.target_duration_s
-    await package.wait_for(lambda: package.last_part is not None, timeout)
+    if package.live:
+        await package.wait_for(lambda: package.last_part is not None, timeout)
+    else:
+        await package.wait_for(lambda: package.ended, READ_ENDED_TIMEOUT_S)
     last = package.last_part
     if last is None:
         raise TooLong("the broadcast has no media yet; try again shortly")
@@ -103,9 +110,13 @@ async def _first_part(package: SessionPackage) -> Part:
 def _requested(package: SessionPackage, msn: int, part: int | None) -> Part | None:
     """The part a blocking request waits for, once it exists (rfc8216bis 6.2.5.2)."""
     segment = package.segment(msn)
-    if segment is not None and part is not None and part < len(segment.parts):
+    if segment is None:
+        return None
+    if part is None:  # the whole segment: as of its last part
+        return segment.parts[-1] if segment.complete else None
+    if part < len(segment.parts):
         return segment.parts[part]
-    if segment is not None and segment.complete:
+    if segment.complete:  # past the end of a segment: part 0 of the next one
         following = package.segment(msn + 1)
         if following is not None and following.parts:
             return following.parts[0]

@@ -127,7 +127,7 @@ def decode_counters(init: bytes, media: list[bytes]) -> list[int]:
         return [read_counter(frame) for frame in container.decode(video=0)]
 
 
-async def test_live_stream_as_ll_hls(hls_servers) -> None:
+async def test_live_stream_as_ll_hls(hls_servers, kafka) -> None:
     server, other = hls_servers
     stream = f"hls-{uuid.uuid4().hex[:6]}"
     async with aiohttp.ClientSession(base_url=server.url) as http:
@@ -150,7 +150,7 @@ async def test_live_stream_as_ll_hls(hls_servers) -> None:
 
             # Blocking reload for the hinted part: returns soon after the part exists.
             last = info["open"]["parts"] or info["segments"][-1]["parts"]
-            msn = info["segments"][-1]["msn"] + (1 if info["open"]["parts"] else 0)
+            msn = info["segments"][-1]["msn"] + 1  # the open segment (maybe no part yet)
             next_part = len(info["open"]["parts"])
             query = f"_HLS_msn={msn}&_HLS_part={next_part}"
             started = time.time()
@@ -252,6 +252,23 @@ async def test_live_stream_as_ll_hls(hls_servers) -> None:
                     break
                 await asyncio.sleep(0.5)
         assert theirs == text, "both nodes give the same finished playlist"
+
+    # A node started after the end packages the replay from Kafka on the first request,
+    # into the same bytes.
+    late = await start_server(kafka, hls_part_target=PART_TARGET, hls_target_duration=TD)
+    try:
+        async with aiohttp.ClientSession(base_url=late.url) as http3:
+            status, master, _ = await get_text(http3, f"/hls/{stream}/index.m3u8")
+            assert status == 200 and master.splitlines()[-1].startswith(base.rsplit("/", 1)[1])
+            status, replayed, _ = await get_text(http3, f"{base}/media.m3u8")
+            assert status == 200 and replayed == text
+            last_segment = re.findall(r"seg\d+\.mp4", text)[-1]
+            _, mine, _ = await get_bytes(http3, f"{base}/{last_segment}")
+            async with aiohttp.ClientSession(base_url=server.url) as http:
+                _, theirs, _ = await get_bytes(http, f"{base}/{last_segment}")
+            assert mine == theirs
+    finally:
+        await late.runner.cleanup()
 
 
 async def test_vp8_gets_a_clear_4xx(hls_servers) -> None:

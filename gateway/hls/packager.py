@@ -90,6 +90,11 @@ class SessionPackage:
         return self.segmenter.ended
 
     @property
+    def live(self) -> bool:
+        """Still the stream's live session (else it is being read to its end)."""
+        return self._is_live()
+
+    @property
     def last_part(self) -> Part | None:
         return self.parts.get(self.segmenter.parts_made - 1)
 
@@ -142,7 +147,11 @@ class SessionPackage:
                 done, _ = await asyncio.wait({pending}, timeout=END_CHECK_S)
                 if done:
                     before = self.segmenter.parts_made
-                    for read in pending.result():
+                    # Both tracks in arrival order: a batch holds each partition's
+                    # records one after the other, and audio read but not yet pushed
+                    # must not look missing to the segmenter.
+                    batch = sorted(pending.result(), key=lambda r: r.frame.arrival_us)
+                    for read in batch:
                         self.bytes_in += len(read.frame.payload)
                         self.segmenter.push(read.frame)
                     if Track.VIDEO in reader.finished:

@@ -71,7 +71,7 @@ def media(
         if segment.msn > upto.msn:
             break
         parts = [p for p in segment.parts if p.index <= upto.index]
-        complete = segment.msn < upto.msn or (ended and segment.complete)
+        complete = segment.complete and segment.parts[-1].index <= upto.index
         shown.append((segment, parts, complete))
     if not shown:
         raise ValueError("no segment holds the part")

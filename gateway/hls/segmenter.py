@@ -338,8 +338,6 @@ class Segmenter:
             self._audio = rest
         self._audio_written = max(self._audio_written, end_audio)
         if cut.new_segment or self._next_msn == 0:
-            if self.segments:
-                self.segments[-1].complete = True
             start = video[0].time
             self.segments.append(
                 Segment(
@@ -365,4 +363,8 @@ class Segmenter:
         )
         self.parts_made += 1
         segment.parts.append(part)
+        # The segment is complete with this part if the next one starts a new segment
+        # (known once that part's first frame was cut): EXTINF is listed at once.
+        following = self._cuts[0].new_segment if self._cuts else self._open_new_segment
+        segment.complete = following and bool(self._cuts or self._open)
         self.on_part(segment, part)
