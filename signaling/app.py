@@ -100,6 +100,8 @@ class Node:
         node_metrics = self._node_metrics()
         if self.thumbnail_maker is not None:
             node_metrics.update(self.thumbnail_maker.snapshot_metrics())
+        if self.hls is not None:
+            node_metrics.update(self.hls.snapshot_metrics())
         self.metrics.registry.register(GatewayCollector(sources, node_metrics))
 
     def _node_metrics(self) -> dict:

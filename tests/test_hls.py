@@ -244,6 +244,10 @@ async def test_live_stream_as_ll_hls(hls_servers, kafka) -> None:
             assert time.monotonic() < deadline, (status, text[-200:])
             await asyncio.sleep(0.5)
         check_media_playlist(text, live=False)
+        async with http.get("/metrics") as response:
+            metrics = await response.text()
+        parts = [x for x in metrics.splitlines() if x.startswith("whipcast_hls_parts ")]
+        assert parts and float(parts[0].split()[-1]) > 10, parts
         async with aiohttp.ClientSession(base_url=other.url) as http2:
             deadline = time.monotonic() + WAIT_S
             while True:

@@ -275,6 +275,24 @@ class HlsPackager:
         found.used = time.monotonic()
         return found
 
+    def snapshot_metrics(self) -> dict:
+        """Gauges and counters for ``/metrics`` (read at scrape time)."""
+        packages = self.packages
+        return {
+            "whipcast_hls_sessions": (
+                "gauge", "Publish sessions packaged as LL-HLS on this node",
+                lambda: len(packages),
+            ),
+            "whipcast_hls_parts": (
+                "gauge", "LL-HLS parts made by the sessions packaged now",
+                lambda: sum(p.segmenter.parts_made for p in list(packages.values())),
+            ),
+            "whipcast_hls_frames_dropped": (
+                "gauge", "Frames the packaged sessions left out (before a keyframe, late audio)",
+                lambda: sum(p.segmenter.dropped for p in list(packages.values())),
+            ),
+        }  # fmt: skip
+
 
 def packageable(info: StreamInfo) -> str | None:
     """Why a session cannot be served as HLS, or ``None`` if it can."""
