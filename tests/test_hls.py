@@ -410,3 +410,44 @@ def test_delta_updates_window_and_discontinuity_sequence() -> None:
     # Rendered as of a part: the same text later, whatever came after.
     later = synthetic(41, discontinuity_at=5)
     assert playlist.media(later, timing, later[39].parts[1], ended=False) == full
+
+
+async def test_blocking_requests_give_503_when_media_stops(hls_servers) -> None:
+    """The publisher vanishes without a DELETE: the stream stays live until ingest's
+    timeout, and a request blocked on the next part gets 503 after 3 target durations."""
+    server, _ = hls_servers
+    stream = f"hls-stop-{uuid.uuid4().hex[:6]}"
+    async with aiohttp.ClientSession(base_url=server.url) as http:
+        publisher = await publish(server.url, stream)
+        try:
+            master = await wait_for_multivariant(http, stream)
+            base = f"/hls/{stream}/{master.splitlines()[-1].rsplit('/', 1)[0]}"
+            await asyncio.sleep(1.0)
+
+            async def silent():  # the peer stays connected but sends no media
+                await asyncio.sleep(3600)
+
+            for sender in publisher.pc.getSenders():
+                sender.track.recv = silent
+            await asyncio.sleep(1.0)  # what was in flight is packaged
+            _, text, _ = await get_text(http, f"{base}/media.m3u8")
+            blocked = await _blocked_requests(http, base, text)
+        finally:
+            await publisher.close()
+        (status, body, headers), part_status, waited = blocked
+        assert status == 503 and part_status == 503, (status, body)
+        assert headers["Content-Type"].startswith("application/problem+json")
+        assert 3 * TD - 0.5 <= waited <= 3 * TD + 5, waited
+
+
+async def _blocked_requests(http: aiohttp.ClientSession, base: str, text: str) -> tuple:
+    """Ask at once for the playlist past the next part and for the hinted part."""
+    hint = attributes(next(x for x in text.splitlines() if "PRELOAD-HINT" in x))["URI"]
+    msn = int(re.findall(r"seg(\d+)\.mp4", text)[-1]) + 1 if "#EXTINF" in text else 0
+    started = time.monotonic()
+    (status, body, headers), (part_status, _, _) = await asyncio.gather(
+        get_text(http, f"{base}/media.m3u8?_HLS_msn={msn + 1}&_HLS_part=0"),
+        get_bytes(http, f"{base}/{hint}"),
+    )
+    waited = time.monotonic() - started
+    return (status, body, headers), part_status, waited
