@@ -132,9 +132,9 @@ def add_routes(app: web.Application, packager: HlsPackager, settings: Settings) 
         info = packager.resolve(stream)
         package = packager.package(stream, info.session)
         await _first_part(package)
-        segments = package.segmenter.segments
-        durations = [s for s in segments if s.complete] or segments
-        peak = max(len(s.data) * 8 / max(s.duration, 0.1) for s in durations)
+        segments = package.segmenter.segments[-10:]
+        measured = [s for s in segments if s.complete] or segments
+        peak = max(sum(len(p.data) for p in s.parts) * 8 / max(s.duration, 0.1) for s in measured)
         bandwidth = int(peak * 1.2) // 1000 * 1000
         text = playlist.multivariant(
             f"{info.session:08x}/media.m3u8", package.segmenter.codecs, bandwidth, query

@@ -76,6 +76,7 @@ class Segment:
 
     @property
     def data(self) -> bytes:
+        """The parts back to back (joined per request: not kept twice in memory)."""
         return b"".join(part.data for part in self.parts)
 
     @property
