@@ -296,6 +296,7 @@ class FrameReader:
         """Age of the newest frame read: ingest arrival until now."""
         self.lag_records = 0
         """Video records written but not yet read."""
+        self._read_to: dict[int, int] = {}
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -329,6 +330,8 @@ class FrameReader:
             out = []
             for tp, records in batches.items():
                 live_from = self._live_from[tp.partition]
+                if records:
+                    self._read_to[tp.partition] = records[-1].offset + 1
                 for record in records:
                     try:
                         frame = Frame.decode(record.value)
@@ -351,6 +354,12 @@ class FrameReader:
                     highwater = self._consumer.highwater(video) or 0
                     self.lag_records = max(0, highwater - batches[video][-1].offset - 1)
                 yield out
+
+    def behind(self, track: Track) -> bool:
+        """Whether the broker reported records of ``track`` that are not read yet."""
+        tp = TopicPartition(self.topic, track)
+        highwater = self._consumer.highwater(tp)
+        return highwater is not None and highwater > self._read_to.get(track, 0)
 
     async def at_end(self) -> bool:
         """Whether every partition has been read up to the newest record in Kafka."""

@@ -31,6 +31,7 @@ ENV_VARS = {
     "WHIPCAST_QA_SECRET": "qa_secret",
     "WHIPCAST_NO_NATIVE": "no_native_fanout",
     "WHIPCAST_TOKEN": "push_token",
+    "WHIPCAST_HLS_URL_SECRET": "hls_url_secret",
 }
 
 
@@ -183,6 +184,20 @@ class Settings:
     record_session_timeout_ms: int = 6000
     """How long the group waits for a silent recorder before others take its streams
     (Kafka's broker-side minimum is 6 s by default)."""
+
+    # LL-HLS (gateway/hls/, the ``hls`` role; signaling/hls_api.py)
+    hls_part_target: float = 0.5
+    """Seconds of media per LL-HLS part; players hold back three parts."""
+    hls_target_duration: int = 3
+    """Longest segment in whole seconds; a segment is one GOP (about the 2 s the ingest
+    enforces) and is cut here if a GOP runs longer."""
+    hls_min_segment: float = 1.0
+    """A keyframe starts a new segment only after this much of the current one."""
+    hls_window_s: float = 60.0
+    """The DVR window of a media playlist in seconds (delta updates keep long ones cheap)."""
+    hls_url_secret: str | None = field(default=None, repr=False)
+    """If set, every ``/hls/`` request needs ``exp`` and ``sig`` (HMAC-SHA256 of
+    ``{stream}:{exp}``), so a CDN can sit in front of private streams."""
 
     # Kafka
     kafka_bootstrap: str | None = None

@@ -33,8 +33,17 @@ class Assumptions:
     """Largest audience served over WebRTC; the rest watch LL-HLS from a CDN."""
     kafka_broker_read_gbps: float = 2.0
     """Sustained fetch throughput one broker serves from page cache."""
-    hls_renditions: int = 3
-    """Transcoded ladder for HLS viewers (packaged off the WebRTC path)."""
+    hls_renditions: int = 1
+    """HLS renditions packaged: the ``hls`` role passes the publisher's H.264 through,
+    one rendition (a transcoded ladder would add one Kafka read and packager each)."""
+    hls_part_s: float = 0.5
+    """LL-HLS part duration: each HLS client asks for one playlist and one part per part."""
+    hls_requests_per_core: float = 5000
+    """Playlist answers per second one core of an ``hls`` node gives (``bench/hls_bench.py``:
+    ~5,000 playlists or ~10,000 parts; the lower figure is used)."""
+    cdn_edges: int = 500
+    """CDN caches that each fetch every playlist and part from the origin once (shield
+    and edge tiers together); the origin's load depends on them, not on the audience."""
 
     @property
     def viewer_mbps(self) -> float:
@@ -58,6 +67,10 @@ class Plan:
     kafka_brokers: int
     egress_gbps: float
     cdn_gbps: float
+    hls_origin_rps: float = 0.0
+    """Requests per second that reach the ``hls`` origin nodes (through the CDN)."""
+    hls_origin_nodes: int = 0
+    """``hls`` nodes for that load (two at least, for redundancy)."""
     ingest_nodes: int = 2
     """One active ingest for the event's stream, one standby."""
 
@@ -71,6 +84,11 @@ def plan(audience: int, a: Assumptions) -> Plan:
     # Every egress node reads the stream once; HLS packagers add one read per rendition.
     stream_mbps = (a.video_kbps + a.audio_kbps) / 1000
     kafka_gbps = (nodes + a.hls_renditions) * stream_mbps / 1000
+    # Behind a CDN each cache asks the origin once per part (playlist + part): the origin
+    # load stops growing with the audience once every cache has a viewer.
+    origin_rps = min(hls, a.cdn_edges) * a.hls_renditions * 2 / a.hls_part_s
+    per_hls_node = a.hls_requests_per_core * a.cores_per_node
+    origin_nodes = max(2, math.ceil(origin_rps / per_hls_node)) if hls else 0
     return Plan(
         audience=audience,
         webrtc_viewers=webrtc,
@@ -81,6 +99,8 @@ def plan(audience: int, a: Assumptions) -> Plan:
         kafka_brokers=max(1, math.ceil(kafka_gbps / a.kafka_broker_read_gbps)),
         egress_gbps=round(webrtc * a.viewer_mbps / 1000, 1),
         cdn_gbps=round(hls * stream_mbps / 1000, 1),
+        hls_origin_rps=round(origin_rps),
+        hls_origin_nodes=origin_nodes,
     )
 
 
@@ -102,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
           f"egress node")  # fmt: skip
     header = (
         f"{'audience':>12} {'WebRTC':>10} {'LL-HLS':>12} {'egress nodes':>13} {'bound':>6} "
-        f"{'Kafka read Gbps':>16} {'brokers':>8} {'egress Gbps':>12} {'CDN Gbps':>10}"
+        f"{'Kafka read Gbps':>16} {'brokers':>8} {'egress Gbps':>12} {'CDN Gbps':>10} "
+        f"{'HLS origin req/s':>17} {'hls nodes':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -111,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{p.audience:>12,} {p.webrtc_viewers:>10,} {p.hls_viewers:>12,} "
             f"{p.egress_nodes:>13,} {p.egress_bound:>6} {p.kafka_read_gbps:>16,.3f} "
-            f"{p.kafka_brokers:>8,} {p.egress_gbps:>12,.1f} {p.cdn_gbps:>10,.1f}"
+            f"{p.kafka_brokers:>8,} {p.egress_gbps:>12,.1f} {p.cdn_gbps:>10,.1f} "
+            f"{p.hls_origin_rps:>17,.0f} {p.hls_origin_nodes:>10,}"
         )
 
 

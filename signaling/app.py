@@ -18,6 +18,7 @@ from whipcast.gateway.bus import Bus
 from whipcast.gateway.clips import Clipper
 from whipcast.gateway.codecs import install_passthrough_codecs
 from whipcast.gateway.egress import EgressNode
+from whipcast.gateway.hls.packager import HlsPackager
 from whipcast.gateway.ingest import IngestNode
 from whipcast.gateway.metrics import GatewayCollector, Metrics
 from whipcast.gateway.nodes import Heartbeat, NodeInfo, NodeView
@@ -32,6 +33,7 @@ from whipcast.gateway.thumbnails import ThumbnailMaker
 from . import (
     clips_api,
     directory,
+    hls_api,
     observability,
     openapi,
     pages,
@@ -52,7 +54,7 @@ from .thumbnails_api import Thumbnails
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("ingest", "egress", "signaling", "thumbnails", "record")
+ROLES = ("ingest", "egress", "signaling", "thumbnails", "hls", "record")
 """Every role; ``record`` runs only where a recording directory is set."""
 
 
@@ -76,6 +78,7 @@ class Node:
     thumbnail_maker: ThumbnailMaker | None = None
     clipper: Clipper | None = None
     recorder: Recorder | None = None
+    hls: HlsPackager | None = None
     started_at: float = field(default_factory=time.time)
     ready: bool = False
 
@@ -102,6 +105,8 @@ class Node:
         if "record" in self.roles:
             assert self.settings.record_dir is not None
             self.recorder = Recorder(self.settings, self.bus, self.view, self.sessions)
+        if "hls" in self.roles:
+            self.hls = HlsPackager(self.settings, self.bus, self.view, self.sessions)
         sources = [part.snapshot for part in (self.ingest, self.egress) if part is not None]
         node_metrics = self._node_metrics()
         if self.thumbnail_maker is not None:
@@ -110,6 +115,8 @@ class Node:
             node_metrics.update(self.clipper.snapshot_metrics())
         if self.recorder is not None:
             node_metrics.update(self.recorder.snapshot_metrics())
+        if self.hls is not None:
+            node_metrics.update(self.hls.snapshot_metrics())
         self.metrics.registry.register(GatewayCollector(sources, node_metrics))
 
     def _node_metrics(self) -> dict:
@@ -139,7 +146,7 @@ class Node:
         await self.state_log.start()
         await self.directory.start()
         parts = (self.ingest, self.egress, self.qa, self.thumbnails, self.thumbnail_maker,
-                 self.recorder)  # fmt: skip
+                 self.recorder, self.hls)  # fmt: skip
         for part in parts:
             if part is not None:
                 await part.start()
@@ -152,8 +159,8 @@ class Node:
         await self.heartbeat.stop()
         if self.rewinder is not None:
             await self.rewinder.stop()
-        parts = (self.recorder, self.thumbnail_maker, self.thumbnails, self.qa, self.egress,
-                 self.ingest)  # fmt: skip
+        parts = (self.hls, self.recorder, self.thumbnail_maker, self.thumbnails, self.qa,
+                 self.egress, self.ingest)  # fmt: skip
         for part in parts:
             if part is not None:
                 await part.stop()
@@ -221,6 +228,8 @@ def make_app(settings: Settings, roles: tuple[str, ...] = ROLES) -> web.Applicat
     if node.clipper is not None:
         clips_api.add_routes(app, node.clipper)
     recordings_api.add_routes(app, settings)
+    if node.hls is not None:
+        hls_api.add_routes(app, node.hls, settings)
     openapi.add_routes(app)
 
     async def lifecycle(app: web.Application):

@@ -71,6 +71,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-native-fanout", action="store_true", default=None,
                         help="send to viewers with the pure-Python path, not the native "
                         "core (env WHIPCAST_NO_NATIVE=1)")  # fmt: skip
+    parser.add_argument("--hls-part-target", type=float,
+                        help="seconds per LL-HLS part (hls role; default 0.5)")  # fmt: skip
+    parser.add_argument("--hls-window", type=float, dest="hls_window_s",
+                        help="seconds of DVR window in HLS playlists (default 60)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -211,6 +215,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         record_streams=getattr(args, "record_streams", None),
         record_max_bytes=getattr(args, "record_max_bytes", None),
         record_max_seconds=getattr(args, "record_max_seconds", None),
+        hls_part_target=getattr(args, "hls_part_target", None),
+        hls_window_s=getattr(args, "hls_window_s", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

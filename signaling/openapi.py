@@ -17,11 +17,12 @@ SDPFRAG = "application/trickle-ice-sdpfrag"
 _REASONS = {
     400: "The request is malformed; `detail` says how",
     401: "The publish token is missing or wrong",
+    403: "A signed URL (`exp`, `sig`) is missing, wrong or expired",
     404: "No such stream, session or question",
     409: "Conflicts with the current state (stream busy, not live, question limit)",
     412: "If-Match does not match the session's ETag",
     413: "The body is too large",
-    415: "Wrong Content-Type",
+    415: "Wrong Content-Type, or (HLS) a codec HLS cannot carry, such as VP8",
     422: "Well-formed, but asks for something whipcast does not do",
     429: "Too many requests from this client or its address; wait `Retry-After` seconds",
     503: "Kafka or capacity is unavailable; try again after `Retry-After` seconds",
@@ -391,6 +392,70 @@ _WHEP_ENDPOINT["post"]["responses"]["201"]["headers"]["Link"] = {
     "schema": {"type": "string"},
 }  # fmt: skip
 
+_HLS_SESSION = _param(
+    "session", "Publish session id, 8 hex digits (from index.m3u8)", "^[0-9a-f]{8}$"
+)
+_SIGNED = [
+    {
+        "name": "exp",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer"},
+        "description": "Signed URLs only: expiry, Unix seconds",
+    },
+    {
+        "name": "sig",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "Signed URLs only: hex HMAC-SHA256 of `{stream}:{exp}`",
+    },
+]
+_M3U8 = {"application/vnd.apple.mpegurl": {"schema": {"type": "string"}}}
+_MP4 = {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}
+HLS_PATHS: dict = {
+    "/hls/{stream}/index.m3u8": {
+        "parameters": [STREAM, *_SIGNED],
+        "get": {
+            "tags": ["HLS"], "summary": "LL-HLS multivariant playlist of the stream",
+            "description": "Names the live publish session's media playlist (else the latest "
+                           "ended one still in Kafka). H.264 video with Opus audio in CMAF; a "
+                           "VP8 stream gets 415. Served by nodes with the `hls` role.",
+            "responses": {"200": {"description": "Playlist", "content": _M3U8},
+                          **_errors(400, 403, 404, 415, 503)},
+        },
+    },
+    "/hls/{stream}/{session}/media.m3u8": {
+        "parameters": [STREAM, _HLS_SESSION, *_SIGNED],
+        "get": {
+            "tags": ["HLS"], "summary": "LL-HLS media playlist (blocking reload, delta updates)",
+            "description": "`_HLS_msn`/`_HLS_part` hold the request until that part exists "
+                           "(at most 3 target durations, then 503) and answer the playlist "
+                           "as of that part; `_HLS_skip=YES|v2` gives a delta update.",
+            "parameters": [
+                {"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
+                for n in ("_HLS_msn", "_HLS_part", "_HLS_skip")
+            ],
+            "responses": {"200": {"description": "Playlist", "content": _M3U8},
+                          "304": {"description": "Unchanged (If-None-Match)"},
+                          **_errors(400, 403, 404, 415, 503)},
+        },
+    },
+    "/hls/{stream}/{session}/{file}": {
+        "parameters": [STREAM, _HLS_SESSION, *_SIGNED,
+                       _param("file", "`init{n}.mp4`, `seg{msn}.mp4` or `part{n}.mp4`",
+                              r"^(init|seg|part)[0-9]+\.mp4$")],
+        "get": {
+            "tags": ["HLS"], "summary": "Init segment, segment or part (CMAF fMP4)",
+            "description": "Immutable: long-cacheable with a strong ETag. A request for the "
+                           "part named in the playlist's preload hint waits until it exists.",
+            "responses": {"200": {"description": "Media", "content": _MP4},
+                          "304": {"description": "Unchanged (If-None-Match)"},
+                          **_errors(403, 404, 415, 503)},
+        },
+    },
+}  # fmt: skip
+
 PATHS: dict = {
     "/whip/{stream}": _session_endpoint("publishing", "WHIP", auth=True),
     "/whip/{stream}/{resource}": _session_resource("WHIP", auth=True),
@@ -590,7 +655,7 @@ DOCUMENT: dict = {
         "description": "Low-latency live video: WHIP in, Apache Kafka between, WHEP out; "
         "a stream directory and audience Q&A.",
     },
-    "paths": PATHS,
+    "paths": PATHS | HLS_PATHS,
     "components": {
         "schemas": SCHEMAS,
         "responses": {

@@ -69,8 +69,9 @@ def page_policy(html: str, frameable: bool, connect_anywhere: bool) -> str:
         f"script-src {scripts}",
         f"style-src {styles}",
         "img-src 'self' data:",  # data: for the empty favicon
-        "media-src 'self'",
+        "media-src 'self' blob:",  # blob: for LL-HLS through Media Source Extensions
         "connect-src 'self'" + (" http: https:" if connect_anywhere else ""),
+        "worker-src 'self' blob:",
         "base-uri 'none'",
         "form-action 'self'",
     ]

@@ -43,7 +43,7 @@ async def test_dev_starts_and_becomes_ready():
             settings = Settings.from_env()
             bootstrap = broker.announced_bootstrap(settings)
             assert bootstrap is not None and bootstrap.startswith("127.0.0.1:")
-            assert set(body["roles"]) == {"ingest", "egress", "signaling", "thumbnails"}
+            assert set(body["roles"]) == {"ingest", "egress", "signaling", "thumbnails", "hls"}
             async with http.get(f"http://127.0.0.1:{port}/watch/x") as response:
                 assert response.status == 200 and "text/html" in response.content_type
             async with http.post(

@@ -3,6 +3,7 @@
 import { Player, mediaStats } from '/web/whip.js';
 import { streamName } from '/web/page.js';
 import { Timeline } from '/web/timeline.js';
+import { HlsPlayer, wantsHls, describePath } from '/web/hls.js';
 
 const $ = (id) => document.getElementById(id);
 const video = $('video');
@@ -10,6 +11,7 @@ const stream = streamName('embed');
 const LABELS = { connecting: 'Connecting', live: 'Live', stalled: 'Stalled',
   reconnecting: 'Reconnecting', ended: 'Ended', offline: 'Offline', error: 'Error' };
 let player = null;
+let hlsPlayer = null;
 const query = new URLSearchParams(location.search);
 const timeline = new Timeline($('timeline'), {
   onPosition: (position) => {
@@ -41,23 +43,48 @@ window.whipcast = Object.freeze({
   get state() { return player?.session?.state ?? 'idle'; },
   get status() { return player?.status ?? null; },
   get timeline() { return timeline; },
+  get via() { return hlsPlayer ? 'hls' : 'webrtc'; },
+  get hls() { return hlsPlayer ? { latency: hlsPlayer.latency, stalls: hlsPlayer.stalls,
+    path: hlsPlayer.path, state: hlsPlayer.status.state } : null; },
   stats: () => mediaStats(player?.pc),
 });
 
 if (stream) {
   $('watch-link').href = `/watch/${encodeURIComponent(stream)}`;
-  player = new Player(whepUrl(), video, {
-    onStatus: ({ state, message }) => {
-      if (timeline.position?.ended) return;
-      timeline.follow(player?.session?.positionUrl ?? null);
-      $('state-badge').dataset.state = state;
-      $('state-badge').textContent = LABELS[state] ?? state;
-      $('overlay').hidden = state === 'live' || state === 'stalled';
-      $('overlay-text').textContent = state === 'offline' ? 'Offline. Playback starts when the stream goes live.' : message;
-      $('spinner').hidden = state === 'error';
-    },
-  }).start();
-  addEventListener('pagehide', () => player.stop());
+  const replay = query.get('start') !== null || query.get('session') !== null;
+  let played = false; // WebRTC played once: later errors reconnect it, no fallback
+  video.addEventListener('playing', () => { played = true; }, { once: true });
+  const showState = ({ state, message }) => {
+    if (timeline.position?.ended) return;
+    if (state === 'error' && player && !hlsPlayer && !replay && !played) { startHls(); return; }
+    timeline.follow(player?.session?.positionUrl ?? null);
+    $('state-badge').dataset.state = state;
+    $('state-badge').textContent = LABELS[state] ?? state;
+    $('overlay').hidden = state === 'live' || state === 'stalled';
+    $('overlay-text').textContent = state === 'offline' ? 'Offline. Playback starts when the stream goes live.' : message;
+    $('spinner').hidden = state === 'error';
+  };
+  // LL-HLS when asked (?via=hls), when WHEP fails, or when WebRTC is not playing by 10 s.
+  const startHls = () => {
+    if (hlsPlayer) return;
+    player?.stop();
+    player = null;
+    hlsPlayer = new HlsPlayer(stream, video, { onStatus: showState });
+    hlsPlayer.start();
+  };
+  setInterval(() => { $('via').textContent = describePath(hlsPlayer); }, 1000);
+  if (!replay && wantsHls(query)) {
+    startHls();
+  } else {
+    player = new Player(whepUrl(), video, { onStatus: showState });
+    player.start();
+    if (!replay) {
+      setTimeout(() => {
+        if (!played && !['live', 'offline', 'ended'].includes(player?.status.state)) startHls();
+      }, 10000);
+    }
+  }
+  addEventListener('pagehide', () => (hlsPlayer ?? player)?.stop());
 } else {
   $('overlay-text').textContent = 'Stream not found';
   $('spinner').hidden = true;

@@ -2,6 +2,7 @@ import { Player, StatsSampler, mediaStats } from '/web/whip.js';
 import { QAClient, QuestionList, MAX_TEXT } from '/web/qa.js';
 import { streamName, setStatus, formatDuration, followStream, viewers } from '/web/page.js';
 import { Timeline, questionMarkers } from '/web/timeline.js';
+import { HlsPlayer, wantsHls, describePath } from '/web/hls.js';
 
 const $ = (id) => document.getElementById(id);
 const video = $('video');
@@ -20,7 +21,11 @@ const timeline = new Timeline($('timeline'), {
 });
 
 let player = null;
+let hlsPlayer = null; // set once playback fell back to (or was asked for) LL-HLS
+let played = false; // WebRTC played once: later errors reconnect it, no fallback
+video.addEventListener('playing', () => { played = true; }, { once: true });
 let sampler = null;
+const WHEP_GIVE_UP_MS = 10000; // not playing over WebRTC by then: LL-HLS instead
 let qa = null;
 
 // Read-only handle for tests and the console: window.whipcast.stats() etc.
@@ -33,6 +38,9 @@ window.whipcast = Object.freeze({
   get status() { return player?.status ?? null; },
   get qa() { return qa; },
   get timeline() { return timeline; },
+  get via() { return hlsPlayer ? 'hls' : 'webrtc'; },
+  get hls() { return hlsPlayer ? { latency: hlsPlayer.latency, stalls: hlsPlayer.stalls,
+    path: hlsPlayer.path, state: hlsPlayer.status.state } : null; },
   stats: () => mediaStats(player?.pc),
 });
 
@@ -70,11 +78,21 @@ function whepUrl(start = replay.start) {
 }
 
 function startPlayer() {
+  setInterval(updateStats, 1000);
+  addEventListener('pagehide', () => (hlsPlayer ?? player)?.stop());
+  document.addEventListener('keydown', (event) => timeline.handleKey(event));
+  if (!isReplay && wantsHls(query)) {
+    startHls();
+    return;
+  }
   player = new Player(whepUrl(), video, { onStatus: showState });
   player.start();
-  setInterval(updateStats, 1000);
-  addEventListener('pagehide', () => player.stop());
-  document.addEventListener('keydown', (event) => timeline.handleKey(event));
+  if (!isReplay) {
+    setTimeout(() => {
+      const state = player?.status.state;
+      if (!played && !['live', 'offline', 'ended', 'paused'].includes(state)) startHls();
+    }, WHEP_GIVE_UP_MS);
+  }
 }
 
 /** Each position report: keep reconnects where the viewer is, and stop at a replay's end. */
@@ -109,8 +127,21 @@ function endReplay() {
   showOverlay('Replay ended', false);
 }
 
+/** Leave WebRTC for LL-HLS: WHEP failed (UDP blocked, egress full) or ?via=hls. */
+function startHls() {
+  if (hlsPlayer) return;
+  player?.stop();
+  player = null;
+  hlsPlayer = new HlsPlayer(stream, video, { onStatus: showState });
+  hlsPlayer.start();
+}
+
 function showState({ state, message }) {
   if (replayEnded) return;
+  if (state === 'error' && player && !hlsPlayer && !isReplay && !played) {
+    startHls(); // WHEP was refused or could not connect
+    return;
+  }
   if (state === 'ended' && (isReplay || timeline.position?.ended)) {
     endReplay(); // the server closed the replay at its end
     return;
@@ -180,6 +211,7 @@ async function viewerState() {
 }
 
 async function updateStats() {
+  $('via').textContent = describePath(hlsPlayer);
   const pc = player?.pc;
   if (!pc) {
     sampler = null;

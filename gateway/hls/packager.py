@@ -1,0 +1,313 @@
+"""The ``hls`` role: every publish session packaged as LL-HLS, from Kafka.
+
+A reader of the log beside egress, never on the live path. For each live stream (and,
+on request, an ended session still in Kafka) a :class:`SessionPackage` finds the
+session's first keyframe (:class:`~whipcast.gateway.keyframes.KeyframeFinder`), reads
+the session from there with its own :class:`~whipcast.gateway.bus.FrameReader` and
+feeds a :class:`~.segmenter.Segmenter`. Because every node starts at the same record
+and cuts only by what the records say, any number of nodes serve byte-identical
+playlists, parts and segments for a session (a load balancer or CDN may send each
+request anywhere). A session whose first keyframe has already left Kafka is read from
+its oldest retained keyframe instead, and then only nodes that started alike agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ..bus import Bus, FrameReader
+from ..errors import NotLive, SessionError
+from ..frames import Codec, Track
+from ..keyframes import KeyframeFinder
+from ..registry import RegistryView, StreamInfo
+from ..sessions import SessionsView
+from ..settings import Settings
+from .playlist import Timing
+from .segmenter import Part, Segment, Segmenter
+
+logger = logging.getLogger(__name__)
+
+END_CHECK_S = 1.0
+IDLE_EVICT_S = 600.0
+"""An ended session's package is dropped after this long without a request."""
+FOLLOW_INTERVAL_S = 1.0
+FIND_RETRY_S = 0.3
+
+
+class NotPackaged(SessionError):
+    """A stream whose video HLS cannot carry (415)."""
+
+    status = 415
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    segments: list[Segment]
+    upto: Part
+    ended: bool
+    discontinuities_before: int
+
+
+class SessionPackage:
+    """One publish session's LL-HLS media, kept for the DVR window."""
+
+    def __init__(self, settings: Settings, bus: Bus, finder: KeyframeFinder, info: StreamInfo):
+        self.stream = info.stream
+        self.session = info.session
+        self.info = info
+        self.timing = timing(settings)
+        self._bus = bus
+        self._finder = finder
+        self._is_live = lambda: True
+        self.segmenter = Segmenter(
+            part_target_s=settings.hls_part_target,
+            target_duration_s=settings.hls_target_duration,
+            min_segment_s=settings.hls_min_segment,
+            with_audio=info.audio is not None,
+            on_part=self._on_part,
+        )
+        self.parts: dict[int, Part] = {}
+        self.discontinuities_before = 0
+        self.changed = asyncio.Condition()
+        self.used = time.monotonic()
+        self.bytes_in = 0
+        self.task: asyncio.Task | None = None
+
+    def start(self, is_live) -> None:
+        self._is_live = is_live
+        self.task = asyncio.create_task(self._run(), name=f"hls-{self.stream}")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    @property
+    def ended(self) -> bool:
+        return self.segmenter.ended
+
+    @property
+    def live(self) -> bool:
+        """Still the stream's live session (else it is being read to its end)."""
+        return self._is_live()
+
+    @property
+    def last_part(self) -> Part | None:
+        return self.parts.get(self.segmenter.parts_made - 1)
+
+    def _on_part(self, segment: Segment, part: Part) -> None:
+        self.parts[part.index] = part
+        segments = self.segmenter.segments
+        end = segment.start + segment.duration
+        # Keep the window plus one segment (a playlist rendered as of an older part).
+        while len(segments) > 2 and end - segments[2].start >= self.timing.window_s:
+            dropped = segments.pop(0)
+            self.discontinuities_before += dropped.discontinuity
+            for old in dropped.parts:
+                self.parts.pop(old.index, None)
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _run(self) -> None:
+        try:
+            target_ms = self.info.started_at * 1000 - 1000
+            start = await self._finder.find(self.stream, self.session, target_ms)
+            while start is None and self._is_live():  # its first frames are on their way
+                await asyncio.sleep(FIND_RETRY_S)
+                start = await self._finder.find(self.stream, self.session, target_ms)
+            if start is None:
+                logger.warning("hls: no keyframe of %s/%08x in Kafka", self.stream, self.session)
+                self.segmenter.finish()
+                return
+            reader = FrameReader(
+                self._bus,
+                self.stream,
+                start={Track.VIDEO: start.video, Track.AUDIO: start.audio},
+                session=self.session,
+            )
+            await reader.start()
+            self.segmenter.audio_behind = lambda: reader.behind(Track.AUDIO)
+            try:
+                await self._follow(reader)
+            finally:
+                await reader.stop()
+        finally:
+            await self._notify()
+
+    async def _follow(self, reader: FrameReader) -> None:
+        frames = reader.read()
+        pending = asyncio.ensure_future(anext(frames))
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=END_CHECK_S)
+                if done:
+                    before = self.segmenter.parts_made
+                    # Both tracks in arrival order: a batch holds each partition's
+                    # records one after the other, and audio read but not yet pushed
+                    # must not look missing to the segmenter.
+                    batch = sorted(pending.result(), key=lambda r: r.frame.arrival_us)
+                    for read in batch:
+                        self.bytes_in += len(read.frame.payload)
+                        self.segmenter.push(read.frame)
+                    if Track.VIDEO in reader.finished:
+                        break
+                    pending = asyncio.ensure_future(anext(frames))
+                    if self.segmenter.parts_made != before:
+                        await self._notify()
+                elif not self._is_live() and await reader.at_end():
+                    break
+        finally:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+            await frames.aclose()
+        self.segmenter.finish()
+
+    # What the HTTP side asks
+    def snapshot(self, upto: Part | None = None) -> Snapshot | None:
+        last = self.last_part
+        if last is None:
+            return None
+        upto = last if upto is None else upto
+        ended = self.ended and upto is last
+        return Snapshot(list(self.segmenter.segments), upto, ended, self.discontinuities_before)
+
+    def segment(self, msn: int) -> Segment | None:
+        return next((s for s in self.segmenter.segments if s.msn == msn), None)
+
+    async def wait_for(self, ready, timeout: float) -> bool:
+        """Wait until ``ready()`` or the session ends; False after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout), self.changed:
+                await self.changed.wait_for(lambda: ready() or self.ended)
+        except TimeoutError:
+            return False
+        return ready()
+
+
+def timing(settings: Settings) -> Timing:
+    return Timing(
+        settings.hls_part_target,
+        settings.hls_target_duration,
+        max(settings.hls_window_s, 3 * settings.hls_target_duration + 1),
+    )
+
+
+class HlsPackager:
+    """The ``hls`` role: a package per live session, and per ended one asked for."""
+
+    def __init__(
+        self, settings: Settings, bus: Bus, view: RegistryView, sessions: SessionsView
+    ) -> None:
+        self.settings = settings
+        self._bus = bus
+        self._view = view
+        self._sessions = sessions
+        self.finder = KeyframeFinder(bus, settings.rewind_search_s * 1000)
+        self.packages: dict[tuple[str, int], SessionPackage] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hls")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*(p.stop() for p in self.packages.values()))
+        self.packages.clear()
+        await self.finder.stop()
+
+    async def _run(self) -> None:
+        """Package every live H.264 session as it starts; forget idle ended ones."""
+        while True:
+            for info in self._view.live_streams():
+                if packageable(info) is None and (info.stream, info.session) not in self.packages:
+                    self._open(info)
+            now = time.monotonic()
+            for key, package in list(self.packages.items()):
+                if package.ended and now - package.used > IDLE_EVICT_S:
+                    del self.packages[key]
+                    await package.stop()
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
+
+    def _open(self, info: StreamInfo) -> SessionPackage:
+        package = SessionPackage(self.settings, self._bus, self.finder, info)
+        self.packages[(info.stream, info.session)] = package
+
+        def is_live() -> bool:
+            live = self._view.get(info.stream)
+            return live is not None and live.session == info.session
+
+        package.start(is_live)
+        return package
+
+    def resolve(self, stream: str) -> StreamInfo:
+        """The session ``/hls/{stream}/index.m3u8`` names: live, else the latest ended."""
+        info = self._view.get(stream)
+        if info is None:
+            replay = self._sessions.latest_replay(stream, self.settings.stream_retention_ms / 1000)
+            if replay is None:
+                raise NotLive(f"{stream!r} is not live and has no recent broadcast")
+            info = replay.info
+        reason = packageable(info)
+        if reason is not None:
+            raise NotPackaged(reason)
+        return info
+
+    def package(self, stream: str, session: int) -> SessionPackage:
+        """The session's package, opened on first use for a session still in Kafka."""
+        found = self.packages.get((stream, session))
+        if found is None:
+            live = self._view.get(stream)
+            info = live if live is not None and live.session == session else None
+            info = info or self._sessions.find(stream, session)
+            if info is None:
+                raise NotLive(f"no broadcast {session:08x} of {stream!r} is known")
+            reason = packageable(info)
+            if reason is not None:
+                raise NotPackaged(reason)
+            found = self._open(info)
+        found.used = time.monotonic()
+        return found
+
+    def snapshot_metrics(self) -> dict:
+        """Gauges and counters for ``/metrics`` (read at scrape time)."""
+        packages = self.packages
+        return {
+            "whipcast_hls_sessions": (
+                "gauge", "Publish sessions packaged as LL-HLS on this node",
+                lambda: len(packages),
+            ),
+            "whipcast_hls_parts": (
+                "gauge", "LL-HLS parts made by the sessions packaged now",
+                lambda: sum(p.segmenter.parts_made for p in list(packages.values())),
+            ),
+            "whipcast_hls_frames_dropped": (
+                "gauge", "Frames the packaged sessions left out (before a keyframe, late audio)",
+                lambda: sum(p.segmenter.dropped for p in list(packages.values())),
+            ),
+        }  # fmt: skip
+
+
+def packageable(info: StreamInfo) -> str | None:
+    """Why a session cannot be served as HLS, or ``None`` if it can."""
+    video = info.video or {}
+    mime = str(video.get("mimeType", "")).lower()
+    if not mime:
+        return "the broadcast has no video track; HLS here needs H.264 video"
+    try:
+        codec = Codec.from_mime_type(mime)
+    except ValueError:
+        codec = None
+    if codec is not Codec.H264:
+        name = mime.split("/")[-1].upper()
+        return (
+            f"{name} video cannot be carried in HLS (browsers play only H.264/HEVC there); "
+            "watch it over WebRTC, or publish with H.264"
+        )
+    return None
