@@ -327,7 +327,9 @@ async def _http_up(url: str, timeout: float, ok=(200,)) -> bool:
 async def _whipcast(args, name: str, children: Children, tmp: Path, log) -> Server:
     env = dict(os.environ)
     name, _, extra = name.partition(":")
-    extra_args = tuple(a for a in extra.split(",") if a)
+    extra_args = tuple(a for a in extra.split(",") if a and not a[:1].isupper())
+    # NAME=VALUE in upper case sets the environment, e.g. JAVA_TOOL_OPTIONS for the broker.
+    env.update(a.split("=", 1) for a in extra.split(",") if a[:1].isupper() and "=" in a)
     if name.startswith("base"):
         env["PYTHONPATH"] = str(args.baseline_path)
     server = Server(":".join(filter(None, (name, extra))))
@@ -579,6 +581,9 @@ async def _start_profilers(args, name, viewers, parts, tmp) -> list:
             started.append((part, proc, path))
         elif part == "broker" and shutil.which("jcmd"):
             path = out_dir / f"{name}-{viewers}-broker.jfr"
+            names = await asyncio.to_thread(jvm_threads, pids[0])
+            before = (pids[0], names, thread_cpu(pids[0], names), time.monotonic())
+            started.append(("broker threads", before, None))
             for pid in pids:
                 command = ["jcmd", str(pid), "JFR.start", f"duration={seconds}s",
                            f"filename={path}", "settings=profile"]  # fmt: skip
@@ -592,7 +597,15 @@ async def _start_profilers(args, name, viewers, parts, tmp) -> list:
 async def _stop_profilers(started, args, name, viewers) -> dict:
     profile = {}
     for part, proc, path in started:
-        if proc is not None:
+        if part == "broker threads":
+            pid, names, before, t0 = proc
+            after = thread_cpu(pid, names)
+            seconds = time.monotonic() - t0
+            profile[part] = [
+                {"thread": t, "cpu_pct": round(100 * (after[t] - before[t]) / seconds, 2)}
+                for t in sorted(after, key=lambda t: before[t] - after[t])[:15]
+            ]
+        elif proc is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 30)
             profile[part] = profile_top(path, 25)
@@ -600,6 +613,47 @@ async def _stop_profilers(started, args, name, viewers) -> dict:
             await asyncio.sleep(2)  # JFR writes the file as its duration ends
             profile[part] = jfr_top(path)
     return profile
+
+
+def jvm_threads(pid: int) -> dict[int, str]:
+    """Native thread id -> thread name of a JVM (names from ``jcmd Thread.print``, digits
+    folded so that pools group), for per-thread CPU from ``/proc/PID/task``."""
+    try:
+        out = subprocess.run(["jcmd", str(pid), "Thread.print"], capture_output=True,
+                             text=True, timeout=30, check=False).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    names = {}
+    for m in re.finditer(r'^"([^"]+)".*?nid=(0x[0-9a-f]+|\d+)', out, re.M):
+        nid = m.group(2)
+        names[int(nid, 16) if nid.startswith("0x") else int(nid)] = re.sub(r"\d+", "N", m.group(1))
+    return names
+
+
+def thread_cpu(pid: int, names: dict[int, str]) -> Counter[str]:
+    """CPU seconds so far of a process's threads, summed by (folded) thread name."""
+    by: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            fields = _stat_path(f"/proc/{pid}/task/{tid}/stat")
+            if fields:
+                name = names.get(int(tid)) or re.sub(r"\d+", "N", comm_path(pid, tid))
+                by[name] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return by
+
+
+def _stat_path(path: str) -> list[str] | None:
+    try:
+        with open(path) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def comm_path(pid: int, tid: str) -> str:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/comm") as f:
+        return f.read().strip()
+    return "?"
 
 
 def jfr_top(path: Path, limit: int = 25) -> list[dict]:
@@ -731,7 +785,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--servers", nargs="+", default=["mediamtx", "dev"], type=_server,
                         help="mediamtx, dev, split, base, base-split; a whipcast server may "
-                        "carry node flags: dev:--kafka-fetch-wait-ms=5")  # fmt: skip
+                        "carry node flags and environment variables: dev:--kafka-fetch-wait-ms=5, "
+                        "dev:JAVA_TOOL_OPTIONS=-XX:TieredStopAtLevel=1")  # fmt: skip
     parser.add_argument("--viewers", type=int, nargs="+", default=[0, 10],
                         help="viewers per stream, one cell each")  # fmt: skip
     parser.add_argument("--streams", type=int, default=1, help="streams per cell (S x V)")

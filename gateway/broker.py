@@ -51,9 +51,14 @@ STOP_TIMEOUT = 10.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 LOG_TAIL_LINES = 30
 
-# For both JVMs (storage format and broker). Start-up is bound by JIT compilation on
-# small machines; C1 alone halves it, and its code serves a dev broker's load just as well.
-JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}")
+# For both JVMs (storage format and broker).
+JVM_OPTIONS = (f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",)
+# The one-shot storage formatter only starts: C1 alone halves its JIT time.
+FORMAT_JVM_OPTIONS = ("-XX:TieredStopAtLevel=1",)
+# The broker runs for as long as the streams do: full tiered JIT (C2) costs a little at
+# start and then halves the CPU of every request (docs/benchmarks.md, "What a stream
+# costs"); the serial collector suits a heap this small and runs no background GC threads.
+BROKER_JVM_OPTIONS = ("-XX:+UseSerialGC",)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -403,6 +408,7 @@ class EmbeddedKafka:
         """Write the storage metadata (cluster id, node id) a KRaft node needs first."""
         proc = await asyncio.create_subprocess_exec(
             java,
+            *FORMAT_JVM_OPTIONS,
             *JVM_OPTIONS,
             "-cp",
             classpath,
@@ -438,7 +444,7 @@ class EmbeddedKafka:
             return await asyncio.create_subprocess_exec(
                 java,
                 f"-Xmx{self._settings.kafka_heap}",
-                "-XX:+UseG1GC",
+                *BROKER_JVM_OPTIONS,
                 *JVM_OPTIONS,
                 "-cp",
                 classpath,
