@@ -10,7 +10,7 @@ by FFmpeg's WHIP muxer (stream copy, one publisher process drives every stream's
 and aiortc WHEP viewers in worker processes that count RTP and never decode.
 
 A *cell* is one server, S streams and V viewers per stream: a fresh server, the
-publishers, 3 s, viewers joining at ``--join-rate``, ``--warmup`` s, then a window of
+publishers, ``--settle`` s (3), viewers joining at ``--join-rate``, ``--warmup`` s, then a window of
 ``--seconds`` in which the CPU of the server's whole process tree is read from
 ``/proc`` (whipcast: the Python node(s) and the broker JVM, also apart). Cells run
 repetition by repetition, viewer count by viewer count, server by server, so that load
@@ -335,7 +335,7 @@ async def _whipcast(args, name: str, children: Children, tmp: Path, log) -> Serv
     server = Server(":".join(filter(None, (name, extra))))
 
     async def role(*argv: str) -> asyncio.subprocess.Process:
-        log_level = () if argv[0] == "kafka" else ("--log-level", "WARNING", *extra_args)
+        log_level = () if argv[0] == "kafka" else ("--log-level", args.log_level, *extra_args)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", WHIPCAST_BOOTSTRAP, *argv, *log_level,
             cwd=tmp, env=env, stdout=log, stderr=asyncio.subprocess.STDOUT,
@@ -463,6 +463,10 @@ async def cell(args, name: str, streams: int, viewers: int, capture) -> dict:
         finally:
             await children.stop()
             log.close()
+            if args.logs:
+                keep = Path(args.logs) / f"{name}-{streams}x{viewers}-{time.time():.0f}.log"
+                await asyncio.to_thread(keep.parent.mkdir, parents=True, exist_ok=True)
+                await asyncio.to_thread(shutil.copy, tmp / "server.log", keep)
 
 
 async def _cell(args, name, streams, viewers, capture, children, tmp, log) -> dict:
@@ -484,7 +488,7 @@ async def _cell(args, name, streams, viewers, capture, children, tmp, log) -> di
         for s in names:
             if not await _http_up(server.egress_api.format(stream=s), 30):
                 raise RuntimeError(f"{name}: stream {s} never became live")
-    await asyncio.sleep(3)
+    await asyncio.sleep(args.settle)
     total = streams * viewers
     workers = []
     if total:
@@ -792,6 +796,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=1, help="streams per cell (S x V)")
     parser.add_argument("--repeat", type=int, default=1, help="repetitions, interleaved")
     parser.add_argument("--seconds", type=float, default=20, help="measured window")
+    parser.add_argument("--settle", type=float, default=3,
+                        help="seconds from publishing to the first join (the JIT of a fresh "
+                        "broker is still compiling in the first minute)")  # fmt: skip
     parser.add_argument("--warmup", type=float, default=5, help="seconds after the joins")
     parser.add_argument("--join-rate", type=float, default=10, help="viewers joining per second")
     parser.add_argument("--workers", type=int, default=0, help="viewer processes (default 1-2)")
@@ -802,6 +809,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mediamtx-bin", help="MediaMTX binary (env MEDIAMTX_BIN)")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the nodes, JFR the broker")
     parser.add_argument("--json", metavar="FILE", help="also write every cell as JSON")
+    parser.add_argument("--logs", metavar="DIR", help="keep each cell's server log here")
+    parser.add_argument("--log-level", default="WARNING", help="of the whipcast nodes")
     return parser.parse_args(argv)
 
 

@@ -51,13 +51,12 @@ STOP_TIMEOUT = 10.0
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 LOG_TAIL_LINES = 30
 
-# For both JVMs (storage format and broker).
-JVM_OPTIONS = (f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",)
-# The one-shot storage formatter only starts: C1 alone halves its JIT time.
-FORMAT_JVM_OPTIONS = ("-XX:TieredStopAtLevel=1",)
-# The broker runs for as long as the streams do: full tiered JIT (C2) costs a little at
-# start and then halves the CPU of every request (docs/benchmarks.md, "What a stream
-# costs"); the serial collector suits a heap this small and runs no background GC threads.
+# For both JVMs (storage format and broker). Start-up is bound by JIT compilation on
+# small machines; C1 alone halves it, and its code serves a dev broker's load just as well:
+# with C2 the compiler threads still took 10 % of a core a minute after start
+# (docs/benchmarks.md, "What a stream costs").
+JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}")
+# The serial collector suits a heap this small and runs no background GC threads.
 BROKER_JVM_OPTIONS = ("-XX:+UseSerialGC",)
 
 _PR_SET_PDEATHSIG = 1
@@ -408,7 +407,6 @@ class EmbeddedKafka:
         """Write the storage metadata (cluster id, node id) a KRaft node needs first."""
         proc = await asyncio.create_subprocess_exec(
             java,
-            *FORMAT_JVM_OPTIONS,
             *JVM_OPTIONS,
             "-cp",
             classpath,
