@@ -53,7 +53,7 @@ LOG_TAIL_LINES = 30
 
 # For both JVMs (storage format and broker). Start-up is bound by JIT compilation on
 # small machines; C1 alone halves it, and its code serves a dev broker's load just as well:
-# with C2 the compiler threads still took 10 % of a core a minute after start
+# with C2 the broker used 5-9 % of a core more over its first minute, compiling
 # (docs/benchmarks.md, "What a stream costs").
 JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}")
 # The serial collector suits a heap this small and runs no background GC threads.
