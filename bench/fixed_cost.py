@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
 import statistics
@@ -139,23 +140,34 @@ def broker_requests(port: int) -> int:
 # Publisher: S FFmpeg WHIP muxers in one process, fed the same pre-encoded loop
 
 
-def publisher_main(conn, urls: list[str], cert: str, key: str, seconds: float,
-                   bitrate: int) -> None:  # fmt: skip
+def write_source(directory: Path, seconds: float, bitrate: int) -> Path:
+    """Encode the loop once (``gateway_bench.preencode``) into a file that every
+    publisher process reads: the H.264 access units and Opus packets."""
+    _, _, video, audio = preencode(seconds, bitrate)
+    path = directory / "source.pickle"
+    path.write_bytes(pickle.dumps((video, audio)))
+    return path
+
+
+def publisher_main(conn, url: str, cert: str, key: str, seconds: float, bitrate: int,
+                   source: str) -> None:  # fmt: skip
+    """One stream through FFmpeg's WHIP muxer, in a process of its own: a muxer answers
+    ICE consent checks only while it is written to, so one process per stream keeps
+    every session alive while the others are still in their handshakes."""
     import fractions
 
     import av
 
     die_with_parent()
     av.logging.set_level(av.logging.ERROR)
-    outs = []
+    out = None
     try:
-        video_in, audio_in, video, audio = preencode(seconds, bitrate)
+        video, audio = pickle.loads(Path(source).read_bytes())
+        video_in, audio_in = _templates(seconds, bitrate)
         options = {"handshake_timeout": "10000", "cert_file": cert, "key_file": key}
-        for url in urls:
-            out = av.open(url, mode="w", format="whip", options=dict(options))
-            vs = out.add_stream_from_template(video_in.streams.video[0])
-            aus = out.add_stream_from_template(audio_in.streams.audio[0])
-            outs.append((out, vs, aus))
+        out = av.open(url, mode="w", format="whip", options=options)
+        vs = out.add_stream_from_template(video_in.streams.video[0])
+        aus = out.add_stream_from_template(audio_in.streams.audio[0])
         period = len(video) / FPS
         events = sorted(
             [(i / FPS, 0, i) for i in range(len(video))]
@@ -167,18 +179,17 @@ def publisher_main(conn, urls: list[str], cert: str, key: str, seconds: float,
                 delay = start + loop * period + at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                for out, vs, aus in outs:
-                    if track == 0:
-                        packet = av.Packet(video[i][0])
-                        packet.stream, packet.is_keyframe = vs, video[i][1]
-                        packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
-                        packet.pts = packet.dts = (loop * len(video) + i) * VIDEO_CLOCK // FPS
-                    else:
-                        packet = av.Packet(audio[i])
-                        packet.stream = aus
-                        packet.time_base = fractions.Fraction(1, AUDIO_RATE)
-                        packet.pts = packet.dts = (loop * len(audio) + i) * 960
-                    out.mux(packet)
+                if track == 0:
+                    packet = av.Packet(video[i][0])
+                    packet.stream, packet.is_keyframe = vs, video[i][1]
+                    packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+                    packet.pts = packet.dts = (loop * len(video) + i) * VIDEO_CLOCK // FPS
+                else:
+                    packet = av.Packet(audio[i])
+                    packet.stream = aus
+                    packet.time_base = fractions.Fraction(1, AUDIO_RATE)
+                    packet.pts = packet.dts = (loop * len(audio) + i) * 960
+                out.mux(packet)
                 if first:
                     first = False
                     conn.send(("live",))
@@ -187,10 +198,16 @@ def publisher_main(conn, urls: list[str], cert: str, key: str, seconds: float,
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     finally:
-        for out, _, _ in outs:
+        if out is not None:
             with contextlib.suppress(Exception):
                 out.close()
     conn.send(("stopped",))
+
+
+def _templates(seconds: float, bitrate: int):
+    """Stream templates (codec parameters) for the muxer: a one-frame encode."""
+    video_in, audio_in, _, _ = preencode(1 / FPS, bitrate)
+    return video_in, audio_in
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,13 +494,15 @@ async def _cell(args, name, streams, viewers, capture, children, tmp, log) -> di
         server = await _whipcast(args, name, children, tmp, log)
     names = [f"s{i}" for i in range(streams)]
     cert, key = write_p256_certificate(tmp)
-    pub, pub_conn = children.spawn(
-        publisher_main, [server.whip.format(stream=s) for s in names], str(cert), str(key),
-        args.source_seconds, args.bitrate,
-    )  # fmt: skip
-    message = await receive(pub_conn, START_TIMEOUT, "the publisher")
-    if message[0] != "live":
-        raise RuntimeError(f"publisher: {message}")
+    publishers = [
+        children.spawn(publisher_main, server.whip.format(stream=s), str(cert), str(key),
+                       args.source_seconds, args.bitrate, str(args.source))
+        for s in names
+    ]  # fmt: skip
+    for _, conn in publishers:
+        message = await receive(conn, START_TIMEOUT, "a publisher")
+        if message[0] != "live":
+            raise RuntimeError(f"publisher: {message}")
     if name != "mediamtx":
         for s in names:
             if not await _http_up(server.egress_api.format(stream=s), 30):
@@ -509,7 +528,7 @@ async def _cell(args, name, streams, viewers, capture, children, tmp, log) -> di
 
     parts = server.tree()
     ports = set().union(*(udp_ports(p) for ps in parts.values() for p in ps))
-    own = [os.getpid(), pub.pid] + [p.pid for p in children.procs if hasattr(p, "pid")]
+    own = [os.getpid()] + [p.pid for p in children.procs if hasattr(p, "pid")]
     own = sorted(set(own) - {p for ps in parts.values() for p in ps})
     profilers = await _start_profilers(args, name, viewers, parts, tmp) if args.profile else []
     before = {part: sum(cpu_s(p) for p in ps) for part, ps in parts.items()}
@@ -542,9 +561,11 @@ async def _cell(args, name, streams, viewers, capture, children, tmp, log) -> di
     for conn in workers:
         with contextlib.suppress(Exception):
             await receive(conn, 30, "viewers")
-    pub_conn.send("stop")
-    with contextlib.suppress(Exception):
-        await receive(pub_conn, 10, "the publisher")
+    for _, conn in publishers:
+        conn.send("stop")
+    for _, conn in publishers:
+        with contextlib.suppress(Exception):
+            await receive(conn, 10, "a publisher")
     return {
         "server": name,
         "streams": streams,
@@ -748,6 +769,10 @@ async def run(args) -> dict:
             servers.remove("mediamtx")
         args.mediamtx_bin = binary
     with tempfile.TemporaryDirectory(prefix="whipcast-fc-") as tmp:
+        print("encoding the source loop ...", flush=True)
+        args.source = await asyncio.to_thread(
+            write_source, Path(tmp), args.source_seconds, args.bitrate
+        )
         if any(s.startswith("base") for s in servers):
             args.baseline_path = baseline_tree(args.baseline, Path(tmp))
         try:
