@@ -6,12 +6,12 @@
 
 The workload is the one of ``../shared/notes/peer-benchmark.md``, identical for every
 server: a pre-encoded 720p30 ~1.5 Mbps H.264 + Opus 64 kbps loop published in real time
-by FFmpeg's WHIP muxer (stream copy, one publisher process drives every stream's muxer),
-and aiortc WHEP viewers in worker processes that count RTP and never decode.
+by FFmpeg's WHIP muxer (stream copy, one publisher process per stream), and aiortc WHEP
+viewers in worker processes that count RTP and never decode.
 
 A *cell* is one server, S streams and V viewers per stream: a fresh server, the
-publishers, ``--settle`` s (3), viewers joining at ``--join-rate``, ``--warmup`` s, then a window of
-``--seconds`` in which the CPU of the server's whole process tree is read from
+publishers, ``--settle`` s (3), viewers joining at ``--join-rate``, ``--warmup`` s, then
+a window of ``--seconds`` in which the CPU of the server's whole process tree is read from
 ``/proc`` (whipcast: the Python node(s) and the broker JVM, also apart). Cells run
 repetition by repetition, viewer count by viewer count, server by server, so that load
 from other processes on a shared machine hits every server alike; each cell records the
@@ -28,8 +28,9 @@ complete video frame), frames received, and *in→out* latency: kernel time a fr
 last RTP packet reaches the server to the time the server sends that frame's last
 packet to each viewer (``AF_PACKET`` capture on ``lo``, needs CAP_NET_RAW; flows are
 matched by RTP timestamp, so servers that rewrite timestamps are matched by offset).
-``--profile DIR`` adds py-spy of the whipcast node(s) and a JFR CPU sample of the broker
-per cell; ``ss`` counts the requests the broker received per second.
+``--profile DIR`` adds py-spy of the whipcast node(s), a JFR CPU sample and per-thread
+CPU of the broker per cell; ``ss`` counts the TCP data segments the broker received per
+second (≈ requests while they are few; it undercounts when requests share segments).
 """
 
 from __future__ import annotations
