@@ -54,8 +54,12 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 LOG_TAIL_LINES = 30
 
 # For both JVMs (storage format and broker). Start-up is bound by JIT compilation on
-# small machines; C1 alone halves it, and its code serves a dev broker's load just as well.
+# small machines; C1 alone halves it, and its code serves a dev broker's load just as well:
+# with C2 the broker used 5-9 % of a core more over its first minute, compiling
+# (docs/benchmarks.md, "What a stream costs").
 JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}")
+# The serial collector suits a heap this small and runs no background GC threads.
+BROKER_JVM_OPTIONS = ("-XX:+UseSerialGC",)
 
 # A cluster's nodes notice a dead peer (and move its partition leaderships to live
 # replicas) after a broker session timeout; Kafka's 9 s default would leave a live
@@ -559,7 +563,7 @@ class EmbeddedKafka:
             return await asyncio.create_subprocess_exec(
                 self._java,
                 f"-Xmx{self._settings.kafka_heap}",
-                "-XX:+UseG1GC",
+                *BROKER_JVM_OPTIONS,
                 *JVM_OPTIONS,
                 "-cp",
                 self._classpath,

@@ -34,11 +34,11 @@ logger = logging.getLogger(__name__)
 STREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_RECORD_BYTES = 8 * 1024 * 1024
 # How long the broker may hold a fetch that finds no new data. Apache Kafka answers a
-# waiting fetch as soon as a record arrives, but not every Kafka-compatible broker
-# does, so frame readers keep it short; registry and control readers, which are not on
-# the media path, wait longer and cost less CPU (every empty fetch is a wake-up).
-FETCH_MAX_WAIT_MS = 5
-CONTROL_FETCH_MAX_WAIT_MS = 200
+# waiting fetch as soon as a record arrives (fetch.min.bytes = 1), so the wait costs no
+# latency, while every empty fetch costs the broker and the node a request: frame
+# readers wait ``Settings.kafka_fetch_wait_ms`` (500), registry and control readers,
+# which are off the media path, this long.
+CONTROL_FETCH_MAX_WAIT_MS = 500
 PROBE_INTERVAL_S = 2.0
 # Durability per topic (docs/architecture.md has the table and the reasons): every topic
 # gets up to three replicas, so that a broker loss moves leadership instead of losing
@@ -240,14 +240,17 @@ class Bus:
         assert self.producer is not None
         await self.producer.send_and_wait(topic, value, key=key.encode())
 
-    def consumer(self, max_wait_ms: int = FETCH_MAX_WAIT_MS) -> AIOKafkaConsumer:
+    def consumer(self, max_wait_ms: int | None = None) -> AIOKafkaConsumer:
         """A group-less consumer for manual assignment, tuned for low latency."""
         return AIOKafkaConsumer(
             **self.settings.kafka_client_options(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",
-            fetch_max_wait_ms=max_wait_ms,
+            fetch_max_wait_ms=self.settings.kafka_fetch_wait_ms
+            if max_wait_ms is None
+            else max_wait_ms,
+            fetch_min_bytes=1,
             max_partition_fetch_bytes=MAX_RECORD_BYTES,
             fetch_max_bytes=4 * MAX_RECORD_BYTES,
         )

@@ -215,6 +215,13 @@ class Settings:
     kafka_cache_dir: Path = field(default_factory=_default_cache_dir)
     kafka_heap: str = "512m"
 
+    # Kafka client tuning (docs/benchmarks.md, "What a stream costs")
+    kafka_fetch_wait_ms: int = 500
+    """How long a frame reader's fetch may wait at the broker while no record is there.
+    Apache Kafka (and Redpanda) answer a waiting fetch as soon as a record arrives, so a
+    long wait costs no latency and saves an empty fetch every few ms; lower it only for a
+    Kafka-compatible broker that holds every fetch to the end."""
+
     # Logging
     log_level: str = "INFO"
 
