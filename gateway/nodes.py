@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5
 STALE_AFTER_S = 2.0
 CPU_SMOOTHING = 0.15  # per heartbeat: about 3 s to follow a change
+MEDIA_ROLES = frozenset({"ingest", "egress"})
+"""Roles that take WebRTC sessions: readers of the log (thumbnails, hls, record) and
+signaling do not, so they are not media nodes."""
 
 
 @dataclass
@@ -55,6 +58,11 @@ class NodeInfo(Beat):
     """Streams published to this node (ingest)."""
     updated_at: float = field(default_factory=time.time)
     """The writer's wall clock: for people reading the topic, never for liveness."""
+
+    @property
+    def media(self) -> bool:
+        """Takes publishers or viewers (runs :data:`MEDIA_ROLES`)."""
+        return not MEDIA_ROLES.isdisjoint(self.roles)
 
     @property
     def alive(self) -> bool:

@@ -40,7 +40,7 @@ def add_routes(app: web.Application, node: Node) -> None:
 
     async def nodes(request: web.Request) -> web.Response:
         """The media nodes this node knows to be up (from the node registry)."""
-        alive = [n for n in node.nodes.records.values() if n.alive and n.roles != ["signaling"]]
+        alive = [n for n in node.nodes.records.values() if n.alive and n.media]
         return web.json_response({"nodes": [asdict(n) for n in alive]})
 
     app.router.add_get("/api/stats", stats)

@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 from whipcast.gateway.settings import ENV_VARS, Settings
+from whipcast.signaling.app import ROLES as APP_ROLES
 from whipcast.signaling.app import make_app
 from whipcast.signaling.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-ROLES = {"signaling", "ingest", "egress"}
+ROLES = set(APP_ROLES)
+MEDIA = {"ingest", "egress"}
+"""Roles that take WebRTC sessions: they need the host's UDP addresses."""
 PROBES = {"/healthz", "/readyz"}
 
 
@@ -23,7 +26,10 @@ def check_command(args: list[str]) -> None:
     """``args`` (without the program name) parse with whipcast's own parser."""
     assert args and args[0] in ROLES, args
     substituted = [re.sub(r"\$\((\w+)\)", "x", a) for a in args]
-    build_parser().parse_args(substituted)  # exits (SystemExit) on an unknown flag
+    try:
+        build_parser().parse_args(substituted)
+    except SystemExit:  # argparse exits on an unknown flag or a bad value
+        pytest.fail(f"whipcast does not accept {args}")
 
 
 def check_env(names: list[str]) -> None:
@@ -56,12 +62,25 @@ def test_compose():
         bootstrap = service["environment"]["WHIPCAST_KAFKA_BOOTSTRAP"]
         listeners = services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
         assert bootstrap in listeners
+    record = services["record"]["command"]
+    volume = services["record"]["volumes"][0].split(":")[1]
+    assert record[record.index("--dir") + 1] == volume
+
+
+def test_unknown_flags_fail():
+    """The checks above can fail: a flag whipcast lacks is caught."""
+    with pytest.raises(pytest.fail.Exception, match="does not accept"):
+        check_command(["hls", "--hls-window-seconds", "60"])
+    with pytest.raises(pytest.fail.Exception, match="does not accept"):
+        check_command(["record", "--host", "0.0.0.0"])  # --dir is required
 
 
 @pytest.mark.parametrize("role", sorted(ROLES))
 def test_kubernetes(role):
     documents = list(yaml.safe_load_all((DEPLOY / "k8s" / "whipcast.yaml").read_text()))
-    deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
+    deployments = {
+        d["metadata"]["name"]: d for d in documents if d["kind"] in ("Deployment", "StatefulSet")
+    }
     config = {d["metadata"]["name"]: d for d in documents if d["kind"] in ("ConfigMap", "Secret")}
     check_env([k for d in config.values() for k in d.get("data", d.get("stringData", {}))])
     pod = deployments[f"whipcast-{role}"]["spec"]["template"]["spec"]
@@ -71,8 +90,19 @@ def test_kubernetes(role):
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] in PROBES
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    if role != "signaling":
+    if role in MEDIA:
         assert pod["hostNetwork"] is True, "media roles need the host's UDP addresses"
+    else:
+        assert not pod.get("hostNetwork"), "only WebRTC needs the host's network"
+    if role in ("signaling", "hls"):  # reached over HTTP through a Service
+        services = [d for d in documents if d["kind"] == "Service"]
+        assert any(d["spec"]["selector"]["role"] == role for d in services)
+    secrets = [e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+               if "secretKeyRef" in e.get("valueFrom", {})]  # fmt: skip
+    assert all(ref["key"] in ENV_VARS for ref in secrets)
+    if role == "record":
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert container["args"][container["args"].index("--dir") + 1] in mounts
 
 
 def test_probe_paths_are_served():

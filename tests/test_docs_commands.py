@@ -40,11 +40,14 @@ NOT_RUN = {"pytest"}
 
 
 def _code(text: str) -> list[str]:
-    """Lines of fenced and indented code blocks, and inline code spans."""
+    """Lines of fenced and indented code blocks (``\\`` continuations joined), and inline
+    code spans."""
     found, fenced = [], False
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
+        elif (fenced or line.startswith("    ")) and found and found[-1].endswith("\\"):
+            found[-1] = found[-1][:-1] + line.strip()  # a shell line continued
         elif fenced or line.startswith("    "):
             found.append(line.strip())
         else:

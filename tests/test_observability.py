@@ -6,12 +6,15 @@ import asyncio
 import json
 import logging
 import re
+import uuid
 from pathlib import Path
 
 import aiohttp
 import yaml
+from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from whipcast.gateway.broker import EmbeddedKafka
+from whipcast.gateway.nodes import NodeInfo
 from whipcast.gateway.settings import Settings
 from whipcast.signaling.logs import JsonFormatter
 
@@ -94,6 +97,42 @@ async def test_stats_api(server, stream_name):
         await viewer.close()
     finally:
         await publisher.close()
+
+
+async def test_nodes_api_lists_only_media_nodes(server):
+    """Nodes that only read the log (thumbnails, hls, record) or only route (signaling)
+    take no WebRTC sessions: /api/nodes leaves them out, whatever else they run."""
+    tag = uuid.uuid4().hex[:6]
+    roles = {
+        "thumbnails": ["thumbnails"],
+        "hls": ["hls"],
+        "record": ["record"],
+        "signaling": ["signaling"],
+        "readers": ["signaling", "thumbnails", "hls", "record"],
+        "ingest": ["ingest"],
+        "edge": ["egress", "hls"],
+    }
+    names = {f"{tag}-{key}": value for key, value in roles.items()}
+    producer = AIOKafkaProducer(bootstrap_servers=server.settings.kafka_bootstrap)
+    await producer.start()
+    nodes = server.node.nodes
+    try:
+        for _ in range(20):  # heartbeats until all are seen alive, bounded
+            for name, node_roles in names.items():
+                info = NodeInfo(name, node_roles, "http://127.0.0.1:9")
+                await producer.send(server.node.bus.nodes_topic, info.encode(), key=name.encode())
+            await producer.flush()
+            if await nodes.wait_for(
+                lambda: all(n in nodes.records and nodes.records[n].alive for n in names), 0.5
+            ):
+                break
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/api/nodes") as r:
+            listed = {n["node"] for n in (await r.json())["nodes"]} & set(names)
+        assert listed == {f"{tag}-ingest", f"{tag}-edge"}
+    finally:
+        for name in names:  # tombstones: leave the shared registry as it was
+            await producer.send(server.node.bus.nodes_topic, None, key=name.encode())
+        await producer.stop()
 
 
 async def readiness(url: str) -> int:
