@@ -9,6 +9,7 @@ what is left is the event loop itself. Used for the breakdown in docs/benchmarks
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import Counter
 
@@ -65,7 +66,10 @@ def split(path: str) -> tuple[Counter[str], int]:
 
 
 def main(argv: list[str]) -> None:
-    for path in argv:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_split", description=__doc__)
+    parser.add_argument("profiles", nargs="+", metavar="PROFILE.txt",
+                        help="py-spy raw (collapsed) output")  # fmt: skip
+    for path in parser.parse_args(argv).profiles:
         by, total = split(path)
         print(f"{path}: {total} samples")
         for name, n in by.most_common():
