@@ -36,9 +36,11 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 # How long the broker may hold a fetch that finds no new data. Apache Kafka answers a
 # waiting fetch as soon as a record arrives (fetch.min.bytes = 1), so the wait costs no
 # latency, while every empty fetch costs the broker and the node a request: frame
-# readers wait ``Settings.kafka_fetch_wait_ms`` (500), registry and control readers,
-# which are off the media path, this long.
-CONTROL_FETCH_MAX_WAIT_MS = 500
+# readers wait ``Settings.kafka_fetch_wait_ms`` (500). Registry and control readers wait
+# less: liveness views (gateway/compacted.py) judge silence between their fetches, and
+# with 500 ms a partition leader's failover made a live stream look ended and closed its
+# viewers (tests/test_cluster.py); 200 ms costs a few requests per second per node.
+CONTROL_FETCH_MAX_WAIT_MS = 200
 PROBE_INTERVAL_S = 2.0
 # Durability per topic (docs/architecture.md has the table and the reasons): every topic
 # gets up to three replicas, so that a broker loss moves leadership instead of losing

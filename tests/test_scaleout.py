@@ -86,6 +86,17 @@ class Cluster:
             await asyncio.sleep(0.2)
         raise AssertionError("media nodes did not register")
 
+    async def wait_idle(self, timeout: float = 10) -> None:
+        """Until signaling's node registry shows no viewer on any media node."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            async with self.http.get(f"{self.signaling.url}/api/nodes") as response:
+                nodes = (await response.json())["nodes"]
+            if not any(n["viewers"] for n in nodes):
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"viewers still counted: {[(n['node'], n['viewers']) for n in nodes]}")
+
 
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory):
@@ -226,6 +237,7 @@ class Reconnecting:
 
 
 async def test_egress_failover_and_kafka_restart(cluster):
+    await cluster.wait_idle()  # the previous test's viewers have left every egress node
     publisher_a = await publish(cluster.signaling.url, "fail-a")
     publisher_b = await publish(cluster.signaling.url, "fail-b")
     await wait_live(cluster, "fail-a")
