@@ -1,8 +1,9 @@
 """Real-browser end to end: headless Chromium publishes over WHIP and watches over WHEP.
 
 Drives ``tests/browser/publish_and_watch.mjs`` (Playwright, system Chromium, fake camera
-and microphone; then "Clip the last 30 s" on the watch and studio pages) against the ``server`` fixture: a full whipcast node with a real Kafka
-broker. Screenshots of both pages land in ``tests/artifacts/browser-<codec>/``.
+and microphone; then "Clip the last 30 s" on the watch and studio pages) against the
+``server`` fixture: a full whipcast node with a real Kafka broker. Screenshots of both
+pages and the clips land in ``tests/artifacts/browser-<codec>/``.
 
 Setup (once):  apt-get install -y chromium && npm ci --prefix tests/browser
 """
