@@ -8,8 +8,8 @@ records it. Output starts on a keyframe: by default the current GOP's, found in 
 GOP Kafka holds before the live edge; with ``start`` (seconds before the edge) the one
 at or before that point (:class:`~whipcast.gateway.keyframes.KeyframeFinder`), from
 where it catches up as fast as Kafka reads and then follows live. It stops when the
-session ends (registry says so and everything is read), when the reader of the pipe
-goes away, or when cancelled (Ctrl-C).
+session ends (registry says so, and two checks in a row find everything read), when
+the reader of the pipe goes away, or when cancelled (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -132,14 +132,26 @@ class Tap:
         return reader
 
     async def _copy(self, info: StreamInfo, reader: FrameReader, muxer: mux.Muxer) -> None:
+        """Copy until the session is over: the registry says it ended and two checks in a
+        row find everything read. Ingest marks a session ended before its last frames
+        stop arriving (a receiver still hands over what was in flight), so a single
+        check could stop the tap just before them; clips (:mod:`.clips`) wait alike."""
         copy = asyncio.create_task(self._write_all(reader, muxer), name=f"tap-{self.stream}")
         try:
+            read_at_end = -1  # frames_read when a check last found the session over
             while not copy.done():
                 await asyncio.wait([copy], timeout=END_CHECK_S)
                 live = self._view.get(self.stream)
-                if (live is None or live.session != info.session) and await reader.at_end():
-                    self.stats.reason = "the stream ended"
-                    break
+                if live is not None and live.session == info.session:
+                    continue
+                read = self.stats.frames_read
+                if await reader.at_end() and read == self.stats.frames_read:
+                    if read == read_at_end:
+                        self.stats.reason = "the stream ended"
+                        break
+                    read_at_end = read
+                else:
+                    read_at_end = -1
             else:
                 copy.result()
         finally:

@@ -1,8 +1,9 @@
 """Real-browser end to end: headless Chromium publishes over WHIP and watches over WHEP.
 
 Drives ``tests/browser/publish_and_watch.mjs`` (Playwright, system Chromium, fake camera
-and microphone) against the ``server`` fixture: a full whipcast node with a real Kafka
-broker. Screenshots of both pages land in ``tests/artifacts/browser-<codec>/``.
+and microphone; then "Clip the last 30 s" on the watch and studio pages) against the
+``server`` fixture: a full whipcast node with a real Kafka broker. Screenshots of both
+pages and the clips land in ``tests/artifacts/browser-<codec>/``.
 
 Setup (once):  apt-get install -y chromium && npm ci --prefix tests/browser
 """
@@ -19,7 +20,7 @@ from .browser_harness import ARTIFACTS, NEEDS_CHROMIUM, run_script
 
 FRAME_TIMEOUT_S = 20  # how long the viewer may take to play, inside the script
 MIN_FRAMES = 30
-RUN_TIMEOUT_S = 90  # the whole script: browser start, publish, watch, screenshots
+RUN_TIMEOUT_S = 130  # the whole script: browser start, publish, watch, clips, screenshots
 
 pytestmark = NEEDS_CHROMIUM
 
@@ -53,4 +54,9 @@ async def test_publish_and_watch_in_chromium(server, codec: str) -> None:
     # whipcast never transcodes: the viewer decodes what the publisher encoded.
     assert result["publisher"]["codec"].lower() == codec, result
     assert result["codec"].lower() == codec, result
+    container = "webm" if codec == "vp8" else "mp4"
+    for page in ("watch", "studio"):
+        clip = result["clips"][page]
+        assert clip["container"] == container and clip["bytes"] > 10_000, result
+        assert clip["name"].startswith(stream) and clip["name"].endswith("." + container)
     assert (shots / "publish.png").is_file() and (shots / "watch.png").is_file()

@@ -4,12 +4,17 @@ broker and writes a container that FFmpeg (PyAV) decodes, counters in order."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import os
 import signal
 import sys
 
 import av
+from whipcast.gateway import mux
+from whipcast.gateway.bus import FrameReader
+from whipcast.gateway.frames import Track
+from whipcast.gateway.tap import Tap
 
 from .peers import publish, read_counter
 
@@ -97,3 +102,67 @@ async def test_tap_vp8_webm_from_the_past_until_ctrl_c(server, stream_name):
     assert_in_order(values, 60)
     # Started about 3 s back, on the keyframe at or before that (GOPs are <= ~3 s).
     assert publisher.track.counter - values[0] > 3 * 30 * 0.8
+
+
+async def test_tap_keeps_frames_that_arrive_after_the_end_is_announced(
+    server, stream_name, tmp_path, monkeypatch
+):
+    """Ingest marks a session ended while its receivers still hand over frames: frames
+    that reach Kafka just after the tap first finds the session ended and everything
+    read still get written. (Here the first such check itself sends them, and returns
+    before they land, so a tap that stopped at once would miss every one.)"""
+    late = 5
+    written: list = []
+    real_write, real_reader = mux.write_in_thread, Tap._reader
+    sent: list[asyncio.Task] = []
+    expected: list[int] = []  # sequence numbers of the late frames
+
+    async def write_spy(muxer, frames):
+        written.extend(frames)
+        await real_write(muxer, frames)
+
+    async def send_late(last) -> None:
+        bus = server.node.bus
+        expected.extend(last.sequence + k for k in range(1, late + 1))
+        for k in range(1, late + 1):
+            frame = dataclasses.replace(
+                last, sequence=last.sequence + k, rtp_timestamp=last.rtp_timestamp + 960 * k,
+                arrival_us=last.arrival_us + 20_000 * k,
+            )  # fmt: skip
+            await bus.send_frame(bus.stream_topic(stream_name), frame)
+        await bus.producer.flush()
+
+    async def reader_spy(tap, info) -> FrameReader:
+        """The tap's reader, its at_end() watched (other readers in the node call it too)."""
+        reader = await real_reader(tap, info)
+        real_at_end = reader.at_end
+
+        async def at_end_spy() -> bool:
+            done = await real_at_end()
+            if done and not sent and not server.node.view.get(stream_name):
+                last = next(f for f in reversed(written) if f.track is Track.AUDIO)
+                sent.append(asyncio.create_task(send_late(last)))
+            return done
+
+        reader.at_end = at_end_spy
+        return reader
+
+    monkeypatch.setattr(mux, "write_in_thread", write_spy)
+    monkeypatch.setattr(Tap, "_reader", reader_spy)
+    publisher = await publish(server.url, stream_name, codec="video/H264")
+    try:
+        await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 10)
+        tap = Tap(server.settings, stream_name, str(tmp_path / "out.ts"), fmt="mpegts")
+        running = asyncio.create_task(tap.run())
+        for _ in range(200):  # until the tap writes audio as it comes (its start takes ~2 s)
+            if sum(f.track is Track.AUDIO for f in written) >= 50:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await publisher.close()
+    stats = await asyncio.wait_for(running, 30)
+    await asyncio.gather(*sent)
+    assert sent, "the tap never found the session ended and read"
+    assert stats.reason == "the stream ended"
+    extra = [f.sequence for f in written if f.track is Track.AUDIO][-late:]
+    assert extra == expected, f"late audio frames {expected} not written; the last: {extra}"

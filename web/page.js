@@ -64,3 +64,59 @@ export function followStream(stream, onEntry, intervalMs = 3000) {
   tick();
   return () => { stopped = true; clearTimeout(timer); };
 }
+
+/** The filename in a Content-Disposition header (`attachment; filename="x.mp4"`), or null. */
+export function dispositionFilename(header) {
+  const match = /filename="?([^";]+)"?/i.exec(header || '');
+  return match ? match[1] : null;
+}
+
+/** A problem+json answer as an Error with its `detail` (and the body as `problem`). */
+async function problemError(response) {
+  let problem = {};
+  try {
+    problem = await response.json();
+  } catch { /* not problem+json: the status line says it */ }
+  const err = new Error(problem.detail || `${response.status} ${response.statusText}`);
+  err.problem = problem;
+  return err;
+}
+
+/**
+ * A button that downloads the last `seconds` of a stream as a file (MP4, or WebM for VP8):
+ * GET /api/streams/{stream}/clip?from=-seconds&to=0, saved under the server's filename.
+ * A broadcast shorter than that is clipped from its start (the 422's window_start).
+ * Progress and errors (a problem+json `detail`) go to `statusElement` as text.
+ */
+export function clipButton(button, statusElement, stream, seconds = 30) {
+  const clipUrl = (from) => `/api/streams/${encodeURIComponent(stream)}/clip?from=${from}&to=0`;
+  button.addEventListener('click', async () => {
+    button.disabled = true;
+    setStatus(statusElement, `Cutting the last ${seconds} s…`);
+    try {
+      let response = await fetch(clipUrl(-seconds), { cache: 'no-store' });
+      if (response.status === 422) {
+        const err = await problemError(response);
+        const start = err.problem.window_start;
+        if (!(start > err.problem.live_edge - seconds * 1000)) throw err;
+        response = await fetch(clipUrl(start), { cache: 'no-store' });
+      }
+      if (!response.ok) throw await problemError(response);
+      const blob = await response.blob();
+      const name = dispositionFilename(response.headers.get('Content-Disposition'))
+        || `${stream}-clip`;
+      const link = document.createElement('a');
+      link.href = URL.createObjectURL(blob);
+      link.download = name;
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+      setStatus(statusElement, `Clip ready: ${name} (${Math.round(blob.size / 1024)} KiB).`, 'ok');
+    } catch (err) {
+      setStatus(statusElement, `No clip: ${err.message}`, 'error');
+    } finally {
+      button.disabled = false;
+    }
+  });
+}

@@ -1,6 +1,8 @@
 import { publish, canSendVideoCodec, mediaStats, StatsSampler } from '/web/whip.js';
 import { QAClient, QuestionList } from '/web/qa.js';
-import { streamName, setStatus, formatDuration, followStream, viewers } from '/web/page.js';
+import {
+  streamName, setStatus, formatDuration, followStream, viewers, clipButton,
+} from '/web/page.js';
 import { Timeline, questionMarkers } from '/web/timeline.js';
 
 const $ = (id) => document.getElementById(id);
@@ -51,9 +53,11 @@ if (stream) {
   followStream(stream, showEntry);
   startQuestions();
   openCamera();
+  clipButton($('clip'), $('clip-status'), stream);
 } else {
   setStatus(statusLine, 'No stream name in the address. Pick one on the home page.', 'error');
   startButton.disabled = true;
+  $('clip').disabled = true;
 }
 for (const option of codecSelect.options) {
   if (option.value && !canSendVideoCodec(option.value)) {

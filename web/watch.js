@@ -1,6 +1,8 @@
 import { Player, StatsSampler, mediaStats } from '/web/whip.js';
 import { QAClient, QuestionList, MAX_TEXT } from '/web/qa.js';
-import { streamName, setStatus, formatDuration, followStream, viewers } from '/web/page.js';
+import {
+  streamName, setStatus, formatDuration, followStream, viewers, clipButton,
+} from '/web/page.js';
 import { Timeline, questionMarkers } from '/web/timeline.js';
 import { HlsPlayer, wantsHls, describePath } from '/web/hls.js';
 
@@ -60,6 +62,7 @@ const STATES = {
 if (!stream) {
   setStatus($('status'), 'No stream name in the address. Pick a stream on the home page.', 'error');
   showOverlay('Stream not found', false);
+  $('clip').disabled = true;
 } else {
   document.title = `${stream} · whipcast`;
   $('title').textContent = stream;
@@ -67,6 +70,7 @@ if (!stream) {
   startPlayer();
   startQuestions();
   followStream(stream, showEntry);
+  clipButton($('clip'), $('clip-status'), stream);
 }
 
 /** The WHEP URL: live, or from a moment (start) of a broadcast (session). */

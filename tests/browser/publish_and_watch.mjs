@@ -6,12 +6,13 @@
 //
 // Launches the system Chromium (/usr/bin/chromium, never a downloaded browser) headless
 // with fake media devices and a fresh profile, opens /publish/<stream> and presses Start,
-// then opens /watch/<stream> and waits until the <video> element presents decoded frames.
+// then opens /watch/<stream> and waits until the <video> element presents decoded frames,
+// then presses "Clip the last 30 s" on both pages and checks each download is a video file.
 // Prints one JSON line on stdout ({"ok": true, ...} or {"ok": false, "error": ...}),
 // writes publish.png and watch.png into <screenshot-dir>, exits 0 on success, 1 on a failed
 // check, 2 on bad usage.
 
-import { mkdir } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import {
   CHROMIUM_ARGS,
@@ -25,6 +26,8 @@ import {
 } from './chromium.mjs';
 
 const PUBLISH_CONNECT_TIMEOUT_MS = 15000;
+const CLIP_TIMEOUT_MS = 20000;
+const MIN_CLIP_BYTES = 10000;
 
 function parseOptions() {
   const { values, usage, ...positionals } = parseCommandLine(
@@ -72,6 +75,34 @@ async function statusText(page) {
   } catch {
     return null;
   }
+}
+
+/**
+ * Press the page's "Clip the last 30 s" and check the download: a non-trivial MP4 (or
+ * WebM for VP8) under the server's filename. Returns { name, bytes, container }.
+ */
+async function checkClip(page, codec, dir, label) {
+  const downloaded = page.waitForEvent('download', { timeout: CLIP_TIMEOUT_MS });
+  await page.getByRole('button', { name: 'Clip the last 30 s' }).click();
+  let download;
+  try {
+    download = await downloaded;
+  } catch {
+    throw new CheckFailed(`${label}: no clip download within ${CLIP_TIMEOUT_MS} ms ` +
+      `(clip status "${await page.locator('#clip-status').textContent()}")`);
+  }
+  const name = download.suggestedFilename();
+  const file = path.join(dir, `${label}-${name}`);
+  await download.saveAs(file);
+  const bytes = await readFile(file);
+  const container = bytes.subarray(4, 8).toString('latin1') === 'ftyp' ? 'mp4'
+    : bytes.readUInt32BE(0) === 0x1a45dfa3 ? 'webm' : 'unknown';
+  const want = codec === 'vp8' ? 'webm' : 'mp4';
+  if (container !== want || !name.endsWith(`.${want}`) || bytes.length < MIN_CLIP_BYTES) {
+    throw new CheckFailed(`${label}: clip ${name} is ${bytes.length} bytes of ${container}, ` +
+      `expected at least ${MIN_CLIP_BYTES} bytes of ${want}`);
+  }
+  return { name, bytes: bytes.length, container };
 }
 
 async function main(opts, { result, log }) {
@@ -188,6 +219,13 @@ async function main(opts, { result, log }) {
     if (opts.codec && (result.codec || '').toLowerCase() !== opts.codec) {
       throw new CheckFailed(`viewer decodes ${result.codec}, publisher asked for ${opts.codec}`);
     }
+
+    // 3. "Clip the last 30 s" on the watch page and in the studio: each downloads a file.
+    const codec = (result.codec || '').toLowerCase();
+    result.clips = {
+      watch: await checkClip(viewer, codec, opts.screenshotDir, 'watch'),
+      studio: await checkClip(publisher, codec, opts.screenshotDir, 'studio'),
+    };
     result.ok = true;
   } catch (err) {
     result.error = errorText(err);
@@ -220,6 +258,6 @@ runMain((run) => main(opts, run), {
   name: 'publish_and_watch',
   result: { ok: false, stream: opts.stream, codecRequested: opts.codec, screenshots: [] },
   // Hard cap on the whole run, whatever hangs (browser launch, a stuck evaluate, ...).
-  timeoutMs: opts.timeoutMs + PUBLISH_CONNECT_TIMEOUT_MS + 30000,
+  timeoutMs: opts.timeoutMs + PUBLISH_CONNECT_TIMEOUT_MS + 2 * CLIP_TIMEOUT_MS + 30000,
   verbose: opts.verbose,
 });
