@@ -8,10 +8,13 @@ viewer must not lower the publisher's quality for everybody):
 
 - **REMB** (goog-remb; the viewer's delay-based estimate, which needs the
   abs-send-time stamps :class:`~.rtpsend.FanoutSender` writes): while the viewer also
-  reports loss, a REMB below 90 % of what it was sent cuts the estimate to it at once;
-  it always caps how far the estimate may climb. A REMB alone cuts nothing: a
-  receiver's REMB lags a rising rate and reads CPU stalls as queueing (aiortc viewers
-  on a busy test machine reported half of a lossless 1.5 Mbps stream).
+  reports loss over 10 %, a REMB below 90 % of what it was sent cuts the estimate to
+  it at once; it always caps how far the estimate may climb. A REMB alone cuts
+  nothing: a receiver's REMB lags a rising rate and reads CPU stalls as queueing
+  (aiortc viewers on a busy test machine reported half of a lossless 1.5 Mbps
+  stream), and neither does one with the few percent a lossy but adequate link drops
+  at random (viewers on a 2 % loss link reported 2-6 % in single reports and REMBs
+  of 0.6 of their rate, which paused them when 2 % loss let the REMB cut).
 - **Loss**: the receiver reports' fraction lost, alone (GCC's loss rule): over 10 %
   cuts the estimate to the sent rate x (1 - loss / 2); under 2 % lets it grow 8 % a
   second; in between it holds. NACKs are not added: they name the same lost packets
@@ -21,9 +24,12 @@ viewer must not lower the publisher's quality for everybody):
   is paused (nothing sent tests the link) cannot climb back by itself. Instead, at a
   keyframe after ``probe_interval`` s of pause, the estimate is set to what the stream
   needs (x ``PROBE_STEP``) and the viewer resumes: a link that carries it keeps the
-  estimate (loss stays under 10 %); one that does not pauses again, the estimate goes
-  back to its value before the probe, and the next probe waits twice as long (up to
-  ``PROBE_MAX_S``).
+  estimate; one that does not drops the probe's packets. The viewer's NACKs for over
+  ``PROBE_LOSS`` of them, a receiver report over 10 % loss, or a pause within
+  ``PROBE_FAILED_S`` fail the probe: the estimate goes back to its value before it,
+  and the next probe waits twice as long (up to ``PROBE_MAX_S``). While a probe runs,
+  a backlog at the gateway is the estimate's doing, not the link's: it rises
+  (``raise_probe``) rather than pausing the viewer.
 
 Work happens only when RTCP arrives (a few times a second), never per frame or per
 packet: the rate sent is read off the budget's running byte count.
@@ -47,8 +53,10 @@ HEADROOM = 2.0  # never climb beyond this multiple of what was actually sent
 BURST_S = 0.2  # the budget holds this many seconds at the estimated rate
 PROBE_INTERVAL_S = 2.0  # a paused viewer first probes after this long
 PROBE_MAX_S = 8.0  # failed probes double the wait, up to this
-PROBE_STEP = 1.2  # a probe sets the estimate to this x the stream's bitrate
+PROBE_STEP = 1.5  # a probe sets the estimate to this x the stream's bitrate
 PROBE_FAILED_S = 5.0  # a pause this soon after a probe means the probe failed
+PROBE_LOSS = 0.25  # NACKed share of a probe's packets that fails it at once
+PROBE_MIN_PACKETS = 30  # ... once it has sent this many (random loss stays far below)
 
 
 @dataclass(slots=True)
@@ -84,6 +92,9 @@ class BandwidthEstimate:
         self._probed_at = now
         self._probe_interval = PROBE_INTERVAL_S
         self._before_probe = self.bitrate
+        self._probe_open = False  # a probe's video flows and has not failed yet
+        self._probe_seq = 0  # the RTP sequence number of its first packet
+        self._probe_lost: set[int] = set()  # its packets the viewer NACKed
         self._paused_at: float | None = None
         self._resumed_at = now  # a join starts with a burst (the cached GOP)
         self._apply()
@@ -95,7 +106,7 @@ class BandwidthEstimate:
         self._measure(now)
         self.remb, self._remb_at = float(bitrate), now
         low = bitrate < REMB_CUT * self.sent_bitrate and bitrate < self.bitrate
-        if self._steady(now) and self.loss >= LOSS_LOW and low:
+        if self._steady(now) and self.loss > LOSS_HIGH and low:
             self._cut(bitrate)
         else:
             self._grow(now)
@@ -104,7 +115,9 @@ class BandwidthEstimate:
         """``fraction_lost`` as in RFC 3550 (0-255)."""
         self._measure(now)
         self.loss = fraction_lost / 256
-        if self.loss > LOSS_HIGH and self._steady(now):
+        if self.loss > LOSS_HIGH and self._probe_open and now - self._probed_at < PROBE_FAILED_S:
+            self._fail_probe()  # the link dropped the probe: no need to wait for a pause
+        elif self.loss > LOSS_HIGH and self._steady(now):
             target = self.sent_bitrate * (1 - self.loss / 2)
             if target < self.bitrate:
                 self.stats.loss_cuts += 1
@@ -120,32 +133,57 @@ class BandwidthEstimate:
         not for congestion: it cuts nothing until the traffic has been steady again
         for ``REMB_SETTLE_S``."""
         if paused:
-            if now - self._probed_at < PROBE_FAILED_S:  # the probe failed: undo it
-                self._probe_interval = min(PROBE_MAX_S, 2 * self._probe_interval)
-                self.bitrate = min(self.bitrate, self._before_probe)
-                self._apply()
-            else:
+            if now - self._probed_at >= PROBE_FAILED_S:
                 self._probe_interval = PROBE_INTERVAL_S
+            elif self._probe_open:
+                self._fail_probe()
+            self._probe_open = False
             self._paused_at = now
             self._probed_at = now
         else:
             self._paused_at = None
             self._resumed_at = now
 
-    def probe(self, need: float, now: float) -> bool:
+    def on_nack(self, lost: list[int], next_seq: int, now: float) -> None:
+        """A NACK naming ``lost`` (RTP sequence numbers; ``next_seq`` is the next one
+        the video sender uses). A link that cannot take a probe drops much of its
+        first keyframe: its NACKs fail the probe within a round trip, before the
+        burst costs the viewer its audio too. Only packets the probe sent count (a
+        receiver repeats its whole list of missing packets in every NACK)."""
+        if not self._probe_open or now - self._probed_at >= PROBE_FAILED_S:
+            return
+        sent = (next_seq - self._probe_seq) & 0xFFFF
+        self._probe_lost.update(s for s in lost if (s - self._probe_seq) & 0xFFFF < sent)
+        if sent >= PROBE_MIN_PACKETS and len(self._probe_lost) > PROBE_LOSS * sent:
+            self._fail_probe()
+
+    def probe(self, need: float, now: float, next_seq: int) -> bool:
         """At a keyframe while the viewer's video is paused for an estimate below
-        ``need`` (the stream's recent bitrate): whether to resume it as a probe, which
+        ``need`` (the stream's recent bitrate), the video sender's next RTP sequence
+        number ``next_seq``: whether to resume it as a probe, which
         sets the estimate to ``PROBE_STEP`` x ``need``. Paused video tests nothing, so
         this tries the stream itself (loss cuts it back if the link cannot take it)."""
         if now - self._probed_at < self._probe_interval:
             return False
         self._probed_at = now
         self._before_probe = self.bitrate
+        self._probe_open = True
+        self._probe_seq = next_seq
+        self._probe_lost.clear()
         self.stats.probes += 1
         self.bitrate = min(self.ceiling, max(self.bitrate, need * PROBE_STEP))
         self._apply()
         self.budget.refill(now)  # debt run up at the old rate would stall the probe
         return True
+
+    def probing(self, now: float) -> bool:
+        """Whether a probe's video flows and the link has not dropped it yet."""
+        return self._probe_open and now - self._probed_at < PROBE_FAILED_S
+
+    def raise_probe(self, need: float) -> None:
+        """The probe's estimate, not the link, held the stream back: raise it."""
+        self.bitrate = min(self.ceiling, max(self.bitrate, need) * PROBE_STEP)
+        self._apply()
 
     # Internals
 
@@ -160,6 +198,14 @@ class BandwidthEstimate:
             spent = self.budget.spent
             self.sent_bitrate = (spent - self._window_spent) * 8 / elapsed
             self._window_at, self._window_spent = now, spent
+
+    def _fail_probe(self) -> None:
+        """Back to the estimate before the probe; the next one waits twice as long."""
+        self._probe_open = False
+        self._probe_lost.clear()
+        self._probe_interval = min(PROBE_MAX_S, 2 * self._probe_interval)
+        self.bitrate = min(self.bitrate, self._before_probe)
+        self._apply()
 
     def _cut(self, bitrate: float) -> None:
         self.stats.congestion_cuts += 1

@@ -5,7 +5,8 @@ RTP payloads once, and hands it to every :class:`ViewerSession` on this node. A 
 joins on a keyframe at once: the cached GOP is sent first with its timestamps packed
 together, so the player decodes up to the live frame immediately instead of waiting
 for the publisher's next keyframe; a viewer's PLI/FIR is answered the same way, for
-that viewer alone, and goes upstream to the publisher only when no GOP is cached. A
+that viewer alone, and goes upstream to the publisher only when no GOP is cached (a
+viewer its estimate holds below the node's cap waits for the next keyframe instead). A
 viewer that cannot keep up (its socket backs up or its send budget is spent) queues a
 bounded number of frames, then is dropped to the next keyframe; the others never wait
 for it.
@@ -246,7 +247,7 @@ class ViewerSession(PeerSession):
                 and frame.arrival_us - queue[0].frame.arrival_us
                 > self.settings.viewer_max_queue_delay * 1e6
             ):
-                self._drop_to_keyframe()
+                self._backlogged()
             else:
                 self._drain()
             return
@@ -259,9 +260,16 @@ class ViewerSession(PeerSession):
         estimate, fanout = self.estimate, self.fanout
         if estimate is not None and fanout is not None:
             need = fanout.video_bitrate
-            if estimate.bitrate < need and not estimate.probe(need, time.monotonic()):
+            if estimate.bitrate < need and not estimate.probe(
+                need, time.monotonic(), sender.next_seq
+            ):
                 return False
         return self.can_send(sender)
+
+    def _covers_stream(self) -> bool:
+        """Whether this viewer's estimate covers the stream's recent bitrate."""
+        estimate, fanout = self.estimate, self.fanout
+        return estimate is None or fanout is None or estimate.bitrate >= fanout.video_bitrate
 
     def _link_limited(self) -> bool:
         """Whether this viewer's estimate holds it below the node's cap: only then is
@@ -292,6 +300,20 @@ class ViewerSession(PeerSession):
         while queue and not self._bursting and sender is not None and self.can_send(sender):
             self.send_video(sender, queue.popleft())
             self._count_sent()
+
+    def _backlogged(self) -> None:
+        """The queue outgrew its bound: the video pauses, unless a probe of the link
+        is under way and the link has not dropped it. Then the probe's estimate, not
+        the link, held the frames back (a stream burstier than its average): the
+        estimate rises and the viewer skips to the next keyframe, still live."""
+        estimate, fanout = self.estimate, self.fanout
+        if estimate is not None and fanout is not None and estimate.probing(time.monotonic()):
+            estimate.raise_probe(fanout.video_bitrate)
+            self.stats.keyframe_drops += 1
+            self._queue.clear()
+            self._skip_to_keyframe = True
+        else:
+            self._drop_to_keyframe()
 
     def _drop_to_keyframe(self) -> None:
         """Give up on a viewer's backlog: its video pauses until the stream's next
@@ -376,10 +398,18 @@ class ViewerSession(PeerSession):
         if now - self._keyframe_answered < self.settings.viewer_keyframe_interval:
             return
         self._keyframe_answered = now
-        if not self.can_send(sender) or self._link_limited():
-            # A GOP burst would only deepen the backlog of a link already short of
-            # bandwidth: the viewer waits for the next keyframe it can take instead.
-            self._drop_to_keyframe()
+        if self._link_limited() and not self._covers_stream():
+            self._drop_to_keyframe()  # the link cannot carry the stream: pause
+        elif self._link_limited():
+            # A GOP burst would only build a backlog on a link with little to spare:
+            # the viewer waits for the stream's next keyframe instead. Its video is not
+            # paused for that (nor a probe of the link failed): a PLI says a picture
+            # broke, as after every resume, not that the link got slower; a backlog
+            # pauses it by the queue-delay rule, loss fails a probe.
+            self._queue.clear()
+            self._skip_to_keyframe = True
+        elif not self.can_send(sender):
+            self._drop_to_keyframe()  # backlogged: a GOP burst would only deepen it
         elif self.fanout.gop:
             self.stats.cached_keyframes += 1
             self.spawn(self._send_gop(sender))

@@ -306,6 +306,11 @@ class FanoutSender(RTCRtpSender):
             self._rtcp_task = None
             await self._send_rtcp([RtcpByePacket(sources=[self.ssrc])])
 
+    @property
+    def next_seq(self) -> int:
+        """The RTP sequence number the next media packet gets."""
+        return self._seq
+
     def writable(self) -> bool:
         """Connected, the socket has no backlog and the viewer's budget is not spent
         (either means a slow path: the caller queues instead)."""
@@ -474,6 +479,8 @@ class FanoutSender(RTCRtpSender):
         if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
             self.nacks_received += 1
             now, deadline = time.monotonic(), self._retransmit_deadline()
+            if estimate is not None:
+                estimate.on_nack(packet.lost, self._seq, now)
             for seq in packet.lost:
                 self._retransmit(seq, now, deadline)
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):

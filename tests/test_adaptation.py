@@ -29,8 +29,9 @@ def max_gap(times: list[float], since: float) -> float:
 
 
 @pytest.mark.xfail(
-    reason="issue 14: after the limit is lifted, probes resume video but it pauses again "
-    "within a second, so recovery within 20 s is not reached yet (viewer_adapt is opt-in)",
+    reason="issue 14: recovery after the limit is lifted now works in most runs, but about "
+    "1 run in 4 still fails here (a held probe pauses again, or the slow phase's audio "
+    "gap exceeds 0.5 s); viewer_adapt stays opt-in",
     strict=False,
 )
 @pytest.mark.parametrize("loss", [0.0, 0.02], ids=["clean", "loss2pct"])
