@@ -48,8 +48,10 @@ CONTENT_TYPES = {
 EXTENSIONS = {"mpegts": "ts", "fmp4": "mp4", "mp4": "mp4", "webm": "webm"}
 _FFMPEG_FORMAT = {"mpegts": "mpegts", "fmp4": "mp4", "mp4": "mp4", "webm": "webm"}
 _OPTIONS = {
-    # A fragment per GOP, the moov up front and empty: readable while it is written.
-    "fmp4": {"movflags": "frag_keyframe+empty_moov+default_base_moof"},
+    # A fragment per GOP, the moov up front: readable while it is written. The moov waits
+    # for the first fragment (delay_moov) so that its edit lists keep each track's start:
+    # without it audio that began 250 ms after the video was read back at 0.
+    "fmp4": {"movflags": "frag_keyframe+empty_moov+delay_moov+default_base_moof"},
     "mp4": {"movflags": "faststart"},
 }
 _VIDEO_CODECS = {
