@@ -220,6 +220,7 @@ class Push:
         self.info: StreamInfo | None = None
         self._bus = Bus(settings, Metrics())
         self._rtp_origin = {track: random.getrandbits(32) for track in Track}
+        self._first_read_at: float | None = None
         self._sequence = {Track.VIDEO: 0, Track.AUDIO: 0}
         self._waiting_for_keyframe = True
         self._heartbeats: asyncio.Task | None = None
@@ -256,6 +257,8 @@ class Push:
 
         def demux() -> None:
             def put(item) -> None:
+                if self._first_read_at is None:
+                    self._first_read_at = time.monotonic()
                 asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
 
             try:
@@ -301,7 +304,10 @@ class Push:
                     continue  # H.264 without an SPS yet: its profile is still unknown
                 await self._register(source)
             if clock is None:
-                clock = (item.seconds, time.monotonic())
+                # Paced from when the input was first read, not first sent: what queued
+                # while Kafka and the registry started goes out at once instead of
+                # staying behind as latency for the whole push.
+                clock = (item.seconds, self._first_read_at or time.monotonic())
             wait = clock[1] + (item.seconds - clock[0]) - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
