@@ -33,20 +33,6 @@ def full_box(kind: bytes, version: int, flags: int, *payload: bytes) -> bytes:
     return box(kind, struct.pack(">I", version << 24 | flags), *payload)
 
 
-def split_annexb(payload: bytes) -> list[bytes]:
-    """The NAL units of an Annex B access unit, without start codes."""
-    nals = []
-    start = payload.find(b"\x00\x00\x01")
-    while start != -1:
-        begin = start + 3
-        start = payload.find(b"\x00\x00\x01", begin)
-        end = len(payload) if start == -1 else start
-        nal = payload[begin:end].rstrip(b"\x00")
-        if nal:
-            nals.append(nal)
-    return nals
-
-
 @dataclass(frozen=True, slots=True)
 class H264Config:
     sps: bytes

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import av
 
 from ..frames import Codec, Frame, Track, h264_nal_types
+from ..mux import split_nal_units
 from . import cmaf
 
 AUDIO_WAIT_S = 1.0
@@ -124,7 +125,7 @@ class _Unwrapper:
 
 def parameter_sets(payload: bytes) -> tuple[bytes, bytes] | None:
     """The SPS and PPS an access unit carries, if it carries both."""
-    nals = cmaf.split_annexb(payload)
+    nals = split_nal_units(payload)
     sps = next((n for n in nals if n[0] & 0x1F == 7), None)
     pps = next((n for n in nals if n[0] & 0x1F == 8), None)
     if sps is None or pps is None or len(sps) < 4:
@@ -247,7 +248,7 @@ class Segmenter:
         self._video_time = time
         data = b"".join(
             len(nal).to_bytes(4, "big") + nal
-            for nal in cmaf.split_annexb(frame.payload)
+            for nal in split_nal_units(frame.payload)
             if nal[0] & 0x1F not in _PARAMETER_SETS
         )
         if self._open:
