@@ -220,12 +220,13 @@ class Push:
         self.info: StreamInfo | None = None
         self._bus = Bus(settings, Metrics())
         self._rtp_origin = {track: random.getrandbits(32) for track in Track}
-        self._first_read_at: float | None = None
+        self._opened_at = 0.0
         self._sequence = {Track.VIDEO: 0, Track.AUDIO: 0}
         self._waiting_for_keyframe = True
         self._heartbeats: asyncio.Task | None = None
 
     async def run(self) -> PushStats:
+        self._opened_at = time.monotonic()
         source = await asyncio.to_thread(_Input, self.source)
         try:
             await self._bus.start()
@@ -257,8 +258,6 @@ class Push:
 
         def demux() -> None:
             def put(item) -> None:
-                if self._first_read_at is None:
-                    self._first_read_at = time.monotonic()
                 asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
 
             try:
@@ -304,10 +303,10 @@ class Push:
                     continue  # H.264 without an SPS yet: its profile is still unknown
                 await self._register(source)
             if clock is None:
-                # Paced from when the input was first read, not first sent: what queued
-                # while Kafka and the registry started goes out at once instead of
-                # staying behind as latency for the whole push.
-                clock = (item.seconds, self._first_read_at or time.monotonic())
+                # Paced from when the input was opened, not from the first frame sent:
+                # what waited in the pipe while the input was probed and Kafka and the
+                # registry started goes out at once instead of staying as latency.
+                clock = (item.seconds, self._opened_at)
             wait = clock[1] + (item.seconds - clock[0]) - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)

@@ -164,7 +164,9 @@ async def _run_tool(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "tap":
         job = tap.Tap(settings, args.stream, sys.stdout.buffer, args.format, args.start)
     else:
-        source = sys.stdin.buffer if args.input == "-" else args.input
+        # FFmpeg's own pipe: protocol hands on what the pipe has; a Python file object
+        # would block each read until its whole buffer filled (seconds at low bitrates).
+        source = "pipe:0" if args.input == "-" else args.input
         job = push.Push(settings, args.stream, source, settings.push_token)
     task = asyncio.ensure_future(job.run())
     loop = asyncio.get_running_loop()
