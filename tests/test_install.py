@@ -84,7 +84,9 @@ async def test_installed_dev_serves_pages_and_runs_a_loadtest(installed, tmp_pat
     try:
         async with aiohttp.ClientSession() as http:
             for _ in range(480):  # the broker takes seconds to start, more on a busy machine
-                assert process.returncode is None, "whipcast dev exited at start"
+                if process.returncode is not None:
+                    output = (await process.stdout.read()).decode()
+                    pytest.fail(f"whipcast dev exited at start:\n{output[-3000:]}")
                 try:
                     async with http.get(f"{base}/readyz") as response:
                         if response.status == 200:
@@ -116,6 +118,7 @@ async def test_installed_dev_serves_pages_and_runs_a_loadtest(installed, tmp_pat
         result = json.loads(report.read_text())
         assert result["schema_version"] == 1
     finally:
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, output.decode()[-2000:]
