@@ -69,14 +69,13 @@ from whipcast.loadtest.procs import (
 
 from . import mediamtx
 from .gateway_bench import (
-    AUDIO_RATE,
     FPS,
-    VIDEO_CLOCK,
     BenchViewer,
     MarkerCapture,
     NoCapture,
     TrackCounters,
     _count_rtp_packet,
+    mux_loop,
     percentile,
     preencode,
     profile_top,
@@ -155,8 +154,6 @@ def publisher_main(conn, url: str, cert: str, key: str, seconds: float, bitrate:
     """One stream through FFmpeg's WHIP muxer, in a process of its own: a muxer answers
     ICE consent checks only while it is written to, so one process per stream keeps
     every session alive while the others are still in their handshakes."""
-    import fractions
-
     import av
 
     die_with_parent()
@@ -169,32 +166,7 @@ def publisher_main(conn, url: str, cert: str, key: str, seconds: float, bitrate:
         out = av.open(url, mode="w", format="whip", options=options)
         vs = out.add_stream_from_template(video_in.streams.video[0])
         aus = out.add_stream_from_template(audio_in.streams.audio[0])
-        period = len(video) / FPS
-        events = sorted(
-            [(i / FPS, 0, i) for i in range(len(video))]
-            + [(i * 0.02, 1, i) for i in range(len(audio))]
-        )
-        start, loop, first = time.monotonic(), 0, True
-        while not conn.poll():
-            for at, track, i in events:
-                delay = start + loop * period + at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                if track == 0:
-                    packet = av.Packet(video[i][0])
-                    packet.stream, packet.is_keyframe = vs, video[i][1]
-                    packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
-                    packet.pts = packet.dts = (loop * len(video) + i) * VIDEO_CLOCK // FPS
-                else:
-                    packet = av.Packet(audio[i])
-                    packet.stream = aus
-                    packet.time_base = fractions.Fraction(1, AUDIO_RATE)
-                    packet.pts = packet.dts = (loop * len(audio) + i) * 960
-                out.mux(packet)
-                if first:
-                    first = False
-                    conn.send(("live",))
-            loop += 1
+        mux_loop(out, vs, aus, video, audio, conn, ("live",))
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return

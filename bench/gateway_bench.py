@@ -190,6 +190,39 @@ def publisher_main(
         asyncio.run(_publish_aiortc(url, seconds, bitrate, conn))
 
 
+def mux_loop(out, vs, aus, video: list, audio: list, conn, live: tuple) -> None:
+    """Write the pre-encoded loop (``video``: (data, keyframe) pairs at FPS, ``audio``:
+    20 ms Opus packets) into ``out`` in real time until ``conn`` has a message; ``live``
+    is sent on ``conn`` after the first packet."""
+    import av
+
+    period = len(video) / FPS
+    events = sorted(
+        [(i / FPS, 0, i) for i in range(len(video))] + [(i * 0.02, 1, i) for i in range(len(audio))]
+    )
+    start, loop, first = time.monotonic(), 0, True
+    while not conn.poll():
+        for at, track, i in events:
+            delay = start + loop * period + at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if track == 0:
+                packet = av.Packet(video[i][0])
+                packet.stream, packet.is_keyframe = vs, video[i][1]
+                packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+                packet.pts = packet.dts = (loop * len(video) + i) * VIDEO_CLOCK // FPS
+            else:
+                packet = av.Packet(audio[i])
+                packet.stream = aus
+                packet.time_base = fractions.Fraction(1, AUDIO_RATE)
+                packet.pts = packet.dts = (loop * len(audio) + i) * 960
+            out.mux(packet)
+            if first:
+                first = False
+                conn.send(live)
+        loop += 1
+
+
 def _publish_ffmpeg(url: str, cert: str, key: str, seconds: float, bitrate: int, conn) -> None:
     """Through FFmpeg's WHIP muxer (stream copy): cheaper than aiortc, but it answers no
     ICE consent checks (ingest must not require them) and ignores keyframe requests."""
@@ -204,32 +237,8 @@ def _publish_ffmpeg(url: str, cert: str, key: str, seconds: float, bitrate: int,
             with av.open(url, mode="w", format="whip", options=options) as out:
                 vs = out.add_stream_from_template(video_in.streams.video[0])
                 aus = out.add_stream_from_template(audio_in.streams.audio[0])
-                period = len(video) / FPS
-                events = sorted(
-                    [(i / FPS, 0, i) for i in range(len(video))]
-                    + [(i * 0.02, 1, i) for i in range(len(audio))]
-                )
-                start, loop, first = time.monotonic(), 0, True
-                while not conn.poll():
-                    for at, track, i in events:
-                        delay = start + loop * period + at - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                        if track == 0:
-                            packet = av.Packet(video[i][0])
-                            packet.stream, packet.is_keyframe = vs, video[i][1]
-                            packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
-                            packet.pts = packet.dts = (loop * len(video) + i) * VIDEO_CLOCK // FPS
-                        else:
-                            packet = av.Packet(audio[i])
-                            packet.stream = aus
-                            packet.time_base = fractions.Fraction(1, AUDIO_RATE)
-                            packet.pts = packet.dts = (loop * len(audio) + i) * 960
-                        out.mux(packet)
-                        if first:
-                            first = False
-                            conn.send(("live", {"video_kbps": size * 8 / period / 1000}))
-                    loop += 1
+                live = ("live", {"video_kbps": size * 8 / (len(video) / FPS) / 1000})
+                mux_loop(out, vs, aus, video, audio, conn, live)
         except Exception as exc:
             tail = [f"{name}: {message.strip()}" for _, name, message in logs[-15:]]
             conn.send(("error", f"{type(exc).__name__}: {exc}", tail))
