@@ -27,23 +27,28 @@ class KeyframeRequester:
     def __init__(self, bus: Bus, interval: float) -> None:
         self._bus = bus
         self._interval = interval
-        self._last: dict[str, float] = {}
+        self._last: dict[tuple[str, int | None], float] = {}
         self.sent = 0
         self.coalesced = 0
 
-    def request(self, stream: str, session: int, reason: str) -> None:
+    def request(self, stream: str, session: int, reason: str, layer: int | None = None) -> None:
+        """Ask for a keyframe on ``layer`` (``None``: every layer the publisher sends)."""
         now = time.monotonic()
-        if now - self._last.get(stream, -1e9) < self._interval:
+        if now - self._last.get((stream, layer), -1e9) < self._interval:
             self.coalesced += 1
             return
-        self._last[stream] = now
+        self._last[(stream, layer)] = now
         self.sent += 1
-        value = json.dumps({"type": "keyframe", "session": session, "reason": reason}).encode()
+        message = {"type": "keyframe", "session": session, "reason": reason}
+        if layer is not None:
+            message["layer"] = layer
+        value = json.dumps(message).encode()
         task = asyncio.ensure_future(self._bus.send_record(self._bus.control_topic, stream, value))
         task.add_done_callback(_log_failure)
 
     def forget(self, stream: str) -> None:
-        self._last.pop(stream, None)
+        for key in [key for key in self._last if key[0] == stream]:
+            del self._last[key]
 
 
 def _log_failure(task: asyncio.Future) -> None:
@@ -51,8 +56,11 @@ def _log_failure(task: asyncio.Future) -> None:
         logger.warning("keyframe request not sent: %s", task.exception())
 
 
-async def follow_keyframe_requests(bus: Bus, handler: Callable[[str, int], None]) -> None:
-    """Ingest side: call ``handler(stream, session)`` for every new request, for ever."""
+async def follow_keyframe_requests(
+    bus: Bus, handler: Callable[[str, int, int | None], None]
+) -> None:
+    """Ingest side: call ``handler(stream, session, layer)`` for every new request, for
+    ever (``layer`` ``None``: any layer will do)."""
     consumer = bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
     await consumer.start()
     try:
@@ -66,9 +74,11 @@ async def follow_keyframe_requests(bus: Bus, handler: Callable[[str, int], None]
                         message = json.loads(record.value)
                         stream = record.key.decode()
                         session = int(message["session"])
+                        layer = message.get("layer")
+                        layer = None if layer is None else int(layer)
                     except (ValueError, KeyError, TypeError, AttributeError):
                         continue
                     if message.get("type") == "keyframe":
-                        handler(stream, session)
+                        handler(stream, session, layer)
     finally:
         await consumer.stop()

@@ -28,6 +28,26 @@ class Track(enum.IntEnum):
     AUDIO = 1
 
 
+MAX_VIDEO_LAYERS = 3
+"""Simulcast layers a stream may carry (layer 0 the best, then ½ and ¼ resolution)."""
+
+
+def video_partition(layer: int) -> int:
+    """The stream-topic partition of video ``layer``: layer 0 keeps partition 0 (so
+    single-layer readers see the top layer unchanged), audio keeps 1, and further
+    layers follow from 2."""
+    if not 0 <= layer < MAX_VIDEO_LAYERS:
+        raise ValueError(f"video layer {layer} out of range")
+    return 0 if layer == 0 else layer + 1
+
+
+def partition_layer(partition: int) -> int | None:
+    """The video layer a stream-topic partition carries; ``None`` for audio."""
+    if partition == Track.AUDIO:
+        return None
+    return 0 if partition == 0 else partition - 1
+
+
 class Codec(enum.IntEnum):
     H264 = 1
     VP8 = 2

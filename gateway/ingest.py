@@ -252,7 +252,8 @@ class IngestNode:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
 
-    def _on_keyframe_request(self, stream: str, session_id: int) -> None:
+    def _on_keyframe_request(self, stream: str, session_id: int, layer: int | None) -> None:
+        # Single-layer ingest: any layer's request asks the one encoder.
         session = self.sessions.get(stream)
         if session is not None and session.session_id == session_id:
             session.stats.keyframe_requests += 1

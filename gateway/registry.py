@@ -55,6 +55,10 @@ class StreamInfo(Beat):
     its own heartbeats with it); never compared with another machine's clock."""
     video: dict | None = None
     audio: dict | None = None
+    layers: list[dict] | None = None
+    """Simulcast video layers, best first: ``{"layer", "rid", "width", "height",
+    "bitrate"}`` each (``bitrate`` in bit/s as ingest measured it, sizes from the
+    last keyframe; unknown values ``None``). ``None`` or one entry: a single layer."""
 
     @property
     def live(self) -> bool:

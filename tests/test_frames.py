@@ -102,3 +102,12 @@ def test_h264_nal_types_with_3_and_4_byte_start_codes() -> None:
 )
 def test_keyframes_are_told_without_decoding(codec: Codec, payload: bytes, keyframe: bool) -> None:
     assert is_keyframe(codec, payload) is keyframe
+
+
+def test_video_layers_map_to_partitions_around_audio():
+    from whipcast.gateway.frames import partition_layer, video_partition
+
+    assert [video_partition(layer) for layer in range(3)] == [0, 2, 3]
+    assert [partition_layer(p) for p in range(4)] == [0, None, 1, 2]
+    with pytest.raises(ValueError):
+        video_partition(3)
