@@ -17,6 +17,7 @@ import asyncio
 import logging
 import re
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -178,10 +179,28 @@ class Bus:
             "max.message.bytes": str(MAX_RECORD_BYTES),
             "message.timestamp.type": "LogAppendTime",
         }
-        topic = NewTopic(
-            self.stream_topic(stream), len(Track), self._replicas, topic_configs=configs
-        )
+        name = self.stream_topic(stream)
+        partitions = len(Track)
+        replicas = self._stream_replicas(stream)
+        if replicas is None:
+            topic = NewTopic(name, partitions, self._replicas, topic_configs=configs)
+        else:
+            assignment = {partition: replicas for partition in range(partitions)}
+            topic = NewTopic(name, -1, -1, replica_assignments=assignment, topic_configs=configs)
         await self._create_topics([topic])
+
+    def _stream_replicas(self, stream: str) -> list[int] | None:
+        """One replica list for every partition of a stream's topic, so that all its
+        partitions share a preferred leader: a frame and the audio riding with it then go
+        in one produce request, and a reader fetches the stream from one broker. Streams
+        are spread over the brokers by name. ``None`` on a one-broker cluster."""
+        assert self.producer is not None
+        brokers = sorted(b.nodeId for b in self.producer.client.cluster.brokers())
+        if len(brokers) < 2:
+            return None
+        first = zlib.crc32(stream.encode()) % len(brokers)
+        ordered = brokers[first:] + brokers[:first]
+        return ordered[: min(self._replicas, len(brokers))]
 
     async def create_topics(self, topics: list[NewTopic]) -> None:
         """Create the topics a reader of the log writes to (existing ones are kept),

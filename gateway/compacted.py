@@ -67,7 +67,9 @@ class CompactedView(Generic[T]):
     For heartbeat topics, ``confirm`` (records that claim a live writer) and
     ``heartbeat_s`` (how often writers re-send) make :meth:`start` wait for the fresh
     beats that confirm what the history says; ``stale_after_s`` bounds which history
-    records are worth waiting for.
+    records are worth waiting for. Views whose records nobody judges by silence pass
+    ``fetch_wait_ms=None`` (the frame readers' longer wait): a record still arrives at
+    once, and the idle view sends fewer empty fetches.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class CompactedView(Generic[T]):
         confirm: Callable[[T], bool] | None = None,
         heartbeat_s: float = 0.0,
         stale_after_s: float = 0.0,
+        fetch_wait_ms: int | None = CONTROL_FETCH_MAX_WAIT_MS,
     ) -> None:
         self._bus = bus
         self._topic = topic
@@ -86,6 +89,7 @@ class CompactedView(Generic[T]):
         self._confirm = confirm
         self._heartbeat_s = heartbeat_s
         self._stale_after_s = stale_after_s
+        self._fetch_wait_ms = fetch_wait_ms
         self.records: dict[str, T] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -94,7 +98,7 @@ class CompactedView(Generic[T]):
 
     async def start(self) -> None:
         """Load the topic up to its current end, then keep following it."""
-        consumer = self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
+        consumer = self._bus.consumer(self._fetch_wait_ms)
         await consumer.start()
         tp = TopicPartition(self._topic, 0)
         consumer.assign([tp])

@@ -69,6 +69,10 @@ class IngestSession(PeerSession):
         self._last_pli = 0.0
         self._ended = False
         self._outbox: asyncio.Queue[Frame] = asyncio.Queue(OUTBOX_FRAMES)
+        self._audio_hold_s = max(0.0, node.settings.kafka_audio_hold_ms / 1000)
+        self._video_seen = False
+        self._held_audio: list[Frame] = []
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     async def start(self, offer: SessionDescription, offer_sdp: str) -> str:
         pc = self.pc = self.create_peer_connection()
@@ -113,10 +117,17 @@ class IngestSession(PeerSession):
         Frames go through a bounded outbox drained by one task, so RTP handling never
         waits on Kafka: during a broker outage the outbox fills, further frames are
         dropped and counted, and the publisher's connection stays healthy.
+
+        Once video has come, audio is held until the next video frame, at most
+        ``kafka_audio_hold_ms``: both go into the outbox in one event-loop turn, so the
+        producer sends them in one request (one per video frame instead of ~80/s).
+        Video is never held, audio of an audio-only stream neither, and a record's
+        ``arrival_us`` is still its arrival.
         """
         keyframe = is_keyframe(codec, payload)
         stats = self.stats
         if track is Track.VIDEO:
+            self._video_seen = True
             if keyframe:
                 now = time.monotonic()
                 self._waiting_for_keyframe = False
@@ -126,6 +137,7 @@ class IngestSession(PeerSession):
             elif self._waiting_for_keyframe:
                 stats.frames_skipped += 1
                 self.request_keyframe()
+                self._release_audio()
                 return
         sequence = self._sequence[track]
         self._sequence[track] = sequence + 1
@@ -139,15 +151,36 @@ class IngestSession(PeerSession):
             time.time_ns() // 1000,
             payload,
         )
+        if track is Track.VIDEO:
+            self._queue(frame)
+            self._release_audio()
+        elif self._audio_hold_s and self._video_seen:
+            self._held_audio.append(frame)
+            if self._hold_timer is None:
+                loop = asyncio.get_running_loop()
+                self._hold_timer = loop.call_later(self._audio_hold_s, self._release_audio)
+        else:
+            self._queue(frame)
+
+    def _release_audio(self) -> None:
+        """Queue the held audio frames (with the video frame just queued, if any)."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        held, self._held_audio = self._held_audio, []
+        for frame in held:
+            self._queue(frame)
+
+    def _queue(self, frame: Frame) -> None:
         try:
             self._outbox.put_nowait(frame)
         except asyncio.QueueFull:
-            stats.frames_backlogged += 1
-            if track is Track.VIDEO:
+            self.stats.frames_backlogged += 1
+            if frame.track is Track.VIDEO:
                 self.frame_lost()
             return
-        stats.frames[track] += 1
-        stats.bytes[track] += len(payload)
+        self.stats.frames[frame.track] += 1
+        self.stats.bytes[frame.track] += len(frame.payload)
 
     async def _drain(self) -> None:
         while True:
@@ -220,6 +253,8 @@ class IngestSession(PeerSession):
         if self._ended:
             return
         self._ended = True
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
         self.node.sessions.pop(self.stream, None)
         if self.info is not None:
             self.info.state = "ended"

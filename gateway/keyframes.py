@@ -14,6 +14,7 @@ ingest arrival time, which is what targets and positions are expressed in.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 
@@ -97,12 +98,25 @@ class KeyframeFinder:
                 )
             if found is None:
                 return None
-            offset, keyframe_ms = found
+            offset, keyframe = found
+            keyframe_ms = keyframe.arrival_us / 1000
             at = (await self._consumer.offsets_for_times({audio: int(keyframe_ms)}))[audio]
             audio_offset = (
                 at.offset if at is not None else (await self._consumer.end_offsets([audio]))[audio]
             )
             return SeekPoint(offset, audio_offset, keyframe_ms)
+
+    async def newest_keyframe(self, stream: str, session: int, after_ms: float) -> Frame | None:
+        """The newest keyframe of ``session`` appended after ``after_ms`` and within the
+        search bound before now, with its bytes; ``None`` if there is none. Reads only
+        that span of the video partition (thumbnails: one lookup per picture instead of
+        a reader following every frame)."""
+        async with self._lock:
+            video, _ = await self._assign(stream)
+            end = (await self._consumer.end_offsets([video]))[video]
+            from_ms = max(after_ms, time.time() * 1000 - self._bound_ms)
+            found = await self._scan(video, end, session, from_ms, math.inf)
+            return None if found is None else found[1]
 
     async def _scan(
         self,
@@ -112,9 +126,9 @@ class KeyframeFinder:
         from_ms: float,
         to_ms: float,
         first: bool = False,
-    ) -> tuple[int, float] | None:
+    ) -> tuple[int, Frame] | None:
         """Read video from ``from_ms`` up to ``to_ms``: the last keyframe of ``session``
-        in that span (the first, if ``first``) as (offset, arrival ms)."""
+        in that span (the first, if ``first``) as (offset, frame)."""
         start = (await self._consumer.offsets_for_times({video: max(0, int(from_ms))}))[video]
         if start is None:
             return None
@@ -134,7 +148,7 @@ class KeyframeFinder:
                 if arrival_ms > to_ms:
                     return best
                 if frame.session == session and frame.keyframe:
-                    best = (record.offset, arrival_ms)
+                    best = (record.offset, frame)
                     if first:
                         return best
         return best

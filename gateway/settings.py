@@ -221,6 +221,11 @@ class Settings:
     Apache Kafka (and Redpanda) answer a waiting fetch as soon as a record arrives, so a
     long wait costs no latency and saves an empty fetch every few ms; lower it only for a
     Kafka-compatible broker that holds every fetch to the end."""
+    kafka_audio_hold_ms: float = 40.0
+    """Longest an ingest holds an audio frame of a stream that also has video, so that
+    it rides in the same produce request as the next video frame (one request per
+    video frame instead of one per frame and per audio packet). Video is never held;
+    0 sends every audio frame at once."""
 
     # Logging
     log_level: str = "INFO"

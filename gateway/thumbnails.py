@@ -1,11 +1,13 @@
 """Thumbnails: the latest picture of every live stream, for the directory and replays.
 
-A reader of the log beside egress, never on the live path. For each live stream it
-follows the stream topic with its own :class:`~whipcast.gateway.bus.FrameReader` and
-keeps the newest video keyframe (its bytes only: nothing is decoded as it arrives).
-Every ``thumbnail_interval`` seconds it decodes the newest keyframe it has not pictured
-yet, scales it to ``thumbnail_width`` pixels wide and writes it as a JPEG to the
-compacted topic ``{prefix}.thumbnails`` (key = stream name). Decoding and encoding run
+A reader of the log beside egress, never on the live path. Every
+``thumbnail_interval`` seconds it looks up each live stream's newest video keyframe in
+Kafka (:class:`~whipcast.gateway.keyframes.KeyframeFinder`: the time index, then a
+short read of the video partition since the last picture), decodes it if it has not
+been pictured yet, scales it to ``thumbnail_width`` pixels wide and writes it as a JPEG
+to the compacted topic ``{prefix}.thumbnails`` (key = stream name). No reader follows
+a stream between pictures, so a stream costs a few requests per interval, not a fetch
+per frame. Decoding and encoding run
 in one worker thread, so a node spends at most about one core on pictures and the event
 loop never waits for FFmpeg. Nothing is deleted when a stream ends: its last picture
 stays for the replay list.
@@ -25,8 +27,9 @@ import av
 from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError
 
-from .bus import Bus, FrameReader
-from .frames import Codec, Frame, Track
+from .bus import Bus
+from .frames import Codec, Frame
+from .keyframes import KeyframeFinder
 from .registry import RegistryView
 from .settings import Settings
 
@@ -103,50 +106,21 @@ def picture(frame: Frame, width: int) -> Thumbnail:
     return Thumbnail(out_width, out_height, frame.arrival_us // 1000, jpeg)
 
 
-class _Follower:
-    """One stream's reader: remembers the newest keyframe, nothing else."""
-
-    def __init__(self, bus: Bus, stream: str, lookback: int) -> None:
-        self.stream = stream
-        self.reader = FrameReader(bus, stream, lookback)
-        self.latest: Frame | None = None
-        self.pictured_us = 0
-        self.task = asyncio.create_task(self._follow(), name=f"thumbnails-{stream}")
-
-    async def _follow(self) -> None:
-        try:
-            await self.reader.start()
-            async for batch in self.reader.read():
-                for read in batch:
-                    frame = read.frame
-                    if frame.track is Track.VIDEO and frame.keyframe and frame.codec in _DECODERS:
-                        self.latest = frame
-        finally:
-            await self.reader.stop()
-
-    def due(self) -> Frame | None:
-        """The newest keyframe if it is newer than the last one pictured."""
-        latest = self.latest
-        if latest is None or latest.arrival_us <= self.pictured_us:
-            return None
-        return latest
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 class ThumbnailMaker:
-    """The ``thumbnails`` role: one follower per live stream, one picture per interval."""
+    """The ``thumbnails`` role: one picture per live stream and interval."""
 
     def __init__(self, settings: Settings, bus: Bus, view: RegistryView) -> None:
         self.settings = settings
         self._bus = bus
         self._view = view
         self.topic = thumbnails_topic(settings.topic_prefix)
-        self._followers: dict[str, _Follower] = {}
+        self._finder = KeyframeFinder(bus, settings.rewind_search_s * 1000)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="thumbnails")
         self._task: asyncio.Task | None = None
+        self._live: dict[str, int] = {}
+        """Streams live at the last round: name -> session."""
+        self._pictured: dict[str, int] = {}
+        """Arrival time (µs) of the keyframe last pictured, per stream."""
         self.pictures = 0
         self.errors = 0
 
@@ -158,42 +132,40 @@ class ThumbnailMaker:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for follower in self._followers.values():
-            await follower.stop()
-        self._followers.clear()
+        await self._finder.stop()
         self._worker.shutdown(wait=True, cancel_futures=True)
 
     async def _run(self) -> None:
         while True:
             started = time.monotonic()
-            live = {info.stream for info in self._view.live_streams()}
-            for stream in live:
-                follower = self._followers.get(stream)
-                if follower is None or follower.task.done():  # new, or its reader failed
-                    self._followers[stream] = _Follower(
-                        self._bus, stream, self.settings.gop_cache_frames
-                    )
-            for stream, follower in list(self._followers.items()):
-                await self._picture(follower)
-                if stream not in live:  # ended: its last picture is written above
-                    del self._followers[stream]
-                    await follower.stop()
+            live = {info.stream: info.session for info in self._view.live_streams()}
+            # A stream that ended since the last round gets its last keyframe pictured.
+            for stream, session in {**self._live, **live}.items():
+                await self._picture(stream, session)
+            for stream in set(self._pictured) - set(live):
+                del self._pictured[stream]
+            self._live = live
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.5, self.settings.thumbnail_interval - elapsed))
 
-    async def _picture(self, follower: _Follower) -> None:
-        frame = follower.due()
-        if frame is None:
+    async def _picture(self, stream: str, session: int) -> None:
+        pictured_us = self._pictured.get(stream, 0)
+        try:
+            frame = await self._finder.newest_keyframe(stream, session, pictured_us / 1000)
+        except KafkaError as exc:
+            logger.warning("no thumbnail for %s: %s", stream, exc)
             return
-        follower.pictured_us = frame.arrival_us
+        if frame is None or frame.arrival_us <= pictured_us or frame.codec not in _DECODERS:
+            return
+        self._pictured[stream] = frame.arrival_us
         loop = asyncio.get_running_loop()
         width = self.settings.thumbnail_width
         try:
             thumbnail = await loop.run_in_executor(self._worker, picture, frame, width)
-            await self._bus.send_record(self.topic, follower.stream, thumbnail.encode())
+            await self._bus.send_record(self.topic, stream, thumbnail.encode())
         except (ValueError, KafkaError) as exc:
             self.errors += 1
-            logger.warning("no thumbnail for %s: %s", follower.stream, exc)
+            logger.warning("no thumbnail for %s: %s", stream, exc)
             return
         self.pictures += 1
 
@@ -207,6 +179,6 @@ class ThumbnailMaker:
                 "counter", "Keyframes that gave no thumbnail", lambda: self.errors,
             ),
             "whipcast_thumbnail_streams": (
-                "gauge", "Live streams followed for thumbnails", lambda: len(self._followers),
+                "gauge", "Live streams pictured for thumbnails", lambda: len(self._live),
             ),
         }  # fmt: skip

@@ -36,6 +36,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kafka-fetch-wait-ms", type=int, help="longest wait of a frame "
                         "reader's fetch at the broker (default 500; lower only for brokers "
                         "that do not answer a waiting fetch when data arrives)")  # fmt: skip
+    parser.add_argument("--kafka-audio-hold-ms", type=float, help="longest an ingest holds "
+                        "audio to send it with the next video frame in one produce request "
+                        "(default 40; 0: send audio at once)")  # fmt: skip
     parser.add_argument("--media-address", action="append", dest="media_addresses",
                         help="local address for ICE host candidates (repeatable)")  # fmt: skip
     parser.add_argument("--public-ip", help="address announced in ICE candidates (1:1 NAT)")
@@ -196,6 +199,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         kafka_sasl_username=getattr(args, "kafka_sasl_username", None),
         kafka_ssl_cafile=getattr(args, "kafka_ssl_cafile", None),
         kafka_fetch_wait_ms=getattr(args, "kafka_fetch_wait_ms", None),
+        kafka_audio_hold_ms=getattr(args, "kafka_audio_hold_ms", None),
         media_addresses=tuple(args.media_addresses) if getattr(args, "media_addresses", None)
         else None,
         public_ip=getattr(args, "public_ip", None),

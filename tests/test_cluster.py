@@ -84,9 +84,13 @@ async def test_leader_killed_mid_stream(kafka_cluster):
         publisher = await publish(server.url, stream, token=TOKEN)
         view = server.node.view
         assert await view.wait_for(lambda: view.get(stream), 10)
-        video = (await _partitions(admin, f"{prefix}.stream.{stream}"))[0]
+        partitions = await _partitions(admin, f"{prefix}.stream.{stream}")
+        video = partitions[0]
         assert len(video["replicas"]) == 3
         leader = video["leader"]
+        # Every track of a stream has the same leader (audio rides in video's produce
+        # requests; a reader fetches the stream from one broker), so the kill hits both.
+        assert {p["leader"] for p in partitions.values()} == {leader}, partitions
 
         # The Q&A topic led by the same broker, so that the kill hits its writes too;
         # created as the node would (StateLog.ensure), with that broker as preferred leader.
