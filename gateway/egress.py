@@ -470,8 +470,8 @@ class ViewerSession(PeerSession):
         estimate = self.estimate
         return {
             "stream": self.stream,
-            "video": "paused" if self.video_paused else "live",
-            "reason": "connection too slow" if self.video_paused else None,
+            "video": "paused" if self.video_paused else "reduced" if self.layer else "live",
+            "reason": "connection too slow" if self.video_paused or self.layer else None,
             **self._layer_status(),
             "estimate_kbps": None if estimate is None else round(estimate.bitrate / 1000),
             "sent_kbps": None if estimate is None else round(estimate.sent_bitrate / 1000),
@@ -490,7 +490,6 @@ class ViewerSession(PeerSession):
             "layers": fanout.layer_count,
             "layer_width": described.get("width"),
             "layer_height": described.get("height"),
-            "quality": "reduced" if self.layer > 0 else "full",
             "layer_switches": selector.switches_up + selector.switches_down,
         }
 

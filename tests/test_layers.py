@@ -85,7 +85,7 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
             window_to = time.monotonic()
             assert all(s["layer"] in (1, 2) for s in states), states
             last = states[-1]
-            assert last["quality"] == "reduced" and last["layers"] == 3, last
+            assert last["video"] == "reduced" and last["layers"] == 3, last
             assert last["estimate_kbps"] is not None and last["estimate_kbps"] < 1600, last
             assert last["layer_width"] < 320, last
             # What fits is watched whole: few frames lost, no freeze.
@@ -117,7 +117,7 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
             await asyncio.sleep(3)
             assert slow_session.layer == 0 and slow_session.selector.failed_ups == 0
             async with http.get(slow.location) as response:
-                assert (await response.json())["quality"] == "full"
+                assert (await response.json())["video"] == "live"
             assert slow.video_sizes[-1] == (320, 240)
             assert monotonic_pts(slow.video_pts), "RTP timestamps broke across a switch"
             assert recovered_s < 20, recovered_s
