@@ -24,8 +24,8 @@ The rules follow production SFUs (mediasoup, OvenMediaEngine; see
   whose failure rules (NACKs for a quarter of the probe's packets, a receiver report
   over 10 % loss) put the estimate back and so bring the viewer down again within a
   round trip or two. A try that fails doubles the hold (up to
-  ``Settings.layer_up_max_hold_s``); one that holds ``PROBE_OK_S`` resets it, and the
-  next step up may follow after ``PROBE_OK_S`` more. A failed try goes back to the layer
+  ``Settings.layer_up_max_hold_s``); one that holds ``PROBE_OK_S`` resets it, and those
+  seconds count as the hold for the next step up. A failed try goes back to the layer
   it came from, and for ``GRACE_S`` the loss reports the try itself caused do not push
   the viewer further down (only a far lower estimate does).
 """
