@@ -43,7 +43,7 @@ from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, Unavailable, UnprocessableOffer
 from .frames import MAX_VIDEO_LAYERS, Codec, Track
-from .layers import FAST_SWITCH_S, LayerRate, LayerSelector
+from .layers import FAST_SWITCH_S, PROBE_OK_S, LayerRate, LayerSelector
 from .metrics import StreamSeries
 from .pacer import Pacer
 from .peer import PeerSession, answer_offer, parse_offer
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 BURST_CHUNK = 8  # GOP frames sent to a viewer between two yields to the loop
 BUDGET_BURST_S = 1.0  # a viewer's send budget holds this many seconds of its rate
 SELECT_INTERVAL_S = 0.25  # how often a layered stream's viewers' layers are reconsidered
+TRY_CHECK_S = 0.05  # ... and a viewer's that just switched up, to undo a failed try at once
 
 
 @dataclass
@@ -405,8 +406,10 @@ class ViewerSession(PeerSession):
         self._up_pending = None
 
     def _step_down(self) -> bool:
-        """The viewer's link cannot keep up with its layer: a lower one at once, if the
-        stream has one (else False: the video pauses, as on a single-layer stream)."""
+        """The viewer fell behind, or its picture broke, with an estimate short of its
+        layer: the lower layer the selector picks, at once (False where there is none,
+        or the estimate carries the layer: then the video pauses to the next keyframe
+        it can take, as on a single-layer stream)."""
         fanout, selector, estimate = self.fanout, self.selector, self.estimate
         if fanout is None or selector is None or estimate is None or not self._live:
             return False
@@ -414,10 +417,7 @@ class ViewerSession(PeerSession):
         now = time.monotonic()
         target = selector.choose(estimate.bitrate, bitrates, alive, now)
         if target <= self.layer:
-            lower = [k for k in range(self.layer + 1, len(alive)) if alive[k]]
-            if not lower:
-                return False
-            target = lower[0]
+            return False  # its estimate carries this layer: the backlog is a burst's
         self._switch_down(target, now)
         return True
 
@@ -430,6 +430,12 @@ class ViewerSession(PeerSession):
         if self._pacer is not None:
             self._pacer.clear()
         self._rebase = True
+        # What the old layer cost and the feedback still in flight about it describe
+        # the old layer: the budget's debt is forgiven, and loss and REMB cut nothing
+        # until the new layer has flowed for a while (as after a pause).
+        self.senders[Track.VIDEO].budget.refill(now)
+        if self._paused_at is None:
+            self.estimate.paused(False, now)
 
     def _switch_down(self, layer: int, now: float) -> None:
         """To a lower layer at once: its cached GOP if the estimate sends it within
@@ -464,6 +470,19 @@ class ViewerSession(PeerSession):
         self._move(layer, now)
         self._rebase = False
         sender.continue_with(prepared.frame)
+        self.spawn(self._watch_try(layer))
+
+    async def _watch_try(self, layer: int) -> None:
+        """While a switch up is unconfirmed, look at the estimate every ``TRY_CHECK_S``
+        rather than every ``SELECT_INTERVAL_S``: a failed try costs the viewer a frozen
+        picture until it is back on its old layer, so it goes back within one check."""
+        end = time.monotonic() + PROBE_OK_S
+        while self.layer == layer and self._live and time.monotonic() < end:
+            await asyncio.sleep(TRY_CHECK_S)
+            if self.fanout is None:
+                return
+            bitrates, alive = self.fanout.layer_state()
+            self.select_layer(bitrates, alive, time.monotonic())
 
     def status(self) -> dict:
         """What the viewer's session resource tells its page (``GET``)."""

@@ -11,10 +11,11 @@ the viewer makes the switch at a keyframe of the target layer (``egress.ViewerSe
 The rules follow production SFUs (mediasoup, OvenMediaEngine; see
 ``/work/shared/notes/adaptation.md`` in the project notes):
 
-- **Down fast**: as soon as the estimate falls below the current layer's bitrate (a
-  loss cut, a failed probe) the viewer goes to the best layer that fits with
-  ``FITS`` to spare, or the lowest. A layer that stopped (the publisher's own
-  uplink turned it off) is left at once.
+- **Down fast**: once the estimate has stayed below the current layer's bitrate for
+  ``DOWN_CONFIRM_S`` (one loss report from a CPU stall on a busy receiver is no
+  trend), or at once when it is far below (``DOWN_NOW_AT``), the viewer goes to the best
+  layer that fits with ``FITS`` to spare, or the lowest. A layer that stopped (the
+  publisher's own uplink turned it off) is left at once.
 - **Up slowly, one step at a time, as a probe**: only after the estimate has carried
   the current layer with ``ROOM`` to spare for ``hold`` seconds without a break
   (``Settings.layer_up_hold_s``, 10 s after a switch down, like mediasoup's and OME's
@@ -34,7 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-DOWN_AT = 1.0  # an estimate below this x the layer's bitrate leaves it at once
+DOWN_AT = 1.0  # an estimate below this x the layer's bitrate leaves it ...
+DOWN_CONFIRM_S = 1.0  # ... once it has stayed there this long (one report is no trend)
+DOWN_NOW_AT = 0.75  # ... or at once, below this x (no doubt about it)
 FITS = 1.15  # a layer fits an estimate this x its bitrate (headers, keyframe bursts)
 ROOM = 1.3  # the current layer is carried with room to spare at this x its bitrate
 PROBE_OK_S = 5.0  # a switch up that held this long succeeded (bandwidth.PROBE_FAILED_S)
@@ -91,6 +94,7 @@ class LayerSelector:
         self._up_at: float | None = None  # a switch up not yet confirmed
         self._up_from = 0  # the layer it came from
         self._grace_until = float("-inf")
+        self._short_since: float | None = None  # the estimate fell below the layer's
 
     def choose(
         self, estimate: float, bitrates: Sequence[float], alive: Sequence[bool], now: float
@@ -112,8 +116,14 @@ class LayerSelector:
                 return self._up_from  # the try failed: back to where it came from
             if now < self._grace_until and estimate >= bitrates[layer] * GRACE_DOWN_AT:
                 return layer
+            if self._short_since is None:
+                self._short_since = now
+            clear = estimate < bitrates[layer] * DOWN_NOW_AT
+            if not clear and now - self._short_since < DOWN_CONFIRM_S:
+                return layer
             lower = [k for k in fits if k > layer]
             return lower[0] if lower else max(usable[-1], layer)
+        self._short_since = None
         better = [k for k in usable if k < layer]
         if not better or estimate < bitrates[layer] * ROOM:
             self._room_since = None
@@ -142,6 +152,7 @@ class LayerSelector:
             self._wait = self._hold
         self.layer = layer
         self._room_since = None
+        self._short_since = None
 
     def not_now(self) -> None:
         """A switch up could not be tried (the estimate refused a probe so soon): the

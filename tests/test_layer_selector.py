@@ -3,7 +3,13 @@ up only after a hold and one step at a time, failed tries back off."""
 
 from __future__ import annotations
 
-from whipcast.gateway.layers import ALIVE_S, PROBE_OK_S, LayerRate, LayerSelector
+from whipcast.gateway.layers import (
+    ALIVE_S,
+    DOWN_CONFIRM_S,
+    PROBE_OK_S,
+    LayerRate,
+    LayerSelector,
+)
 
 RATES = [1_500_000.0, 400_000.0, 120_000.0]
 ALIVE = [True, True, True]
@@ -21,12 +27,19 @@ def settle(selector: LayerSelector, estimate: float, start: float, seconds: floa
     return now
 
 
-def test_down_at_once_to_the_best_layer_that_fits():
+def test_down_fast_to_the_best_layer_that_fits():
     selector = LayerSelector(10.0, 15.0, 0.0)
     assert selector.choose(50e6, RATES, ALIVE, 0.0) == 0
-    assert selector.choose(1.2e6, RATES, ALIVE, 0.1) == 1
-    assert selector.choose(300e3, RATES, ALIVE, 0.1) == 2
-    assert selector.choose(50e3, RATES, ALIVE, 0.1) == 2  # nothing fits: the lowest
+    # Somewhat short: once it has stayed short for DOWN_CONFIRM_S.
+    assert selector.choose(1.2e6, RATES, ALIVE, 0.1) == 0
+    assert selector.choose(1.3e6, RATES, ALIVE, 0.1 + DOWN_CONFIRM_S / 2) == 0
+    assert selector.choose(1.2e6, RATES, ALIVE, 0.2 + DOWN_CONFIRM_S) == 1
+    # A dip that recovers is forgotten.
+    assert selector.choose(2e6, RATES, ALIVE, 2.0) == 0
+    assert selector.choose(1.2e6, RATES, ALIVE, 2.1) == 0
+    # Far short: at once.
+    assert selector.choose(300e3, RATES, ALIVE, 3.0) == 2
+    assert selector.choose(50e3, RATES, ALIVE, 3.0) == 2  # nothing fits: the lowest
     # Nothing measured yet (a stream just started): the viewer stays on the top layer.
     assert selector.choose(50e3, [0.0, 0.0, 0.0], ALIVE, 0.1) == 0
 

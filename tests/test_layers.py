@@ -55,8 +55,10 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
     decodes over 98 % of the frames with no freeze over 0.5 s, its RTP timestamps
     continuous across the switch; an unconstrained viewer on the same node keeps the
     top layer; the session resource, /api/stats and keyframe requests (per layer,
-    within the rate limit) say so; once the link is fast again the slow viewer is back
-    on the top layer within 20 s and stays there."""
+    within the rate limit) say so. A try of the top layer while the link is still slow
+    fails and returns the viewer to its layer at once; once the link is fast again
+    (just after such a failed try: the longest wait) the slow viewer is back on the top
+    layer within 20 s and stays there."""
     server = layers_server
     source = LayeredSource(server.node.bus, stream_name)
     await source.start()
@@ -107,7 +109,23 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
             assert stats["layer_switches_down"] >= 1, stats
             assert stats["viewers_per_layer"][0] == 1 and sum(stats["viewers_per_layer"]) == 2
 
-            # The link is fast again: the viewer tries the better layers and keeps them.
+            # Still slow: the viewer tries the top layer once the hold is over, the link
+            # drops the try, and the viewer is back on the layer it came from at once.
+            selector = slow_session.selector
+            assert await until(lambda: selector.failed_ups >= 1, 20), "never tried to go up"
+            failed_at = time.monotonic()
+            assert slow_session.layer == 1, slow_session.layer
+            await asyncio.sleep(2)
+            assert slow_session.layer == 1 and selector.failed_ups == 1
+            times = [at for at, _, _ in slow.frames]
+            # The try costs a short freeze (about 1 s: the top layer's keyframe does not
+            # get through whole, and the old layer's keyframe is asked for again), then
+            # the picture flows again.
+            assert max_gap([t for t in times if t < failed_at + 1.5], failed_at - 2) < 2.5
+            assert max_gap(times, failed_at + 1.5) < 0.5
+
+            # The link is fast again, right after a failed try (the longest wait): the
+            # viewer tries again after the doubled hold and keeps the top layer.
             link.bitrate = None
             lifted = time.monotonic()
             assert await until(lambda: slow_session.layer == 0, 25), (
@@ -115,7 +133,7 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
             )
             recovered_s = time.monotonic() - lifted
             await asyncio.sleep(3)
-            assert slow_session.layer == 0 and slow_session.selector.failed_ups == 0
+            assert slow_session.layer == 0 and selector.failed_ups == 1
             async with http.get(slow.location) as response:
                 assert (await response.json())["video"] == "live"
             assert slow.video_sizes[-1] == (320, 240)
