@@ -253,7 +253,7 @@ async def play(
         if link is not None:
             _shape(link, transceiver.receiver, rng)
         if resync and transceiver.kind == "video":
-            _resync_on_keyframes(transceiver.receiver)
+            resync_on_keyframes(transceiver.receiver)
         track = transceiver.receiver.track
         if track is not None:  # None: the stream has no such track
             viewer._tasks.append(asyncio.create_task(_consume(viewer, track)))
@@ -274,7 +274,7 @@ def _impair(viewer: Viewer, receiver, loss: float, rng: random.Random) -> None:
     receiver._handle_rtp_packet = lossy
 
 
-def _resync_on_keyframes(receiver) -> None:
+def resync_on_keyframes(receiver) -> None:
     """Decode the first complete H.264 keyframe after a gap NACKs could not fill, as a
     browser does. aiortc's jitter buffer instead waits for the gap until 512 packets
     have passed (seconds of frozen video at a few hundred kbps), so a test of what a
