@@ -445,14 +445,20 @@ class ViewerSession(PeerSession):
         if fanout is None or sender is None:
             return
         self._move(layer, now)
-        gop = fanout.gops[layer]
-        size = sum(len(p.frame.payload) for p in gop)
-        if gop and self._paused_at is None and size <= self.estimate.bitrate / 8 * FAST_SWITCH_S:
+        if self._paused_at is None and self._gop_is_cheap():
             self._bursting = True  # live frames of the new layer wait behind its GOP
             self.spawn(self._send_gop(sender))
         else:
             self._skip_to_keyframe = True
             fanout.request_keyframe("viewer switching down", layer)
+
+    def _gop_is_cheap(self) -> bool:
+        """Whether the viewer's layer has a cached GOP its estimate sends within
+        ``FAST_SWITCH_S`` (a layered viewer's picture restarts from it at once)."""
+        gop, estimate = self.fanout.gops[self.layer], self.estimate
+        if not gop or estimate is None:
+            return False
+        return sum(len(p.frame.payload) for p in gop) <= estimate.bitrate / 8 * FAST_SWITCH_S
 
     def switch_up_at(self, prepared: PreparedFrame, layer: int) -> None:
         """A keyframe of the better layer this viewer waits for: switch to it, as a
@@ -567,6 +573,9 @@ class ViewerSession(PeerSession):
         if self._link_limited() and not self._covers_stream():
             if not self._step_down():
                 self._drop_to_keyframe()  # the link cannot carry the stream: pause
+        elif self._link_limited() and self.selector is not None and self._gop_is_cheap():
+            self.stats.cached_keyframes += 1  # a lower layer's young GOP: cheap enough
+            self.spawn(self._send_gop(sender))
         elif self._link_limited():
             # A GOP burst would only build a backlog on a link with little to spare:
             # the viewer waits for the stream's next keyframe instead. Its video is not
@@ -963,6 +972,11 @@ class EgressNode:
     async def fanout(self, info: StreamInfo) -> StreamFanout:
         async with self._fanout_lock:
             fanout = self.fanouts.get(info.stream)
+            layers = len(info.layers or ()) if self.settings.viewer_layers else 1
+            layers = max(1, min(layers, MAX_VIDEO_LAYERS))
+            if fanout is not None and not fanout.viewers and fanout.layer_count != layers:
+                await self._end(fanout)  # the publisher's layers changed: read them anew
+                fanout = None
             if fanout is not None and fanout.session != info.session:
                 await self._end(fanout)
                 fanout = None
