@@ -531,6 +531,9 @@ class ViewerSession(PeerSession):
                 sender.continue_with(fanout.gops[0][-1].frame)
             fanout.move(self, 0)
             self.layer = self.selector.layer = 0
+            # Its estimate was held to a lower layer's rate: try the top one (a link
+            # that cannot carry it fails the probe and the replay skips to keyframes).
+            self.estimate.probe(fanout.rates[0].bitrate, time.monotonic(), sender.next_seq)
         self.drop_pending_video()  # live frames still waiting must not follow the past
         self._resume()
 

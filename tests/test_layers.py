@@ -150,3 +150,37 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
         await fast.close()
     finally:
         await source.stop()
+
+
+async def test_a_viewer_below_the_top_layer_rewinds_and_returns(layers_server, stream_name):
+    """A viewer on a lower layer that seeks into the past gets the top layer (the past
+    is read from partition 0), and back live it carries on; its RTP timestamps never
+    go back across either move."""
+    server = layers_server
+    source = LayeredSource(server.node.bus, stream_name)
+    await source.start()
+    try:
+        await wait_live(server, stream_name)
+        link = Link(bitrate=800_000, queue_s=0.1)
+        viewer = await play(server.url, stream_name, link=link, resync=True)
+        session = viewer_session(server, stream_name, viewer)
+        assert await until(lambda: session.layer > 0 and len(viewer.frames) > 30, 15)
+        link.bitrate = None
+        await asyncio.sleep(1)
+        async with viewer.session.post(viewer.location + "/position", json={"seek": -3}) as r:
+            assert r.status == 200 and not (await r.json())["live"]
+        asked = time.monotonic()
+        assert session.layer == 0 and not session.fanout.viewers_per_layer()[1]
+        assert await until(lambda: viewer.video_sizes[-1] == (320, 240), 5)
+        await asyncio.sleep(2)
+        assert max_gap([at for at, _, _ in viewer.frames], asked + 1) < 0.5
+        async with viewer.session.post(viewer.location + "/position", json={"live": True}) as r:
+            assert r.status == 200 and (await r.json())["live"]
+        back = time.monotonic()
+        await asyncio.sleep(2)
+        assert max_gap([at for at, _, _ in viewer.frames], back + 1) < 0.5
+        assert session in session.fanout.viewers and session.layer == 0
+        assert monotonic_pts(viewer.video_pts), "RTP timestamps went back"
+        await viewer.close()
+    finally:
+        await source.stop()
