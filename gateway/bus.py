@@ -293,6 +293,8 @@ class FrameReader:
         # read by the same consumer, so one fetch still serves the whole stream.
         self._partitions = [int(t) for t in Track]
         self._partitions += [video_partition(k) for k in range(1, layers)]
+        self.layers = layers
+        """Video layers read: fewer than asked for if the topic lacks their partitions."""
         self._behind: set[int] = set()  # video partitions whose history is not read yet
         self._consumer = bus.consumer()
         self._lookback = lookback
@@ -313,6 +315,12 @@ class FrameReader:
 
     async def start(self) -> None:
         await self._consumer.start()
+        if self.layers > 1:  # a layer whose partition is missing is not waited for
+            await self._consumer.topics()  # fresh metadata
+            known = self._consumer.partitions_for_topic(self.topic) or set()
+            while self.layers > 1 and video_partition(self.layers - 1) not in known:
+                self.layers -= 1
+                self._partitions.pop()
         partitions = [TopicPartition(self.topic, p) for p in self._partitions]
         self._consumer.assign(partitions)
         if self._start is not None:

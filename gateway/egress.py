@@ -127,11 +127,13 @@ class ViewerSession(PeerSession):
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
         answer = await self.negotiate(offer, offer_sdp, info)
         self.fanout = await self.node.fanout(info)
+        settings = self.settings
         if self.fanout.layer_count > 1 and self.estimate is not None:
-            settings = self.settings
             self.selector = LayerSelector(
                 settings.layer_up_hold_s, settings.layer_up_max_hold_s, time.monotonic()
             )
+        elif self.estimate is not None and not settings.viewer_adapt:
+            self._drop_estimate()  # it was only for layers the topic turned out not to have
         self.fanout.join(self)
         if Track.VIDEO in self.senders:
             self.spawn(self._start_video(self.senders[Track.VIDEO]))
@@ -192,6 +194,15 @@ class ViewerSession(PeerSession):
                 sender.estimate = self.estimate
                 self._pacer = Pacer(sender, budget, self._drain)
         return await answer_offer(pc, self.settings)
+
+    def _drop_estimate(self) -> None:
+        """Back to the fixed budget of a viewer without adaptation."""
+        video = self.senders.get(Track.VIDEO)
+        if video is not None:
+            video.estimate = None
+            rate = self.settings.viewer_max_bitrate / 8
+            video.budget.rate, video.budget.burst = rate, rate * BUDGET_BURST_S
+        self.estimate = self._pacer = None
 
     async def _start_video(self, sender: FanoutSender) -> None:
         """Once DTLS is up: the cached GOP, then live frames."""
@@ -671,6 +682,16 @@ class StreamFanout:
 
     async def start(self) -> None:
         await self._reader.start()
+        if self._reader.layers < self.layer_count:  # the topic lacks some layers' partitions
+            logger.warning(
+                "stream %s lists %d layers but its topic holds %d",
+                self.stream,
+                self.layer_count,
+                self._reader.layers,
+            )
+            n = self.layer_count = self._reader.layers
+            del self.layer_info[n:], self.gops[n:], self.rates[n:]
+            del self._on_layer[n:], self._awaiting[n:]
         self._tasks.append(asyncio.create_task(self._run(), name=f"fanout-{self.stream}"))
         if self.layer_count > 1:
             self._tasks.append(

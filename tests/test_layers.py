@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from .conftest import start_server
-from .layered_source import LayeredSource
+from .layered_source import LAYERS, LayeredSource
 from .peers import Link, play
 from .test_adaptation import max_gap
 from .test_feedback import viewer_session, wait_live
@@ -186,6 +186,27 @@ async def test_a_viewer_below_the_top_layer_rewinds_and_returns(layers_server, s
         assert max_gap([at for at, _, _ in viewer.frames], back + 1) < 0.5
         assert session in session.fanout.viewers and session.layer == 0
         assert monotonic_pts(viewer.video_pts), "RTP timestamps went back"
+        await viewer.close()
+    finally:
+        await source.stop()
+
+
+async def test_layers_listed_but_not_in_the_topic(layers_server, stream_name):
+    """A registry record listing layers whose partitions the stream's topic lacks (an
+    ingest that wrote one layer) still plays: its top layer, without adaptation."""
+    server = layers_server
+    source = LayeredSource(server.node.bus, stream_name, layers=LAYERS[:1])
+    source.info.layers = [{"layer": k, "rid": x.rid, "width": x.width, "height": x.height,
+                           "bitrate": x.bitrate} for k, x in enumerate(LAYERS)]  # fmt: skip
+    await source.start()
+    try:
+        await wait_live(server, stream_name)
+        viewer = await play(server.url, stream_name, resync=True)
+        await viewer.wait_frames(30)
+        async with viewer.session.get(viewer.location) as response:
+            state = await response.json()
+        assert state["layer"] is None and state["layers"] == 1, state
+        assert viewer_session(server, stream_name, viewer).estimate is None
         await viewer.close()
     finally:
         await source.stop()
