@@ -289,6 +289,7 @@ class FrameReader:
         layers: int = 1,
     ) -> None:
         self.topic = bus.stream_topic(stream)
+        self._bus = bus
         # Simulcast: video layers 1.. on their own partitions (``frames.video_partition``),
         # read by the same consumer, so one fetch still serves the whole stream.
         self._partitions = [int(t) for t in Track]
@@ -316,8 +317,7 @@ class FrameReader:
     async def start(self) -> None:
         await self._consumer.start()
         if self.layers > 1:  # a layer whose partition is missing is not waited for
-            await self._consumer.topics()  # fresh metadata
-            known = self._consumer.partitions_for_topic(self.topic) or set()
+            known = await self._bus.producer.partitions_for(self.topic)
             while self.layers > 1 and video_partition(self.layers - 1) not in known:
                 self.layers -= 1
                 self._partitions.pop()
