@@ -49,6 +49,7 @@ def monotonic_pts(pts: list[int]) -> bool:
     return all(0 < step < 10 * 90000 for step in steps)
 
 
+@pytest.mark.timeout(240)  # ~50 s; its waits add up to ~75 s at their bounds, plus a loaded machine
 async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream_name):
     """Three layers (~1.6 Mbps, 430 and 130 kbps). A viewer behind an 800 kbps link with
     a 100 ms queue leaves the top layer within a few seconds for one that fits, then
