@@ -3,6 +3,7 @@ stream, and the gateway CPU that per-viewer estimation adds.
 
     python -m bench.adapt_bench [--link-kbps 800] [--loss 0.02] [--seconds 30] [--json FILE]
     python -m bench.adapt_bench --no-viewer-adapt      # the same run without estimation
+    python -m bench.adapt_bench --layers               # a three-layer simulcast stream
 
 An embedded Apache Kafka broker, one ``whipcast dev`` process (every role: its CPU is
 the gateway's, read from ``/proc/PID/stat``) and the pre-encoded 720p30 ~1.5 Mbps H.264
@@ -25,6 +26,15 @@ the delayed ones, so its REMB estimator sees the queue). Phases:
 5. gateway CPU with no viewer and with ``--cpu-viewers`` unconstrained viewers: per
    viewer = (run - idle) / N. Compare a run with ``--no-viewer-adapt``: the difference is
    what estimation costs (the abs-send-time stamp is written in both, as negotiated).
+
+``--layers``: the stream is ``tests/layered_source.py``'s instead (the same picture in
+three H.264 layers, 320x240 ~1.5 Mbps, 160x120 ~400 kbps, 80x60 ~120 kbps, written into
+the broker as a simulcast ingest writes them, keyframes every second and on request per
+layer), no audio, and the gateway runs with its defaults (layer choice needs no
+``--viewer-adapt``). The constrained viewer's layer is sampled every 0.5 s, and its
+layer switches and failed tries of a better layer are reported. Both viewers decode the
+first complete keyframe after a gap NACKs could not fill, as browsers do
+(``peers.resync_on_keyframes``; aiortc alone waits 512 packets).
 """
 
 from __future__ import annotations
@@ -41,11 +51,15 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from whipcast.gateway.broker import EmbeddedKafka
+from whipcast.gateway.bus import Bus
+from whipcast.gateway.metrics import Metrics
 from whipcast.gateway.settings import Settings
 from whipcast.loadtest.procs import free_port, machine
 
 from bench.gateway_bench import FPS, STREAM, publisher_main
 from bench.rewind_bench import cpu_percent
+from tests.layered_source import LayeredSource
+from tests.peers import resync_on_keyframes
 
 
 @dataclass
@@ -85,7 +99,9 @@ class Viewer:
     tasks: list = field(default_factory=list)
 
 
-async def connect(http: aiohttp.ClientSession, base: str, link: Link | None) -> Viewer:
+async def connect(
+    http: aiohttp.ClientSession, base: str, link: Link | None, resync: bool = False
+) -> Viewer:
     from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
     from aiortc.clock import current_ms
 
@@ -120,6 +136,8 @@ async def connect(http: aiohttp.ClientSession, base: str, link: Link | None) -> 
 
             receiver._handle_rtp_packet = shaped
         if transceiver.kind == "video":
+            if resync:
+                resync_on_keyframes(receiver)
             viewer.tasks.append(asyncio.create_task(_consume(viewer, receiver.track)))
     return viewer
 
@@ -183,6 +201,22 @@ async def settle_after_recovery(viewer: Viewer, since: float, limit: float) -> f
     return None
 
 
+async def settle_on_layer(
+    http: aiohttp.ClientSession,
+    base: str,
+    viewer: Viewer,
+    layer: int,
+    since: float,
+    limit: float,
+) -> float | None:
+    """Seconds until the viewer's session resource names ``layer``."""
+    while time.monotonic() - since < limit:
+        await asyncio.sleep(0.25)
+        if (await session_state(http, base, viewer)).get("layer") == layer:
+            return round(time.monotonic() - since, 2)
+    return None
+
+
 async def session_state(http: aiohttp.ClientSession, base: str, viewer: Viewer) -> dict:
     async with http.get(base + viewer.location) as response:
         return await response.json() if response.status == 200 else {}
@@ -190,19 +224,21 @@ async def session_state(http: aiohttp.ClientSession, base: str, viewer: Viewer) 
 
 async def scenario(http, base: str, args) -> dict:
     link = Link()
-    slow = await connect(http, base, link)
-    fast = await connect(http, base, None)
+    slow = await connect(http, base, link, args.layers)
+    fast = await connect(http, base, None, args.layers)
     try:
         await asyncio.sleep(args.warmup)
         link.bitrate, link.loss = args.link_kbps * 1000, args.loss
         dropped_at = time.monotonic()
         settle_drop = await settle_after_drop(link, dropped_at, 30)
         start = time.monotonic()
-        estimates = []
+        estimates, layers = [], []
         while time.monotonic() - start < args.seconds:
             state = await session_state(http, base, slow)
             if state.get("estimate_kbps") is not None:
                 estimates.append(state["estimate_kbps"])
+            if state.get("layer") is not None:
+                layers.append(state["layer"])
             await asyncio.sleep(0.5)
         end = time.monotonic()
         window = [dropped for at, dropped in link.log if start <= at < end]
@@ -214,23 +250,41 @@ async def scenario(http, base: str, args) -> dict:
             "max": max(estimates, default=None),
         }
         constrained["pauses"] = (await session_state(http, base, slow)).get("pauses")
+        if layers:
+            constrained["layer_share"] = {
+                k: round(layers.count(k) / len(layers), 2) for k in sorted(set(layers))
+            }
         link.bitrate, link.loss = None, 0.0
         lifted = time.monotonic()
-        settle_up = await settle_after_recovery(slow, lifted, 30)
-        return {
+        if args.layers:
+            settle_up = await settle_on_layer(http, base, slow, 0, lifted, 45)
+        else:
+            settle_up = await settle_after_recovery(slow, lifted, 30)
+        results = {
             "constrained": constrained,
             "unconstrained": playback(fast.frames, start, end),
             "settle_after_drop_s": settle_drop,
             "settle_after_recovery_s": settle_up,
         }
+        if args.layers:
+            async with http.get(f"{base}/api/stats") as response:
+                egress = (await response.json())["streams"][STREAM]["egress"]
+            results["layers"] = {
+                key: egress[key]
+                for key in ("layer_switches_down", "layer_switches_up", "layer_failed_ups")
+            }
+            results["unconstrained"]["layer"] = (await session_state(http, base, fast)).get("layer")
+        return results
     finally:
         await close(http, base, slow)
         await close(http, base, fast)
 
 
-async def cpu_per_viewer(http, base: str, pid: int, n: int, seconds: float) -> dict:
+async def cpu_per_viewer(
+    http, base: str, pid: int, n: int, seconds: float, resync: bool = False
+) -> dict:
     idle = await cpu_percent(pid, seconds)
-    viewers = [await connect(http, base, None) for _ in range(n)]
+    viewers = [await connect(http, base, None, resync) for _ in range(n)]
     try:
         await asyncio.sleep(3)
         before = sum(len(v.frames) for v in viewers)
@@ -252,12 +306,12 @@ async def main(args) -> dict:
     async with EmbeddedKafka(Settings.from_env()) as kafka:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        flags = [] if args.no_viewer_adapt else ["--viewer-adapt"]
+        flags = [] if args.no_viewer_adapt or args.layers else ["--viewer-adapt"]
         node = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "whipcast.signaling.cli", "dev", "--kafka-bootstrap",
             kafka.bootstrap, "--port", str(port), "--log-level", "WARNING", *flags,
         )  # fmt: skip
-        publisher = None
+        publisher = layered = None
         try:
             async with aiohttp.ClientSession() as http:
                 for _ in range(300):
@@ -266,27 +320,39 @@ async def main(args) -> dict:
                             if response.status == 200:
                                 break
                     await asyncio.sleep(0.2)
-                parent, child = ctx.Pipe()
-                publisher = ctx.Process(
-                    target=publisher_main,
-                    args=("aiortc", f"{base}/whip/{STREAM}", "", "", 10.0, 1500, child),
-                    daemon=True,
-                )
-                publisher.start()
-                message = await asyncio.to_thread(parent.recv)
-                if message[0] != "live":
-                    raise RuntimeError(f"publisher: {message}")
-                print(f"publishing {message[1]}", flush=True)
+                if args.layers:
+                    bus = Bus(Settings.from_env(kafka_bootstrap=kafka.bootstrap), Metrics())
+                    await bus.start()
+                    layered = LayeredSource(bus, STREAM)
+                    await layered.start()
+                    print("publishing three layers", flush=True)
+                else:
+                    parent, child = ctx.Pipe()
+                    publisher = ctx.Process(
+                        target=publisher_main,
+                        args=("aiortc", f"{base}/whip/{STREAM}", "", "", 10.0, 1500, child),
+                        daemon=True,
+                    )
+                    publisher.start()
+                    message = await asyncio.to_thread(parent.recv)
+                    if message[0] != "live":
+                        raise RuntimeError(f"publisher: {message}")
+                    print(f"publishing {message[1]}", flush=True)
                 await asyncio.sleep(3)
                 results: dict = {"machine": machine(), "adapt": not args.no_viewer_adapt,
-                                 "link_kbps": args.link_kbps, "loss": args.loss}  # fmt: skip
+                                 "layers": args.layers, "link_kbps": args.link_kbps,
+                                 "loss": args.loss}  # fmt: skip
                 if not args.cpu_only:
                     results.update(await scenario(http, base, args))
                 results["cpu"] = await cpu_per_viewer(
-                    http, base, node.pid, args.cpu_viewers, args.cpu_seconds
+                    http, base, node.pid, args.cpu_viewers, args.cpu_seconds, args.layers
                 )
-                parent.send("stop")
+                if publisher is not None:
+                    parent.send("stop")
         finally:
+            if layered is not None:
+                await layered.stop()
+                await bus.stop()
             if publisher is not None:
                 publisher.join(5)
                 if publisher.is_alive():
@@ -306,6 +372,8 @@ def cli() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=10.0)
     parser.add_argument("--cpu-only", action="store_true", help="skip the link scenario")
     parser.add_argument("--no-viewer-adapt", action="store_true")
+    parser.add_argument("--layers", action="store_true", help="publish a three-layer "
+                        "simulcast stream (tests/layered_source.py)")  # fmt: skip
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     results = asyncio.run(main(args))

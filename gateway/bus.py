@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
-from .frames import Frame, FrameFormatError, Track
+from .frames import Frame, FrameFormatError, Track, partition_layer, video_partition
 from .metrics import Metrics
 from .settings import Settings
 
@@ -282,6 +282,8 @@ class ReadFrame:
     frame: Frame
     history: bool
     """Written before the reader started: feeds the GOP cache, is not sent live."""
+    layer: int = 0
+    """The simulcast video layer (0: the best, or the only one; always 0 for audio)."""
 
 
 class FrameReader:
@@ -303,8 +305,17 @@ class FrameReader:
         *,
         start: dict[Track, int] | None = None,
         session: int | None = None,
+        layers: int = 1,
     ) -> None:
         self.topic = bus.stream_topic(stream)
+        self._bus = bus
+        # Simulcast: video layers 1.. on their own partitions (``frames.video_partition``),
+        # read by the same consumer, so one fetch still serves the whole stream.
+        self._partitions = [int(t) for t in Track]
+        self._partitions += [video_partition(k) for k in range(1, layers)]
+        self.layers = layers
+        """Video layers read: fewer than asked for if the topic lacks their partitions."""
+        self._behind: set[int] = set()  # video partitions whose history is not read yet
         self._consumer = bus.consumer()
         self._lookback = lookback
         self._start = start
@@ -324,7 +335,12 @@ class FrameReader:
 
     async def start(self) -> None:
         await self._consumer.start()
-        partitions = [TopicPartition(self.topic, track) for track in Track]
+        if self.layers > 1:  # a layer whose partition is missing is not waited for
+            known = await self._bus.producer.partitions_for(self.topic)
+            while self.layers > 1 and video_partition(self.layers - 1) not in known:
+                self.layers -= 1
+                self._partitions.pop()
+        partitions = [TopicPartition(self.topic, p) for p in self._partitions]
         self._consumer.assign(partitions)
         if self._start is not None:
             for tp in partitions:
@@ -336,13 +352,15 @@ class FrameReader:
         begins = await self._consumer.beginning_offsets(partitions)
         for tp in partitions:
             self._live_from[tp.partition] = ends[tp]
-            if tp.partition == Track.VIDEO:
+            if tp.partition != Track.AUDIO:
                 start = max(begins[tp], ends[tp] - self._lookback)
                 self._consumer.seek(tp, start)
-                if start == ends[tp]:
-                    self.caught_up.set()
+                if start < ends[tp]:
+                    self._behind.add(tp.partition)
             else:
                 self._consumer.seek(tp, ends[tp])
+        if not self._behind:
+            self.caught_up.set()
 
     async def stop(self) -> None:
         await self._consumer.stop()
@@ -354,6 +372,7 @@ class FrameReader:
             out = []
             for tp, records in batches.items():
                 live_from = self._live_from[tp.partition]
+                layer = partition_layer(tp.partition) or 0
                 if records:
                     self._read_to[tp.partition] = records[-1].offset + 1
                 for record in records:
@@ -368,9 +387,11 @@ class FrameReader:
                                 self.finished.add(frame.track)
                             continue
                         self._seen.add(frame.track)
-                    out.append(ReadFrame(frame, record.offset < live_from))
-                    if tp.partition == Track.VIDEO and record.offset >= live_from - 1:
-                        self.caught_up.set()
+                    out.append(ReadFrame(frame, record.offset < live_from, layer))
+                    if tp.partition in self._behind and record.offset >= live_from - 1:
+                        self._behind.discard(tp.partition)
+                        if not self._behind:
+                            self.caught_up.set()
             if out:
                 self.lag_ms = time.time() * 1000 - out[-1].frame.arrival_us / 1000
                 video = TopicPartition(self.topic, Track.VIDEO)

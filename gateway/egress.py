@@ -16,6 +16,13 @@ its link cannot carry the stream, its frames wait at most ``viewer_max_queue_del
 then its video pauses until the next keyframe its budget can take, while audio keeps
 flowing; the pause shows in the viewer's session resource (``GET``), which the watch
 page polls.
+
+A stream with simulcast layers is read once per node with all its layers, each with
+its own GOP cache; each viewer is on one layer, chosen by its ``layers.LayerSelector``
+a few times a second, and switches at a keyframe of the target layer (the target's
+cached GOP when it is cheap to send, else a keyframe asked for on that layer), its
+RTP timestamps re-based so the player sees one continuous stream. A viewer on a layer
+below the top drops a layer instead of pausing while there is one below.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from .bandwidth import BandwidthEstimate
 from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, Unavailable, UnprocessableOffer
-from .frames import Codec, Track
+from .frames import MAX_VIDEO_LAYERS, Codec, Track
+from .layers import FAST_SWITCH_S, PROBE_OK_S, LayerRate, LayerSelector
 from .metrics import StreamSeries
 from .pacer import Pacer
 from .peer import PeerSession, answer_offer, parse_offer
@@ -47,7 +55,8 @@ logger = logging.getLogger(__name__)
 
 BURST_CHUNK = 8  # GOP frames sent to a viewer between two yields to the loop
 BUDGET_BURST_S = 1.0  # a viewer's send budget holds this many seconds of its rate
-STREAM_RATE_WINDOW_S = 2.0  # a stream's video bitrate is measured over this (GOPs vary)
+SELECT_INTERVAL_S = 0.25  # how often a layered stream's viewers' layers are reconsidered
+TRY_CHECK_S = 0.05  # ... and a viewer's that just switched up, to undo a failed try at once
 
 
 @dataclass
@@ -75,6 +84,10 @@ class ViewerStats:
     """Keyframes a paused viewer's link could not take (it waited for a later one)."""
     congestion_cuts: int = 0
     """Times REMB or loss cut the viewer's bandwidth estimate."""
+    layer_switches_up: int = 0
+    layer_switches_down: int = 0
+    layer_failed_ups: int = 0
+    """Simulcast layer switches; switches up the link could not carry (undone)."""
     first_frame_s: float | None = None
     """Seconds from the WHEP request to the first video frame sent."""
 
@@ -104,11 +117,24 @@ class ViewerSession(PeerSession):
         self._paused_at: float | None = None
         """When the video paused for a slow link (None: not paused)."""
         self._live = True  # False while gateway/playback.py sends this viewer the past
+        self.layer = 0
+        """The simulcast layer this viewer gets (0: the best, or the only one)."""
+        self.selector: LayerSelector | None = None
+        """Set for a stream with simulcast layers (``Settings.viewer_layers``)."""
+        self._rebase = False  # the next video frame sent starts a new layer's timeline
+        self._up_pending: int | None = None  # better layer whose next keyframe it waits for
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
         answer = await self.negotiate(offer, offer_sdp, info)
         self.fanout = await self.node.fanout(info)
-        self.fanout.viewers.add(self)
+        settings = self.settings
+        if self.fanout.layer_count > 1 and self.estimate is not None:
+            self.selector = LayerSelector(
+                settings.layer_up_hold_s, settings.layer_up_max_hold_s, time.monotonic()
+            )
+        elif self.estimate is not None and not settings.viewer_adapt:
+            self._drop_estimate()  # it was only for layers the topic turned out not to have
+        self.fanout.join(self)
         if Track.VIDEO in self.senders:
             self.spawn(self._start_video(self.senders[Track.VIDEO]))
         self.log(logging.INFO, "viewer joined")
@@ -134,7 +160,10 @@ class ViewerSession(PeerSession):
         settings = self.settings
         rate = settings.viewer_max_bitrate / 8
         budget = SendBudget(rate, rate * BUDGET_BURST_S)  # shared by the viewer's tracks
-        if settings.viewer_adapt:
+        # A simulcast stream's viewers all get an estimate: it chooses their layer, and
+        # leaves the top one only when the viewer's own feedback says its link is short.
+        layered = settings.viewer_layers and len(info.layers or ()) > 1
+        if settings.viewer_adapt or layered:
             self.estimate = BandwidthEstimate(
                 budget,
                 floor=settings.viewer_min_bitrate,
@@ -166,6 +195,15 @@ class ViewerSession(PeerSession):
                 self._pacer = Pacer(sender, budget, self._drain)
         return await answer_offer(pc, self.settings)
 
+    def _drop_estimate(self) -> None:
+        """Back to the fixed budget of a viewer without adaptation."""
+        video = self.senders.get(Track.VIDEO)
+        if video is not None:
+            video.estimate = None
+            rate = self.settings.viewer_max_bitrate / 8
+            video.budget.rate, video.budget.burst = rate, rate * BUDGET_BURST_S
+        self.estimate = self._pacer = None
+
     async def _start_video(self, sender: FanoutSender) -> None:
         """Once DTLS is up: the cached GOP, then live frames."""
         fanout = self.fanout
@@ -174,7 +212,7 @@ class ViewerSession(PeerSession):
         self._ready_at = time.monotonic()
         await fanout.caught_up()
         if not await self._send_gop(sender):
-            fanout.request_keyframe("viewer joined without a cached GOP")
+            fanout.request_keyframe("viewer joined without a cached GOP", self.layer)
             self._skip_to_keyframe = True
 
     async def _send_gop(self, sender: FanoutSender) -> bool:
@@ -186,7 +224,7 @@ class ViewerSession(PeerSession):
         joining viewer, or just after the last one this viewer got (RTP time never
         goes back). Live frames then keep their own, later, timestamps.
         """
-        gop = list(self.fanout.gop) if self.fanout is not None else []
+        gop = list(self.fanout.gops[self.layer]) if self.fanout is not None else []
         if not gop:
             self._bursting = False
             return False
@@ -194,6 +232,9 @@ class ViewerSession(PeerSession):
         self._skip_to_keyframe = False
         self._resume()
         self._queue.clear()  # the GOP supersedes whatever was waiting
+        if self._rebase:  # a switch of layer: carry on from the last frame sent
+            self._rebase = False
+            sender.continue_with(gop[-1].frame, len(gop) + 1)
         first = (gop[-1].frame.rtp_timestamp + sender.ts_offset - (len(gop) - 1)) & 0xFFFFFFFF
         last = sender.last_timestamp
         if last is not None and 0 < (last + 1 - first) & 0xFFFFFFFF < 0x80000000:
@@ -239,6 +280,9 @@ class ViewerSession(PeerSession):
             self._skip_to_keyframe = False
             self._queue.clear()
             self._resume()
+            if self._rebase:  # the first frame of the layer it switched down to
+                self._rebase = False
+                sender.continue_with(frame)
         queue = self._queue
         if self._bursting or queue or not self.can_send(sender):
             queue.append(prepared)
@@ -259,7 +303,7 @@ class ViewerSession(PeerSession):
         bitrate, or as a probe of the link (``BandwidthEstimate.probe``)."""
         estimate, fanout = self.estimate, self.fanout
         if estimate is not None and fanout is not None:
-            need = fanout.video_bitrate
+            need = fanout.rates[self.layer].bitrate
             if estimate.bitrate < need and not estimate.probe(
                 need, time.monotonic(), sender.next_seq
             ):
@@ -269,7 +313,11 @@ class ViewerSession(PeerSession):
     def _covers_stream(self) -> bool:
         """Whether this viewer's estimate covers the stream's recent bitrate."""
         estimate, fanout = self.estimate, self.fanout
-        return estimate is None or fanout is None or estimate.bitrate >= fanout.video_bitrate
+        return (
+            estimate is None
+            or fanout is None
+            or estimate.bitrate >= fanout.rates[self.layer].bitrate
+        )
 
     def _link_limited(self) -> bool:
         """Whether this viewer's estimate holds it below the node's cap: only then is
@@ -308,11 +356,11 @@ class ViewerSession(PeerSession):
         estimate rises and the viewer skips to the next keyframe, still live."""
         estimate, fanout = self.estimate, self.fanout
         if estimate is not None and fanout is not None and estimate.probing(time.monotonic()):
-            estimate.raise_probe(fanout.video_bitrate)
+            estimate.raise_probe(fanout.rates[self.layer].bitrate)
             self.stats.keyframe_drops += 1
             self._queue.clear()
             self._skip_to_keyframe = True
-        else:
+        elif not self._step_down():
             self._drop_to_keyframe()
 
     def _drop_to_keyframe(self) -> None:
@@ -344,14 +392,123 @@ class ViewerSession(PeerSession):
     def video_paused(self) -> bool:
         return self._paused_at is not None
 
+    # Simulcast layers (gateway/layers.py): the decision is the selector's, a few times
+    # a second; the switch happens here, at a keyframe of the target layer.
+    def select_layer(self, bitrates: list[float], alive: list[bool], now: float) -> None:
+        """Asked by the fan-out every ``SELECT_INTERVAL_S`` (never per frame)."""
+        selector, estimate = self.selector, self.estimate
+        if selector is None or estimate is None or self._bursting or not self._live:
+            return
+        target = selector.choose(estimate.bitrate, bitrates, alive, now)
+        if target > self.layer:
+            self._switch_down(target, now)
+        elif target < self.layer and self._paused_at is None:
+            if self._up_pending != target:
+                self._cancel_up()
+                self._up_pending = target
+                self.fanout.await_keyframe(self, target)
+                self.fanout.request_keyframe("viewer switching up", target)
+        else:
+            self._cancel_up()
+
+    def _cancel_up(self) -> None:
+        if self._up_pending is not None and self.fanout is not None:
+            self.fanout.await_keyframe(self, None)
+        self._up_pending = None
+
+    def _step_down(self) -> bool:
+        """The viewer fell behind, or its picture broke, with an estimate short of its
+        layer: the lower layer the selector picks, at once (False where there is none,
+        or the estimate carries the layer: then the video pauses to the next keyframe
+        it can take, as on a single-layer stream)."""
+        fanout, selector, estimate = self.fanout, self.selector, self.estimate
+        if fanout is None or selector is None or estimate is None or not self._live:
+            return False
+        bitrates, alive = fanout.layer_state()
+        now = time.monotonic()
+        target = selector.choose(estimate.bitrate, bitrates, alive, now)
+        if target <= self.layer:
+            return False  # its estimate carries this layer: the backlog is a burst's
+        self._switch_down(target, now)
+        return True
+
+    def _move(self, layer: int, now: float) -> None:
+        self._cancel_up()
+        self.fanout.move(self, layer)
+        self.selector.switched(layer, now)
+        self.layer = layer
+        self._queue.clear()  # frames of the old layer: the new one's keyframe supersedes them
+        if self._pacer is not None:
+            self._pacer.clear()
+        self._rebase = True
+        # What the old layer cost and the feedback still in flight about it describe
+        # the old layer: the budget's debt is forgiven, and loss and REMB cut nothing
+        # until the new layer has flowed for a while (as after a pause).
+        self.senders[Track.VIDEO].budget.refill(now)
+        if self._paused_at is None:
+            self.estimate.paused(False, now)
+
+    def _switch_down(self, layer: int, now: float) -> None:
+        """To a lower layer at once: its cached GOP if the estimate sends it within
+        ``FAST_SWITCH_S``, else from its next keyframe (asked for on that layer); the
+        old layer stops now either way (its link is short of it)."""
+        fanout, sender = self.fanout, self.senders.get(Track.VIDEO)
+        if fanout is None or sender is None:
+            return
+        self._move(layer, now)
+        if self._paused_at is None and self._gop_is_cheap():
+            self._bursting = True  # live frames of the new layer wait behind its GOP
+            self.spawn(self._send_gop(sender))
+        else:
+            self._skip_to_keyframe = True
+            fanout.request_keyframe("viewer switching down", layer)
+
+    def _gop_is_cheap(self) -> bool:
+        """Whether the viewer's layer has a cached GOP its estimate sends within
+        ``FAST_SWITCH_S`` (a layered viewer's picture restarts from it at once)."""
+        gop, estimate = self.fanout.gops[self.layer], self.estimate
+        if not gop or estimate is None:
+            return False
+        return sum(len(p.frame.payload) for p in gop) <= estimate.bitrate / 8 * FAST_SWITCH_S
+
+    def switch_up_at(self, prepared: PreparedFrame, layer: int) -> None:
+        """A keyframe of the better layer this viewer waits for: switch to it, as a
+        probe of the link (``BandwidthEstimate.probe``: if the link cannot carry it,
+        the estimate falls back and the selector brings the viewer down again)."""
+        self._cancel_up()
+        sender, estimate = self.senders.get(Track.VIDEO), self.estimate
+        if sender is None or estimate is None or self.fanout is None:
+            return
+        now = time.monotonic()
+        busy = self._bursting or self._skip_to_keyframe or not self._live
+        if busy or not estimate.probe(self.fanout.rates[layer].bitrate, now, sender.next_seq):
+            self.selector.not_now()
+            return
+        self._move(layer, now)
+        self._rebase = False
+        sender.continue_with(prepared.frame)
+        self.spawn(self._watch_try(layer))
+
+    async def _watch_try(self, layer: int) -> None:
+        """While a switch up is unconfirmed, look at the estimate every ``TRY_CHECK_S``
+        rather than every ``SELECT_INTERVAL_S``: a failed try costs the viewer a frozen
+        picture until it is back on its old layer, so it goes back within one check."""
+        end = time.monotonic() + PROBE_OK_S
+        while self.layer == layer and self._live and time.monotonic() < end:
+            await asyncio.sleep(TRY_CHECK_S)
+            if self.fanout is None:
+                return
+            bitrates, alive = self.fanout.layer_state()
+            self.select_layer(bitrates, alive, time.monotonic())
+
     def status(self) -> dict:
         """What the viewer's session resource tells its page (``GET``)."""
         estimate = self.estimate
         return {
             "stream": self.stream,
-            "video": "paused" if self.video_paused else "live",
-            "reason": "connection too slow" if self.video_paused else None,
-            "layer": None,
+            "video": "paused" if self.video_paused else "reduced" if self.layer else "live",
+            "reason": "connection too slow" if self.video_paused or self.layer else None,
+            **self._layer_status(),
             "estimate_kbps": None if estimate is None else round(estimate.bitrate / 1000),
             "sent_kbps": None if estimate is None else round(estimate.sent_bitrate / 1000),
             "loss": None if estimate is None else round(estimate.loss, 3),
@@ -359,11 +516,35 @@ class ViewerSession(PeerSession):
             "pauses": self.stats.pauses,
         }
 
+    def _layer_status(self) -> dict:
+        selector, fanout = self.selector, self.fanout
+        if selector is None or fanout is None:
+            return {"layer": None, "layers": 1 if fanout is None else fanout.layer_count}
+        described = fanout.layer_info[self.layer] if self.layer < len(fanout.layer_info) else {}
+        return {
+            "layer": self.layer,
+            "layers": fanout.layer_count,
+            "layer_width": described.get("width"),
+            "layer_height": described.get("height"),
+            "layer_switches": selector.switches_up + selector.switches_down,
+        }
+
     # Hooks for replay (gateway/playback.py): a viewer leaves the live fan-out while it
     # plays the past, and rejoins it once the caller has sent it a GOP.
     def leave_live(self) -> None:
         self._live = False
         self._queue.clear()
+        fanout, sender = self.fanout, self.senders.get(Track.VIDEO)
+        if self.layer and fanout is not None and sender is not None:
+            # The past is read from the top layer: re-base its timestamps (the replay
+            # shifts them from here) and come back live on it.
+            if fanout.gops[0]:
+                sender.continue_with(fanout.gops[0][-1].frame)
+            fanout.move(self, 0)
+            self.layer = self.selector.layer = 0
+            # Its estimate was held to a lower layer's rate: try the top one (a link
+            # that cannot carry it fails the probe and the replay skips to keyframes).
+            self.estimate.probe(fanout.rates[0].bitrate, time.monotonic(), sender.next_seq)
         self.drop_pending_video()  # live frames still waiting must not follow the past
         self._resume()
 
@@ -372,7 +553,8 @@ class ViewerSession(PeerSession):
         if self._pacer is not None:
             self._pacer.clear()
         if self.fanout is not None:
-            self.fanout.viewers.discard(self)
+            self._up_pending = None
+            self.fanout.leave(self)
 
     def follow_live(self, fanout: StreamFanout) -> None:
         self.fanout = fanout
@@ -380,7 +562,11 @@ class ViewerSession(PeerSession):
         self._skip_to_keyframe = False
         self._bursting = False
         self._live = True
-        fanout.viewers.add(self)
+        self._rebase = False
+        self.layer = 0
+        if self.selector is not None:
+            self.selector.layer = 0
+        fanout.join(self)
 
     def keyframe_requested(self, reason: str) -> None:
         """A PLI/FIR from this viewer: answered from the cached GOP, for it alone, at
@@ -399,7 +585,11 @@ class ViewerSession(PeerSession):
             return
         self._keyframe_answered = now
         if self._link_limited() and not self._covers_stream():
-            self._drop_to_keyframe()  # the link cannot carry the stream: pause
+            if not self._step_down():
+                self._drop_to_keyframe()  # the link cannot carry the stream: pause
+        elif self._link_limited() and self.selector is not None and self._gop_is_cheap():
+            self.stats.cached_keyframes += 1  # a lower layer's young GOP: cheap enough
+            self.spawn(self._send_gop(sender))
         elif self._link_limited():
             # A GOP burst would only build a backlog on a link with little to spare:
             # the viewer waits for the stream's next keyframe instead. Its video is not
@@ -410,12 +600,12 @@ class ViewerSession(PeerSession):
             self._skip_to_keyframe = True
         elif not self.can_send(sender):
             self._drop_to_keyframe()  # backlogged: a GOP burst would only deepen it
-        elif self.fanout.gop:
+        elif self.fanout.gops[self.layer]:
             self.stats.cached_keyframes += 1
             self.spawn(self._send_gop(sender))
         else:
             self.stats.upstream_keyframes += 1
-            self.fanout.request_keyframe(f"viewer {reason}")
+            self.fanout.request_keyframe(f"viewer {reason}", self.layer)
 
     def final_stats(self) -> ViewerStats:
         stats = ViewerStats(**vars(self.stats))
@@ -430,6 +620,10 @@ class ViewerSession(PeerSession):
             stats.paused_s += time.monotonic() - self._paused_at
         if self.estimate is not None:
             stats.congestion_cuts = self.estimate.stats.congestion_cuts
+        if self.selector is not None:
+            stats.layer_switches_up = self.selector.switches_up
+            stats.layer_switches_down = self.selector.switches_down
+            stats.layer_failed_ups = self.selector.failed_ups
         return stats
 
     async def close(self) -> None:
@@ -450,35 +644,64 @@ class StreamFanout:
         self.stream = info.stream
         self.session = info.session
         self.viewers: set[ViewerSession] = set()
-        self.gop: list[PreparedFrame] = []
+        """Viewers following the live stream (not those playing the past)."""
+        layers = info.layers if node.settings.viewer_layers and info.layers else []
+        self.layer_count = max(1, min(len(layers), MAX_VIDEO_LAYERS))
+        """Simulcast video layers read (1: the stream has one, or layer choice is off)."""
+        self.layer_info: list[dict] = list(layers[: self.layer_count])
+        self.gops: list[list[PreparedFrame]] = [[] for _ in range(self.layer_count)]
+        """The current GOP of each layer (a join or a switch starts from it at once)."""
+        self.rates = [LayerRate() for _ in range(self.layer_count)]
+        """Each layer's measured bitrate: what paused viewers probe for, what the
+        viewers' layer selectors weigh their estimates against."""
+        self._on_layer: list[set[ViewerSession]] = [set() for _ in range(self.layer_count)]
+        self._awaiting: list[set[ViewerSession]] = [set() for _ in range(self.layer_count)]
+        """Per layer, viewers that switch up to it at its next keyframe."""
         self.frames = 0
         self.gop_overflows = 0
-        self.video_bitrate = 0.0
-        """The stream's video bitrate over the last ``STREAM_RATE_WINDOW_S`` or more (bits/s)."""
-        self._rate_bytes = 0
-        self._rate_from_us: int | None = None
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=2048)
         # Frames carry the ingest's wall-clock arrival time; only when that ingest is this
         # process does one clock serve both ends, so only then is latency measured.
         self._one_clock = info.node == node.settings.node_id
         self._departed = ViewerStats()
-        self._reader = FrameReader(node.bus, info.stream, lookback=node.settings.gop_cache_frames)
+        self._reader = FrameReader(
+            node.bus, info.stream, lookback=node.settings.gop_cache_frames, layers=self.layer_count
+        )
         self._packetizers = {}
         for track, kind in ((Track.VIDEO, "video"), (Track.AUDIO, "audio")):
             codec = info.codec(kind)
             if codec is not None:
                 self._packetizers[track] = codecs.Packetizer(Codec.from_mime_type(codec.mimeType))
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._idle_since = time.monotonic()
+
+    @property
+    def gop(self) -> list[PreparedFrame]:
+        """The top layer's current GOP (a replay returning live starts from it)."""
+        return self.gops[0]
 
     async def start(self) -> None:
         await self._reader.start()
-        self._task = asyncio.create_task(self._run(), name=f"fanout-{self.stream}")
+        if self._reader.layers < self.layer_count:  # the topic lacks some layers' partitions
+            logger.warning(
+                "stream %s lists %d layers but its topic holds %d",
+                self.stream,
+                self.layer_count,
+                self._reader.layers,
+            )
+            n = self.layer_count = self._reader.layers
+            del self.layer_info[n:], self.gops[n:], self.rates[n:]
+            del self._on_layer[n:], self._awaiting[n:]
+        self._tasks.append(asyncio.create_task(self._run(), name=f"fanout-{self.stream}"))
+        if self.layer_count > 1:
+            self._tasks.append(
+                asyncio.create_task(self._select_layers(), name=f"layers-{self.stream}")
+            )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(v.close() for v in list(self.viewers)))
 
     async def caught_up(self) -> None:
@@ -496,32 +719,69 @@ class StreamFanout:
     def remove(self, viewer: ViewerSession) -> None:
         if viewer in self.viewers:
             self._departed.add(viewer.final_stats())
-        self.viewers.discard(viewer)
+        self.leave(viewer)
         if not self.viewers:
             self._idle_since = time.monotonic()
 
-    def request_keyframe(self, reason: str) -> None:
-        self.node.keyframes.request(self.stream, self.session, reason)
+    def join(self, viewer: ViewerSession) -> None:
+        """``viewer`` follows the live stream, on its layer."""
+        self.viewers.add(viewer)
+        self._on_layer[viewer.layer].add(viewer)
+
+    def leave(self, viewer: ViewerSession) -> None:
+        self.viewers.discard(viewer)
+        for viewers in self._on_layer:
+            viewers.discard(viewer)
+        self.await_keyframe(viewer, None)
+
+    def move(self, viewer: ViewerSession, layer: int) -> None:
+        """``viewer`` gets ``layer``'s frames from now on instead of its current one's."""
+        if viewer in self.viewers:
+            self._on_layer[viewer.layer].discard(viewer)
+            self._on_layer[layer].add(viewer)
+
+    def await_keyframe(self, viewer: ViewerSession, layer: int | None) -> None:
+        """Hand ``layer``'s next keyframe to ``viewer.switch_up_at`` (None: no layer)."""
+        for k, waiting in enumerate(self._awaiting):
+            if k == layer:
+                waiting.add(viewer)
+            else:
+                waiting.discard(viewer)
+
+    def viewers_per_layer(self) -> list[int]:
+        """Live viewers on each layer, best first (``/api/stats``)."""
+        return [len(viewers) for viewers in self._on_layer]
+
+    def layer_state(self) -> tuple[list[float], list[bool]]:
+        """Each layer's bitrate, and whether it still flows."""
+        newest = max(rate.last_us for rate in self.rates)
+        return [r.bitrate for r in self.rates], [r.alive(newest) for r in self.rates]
+
+    def request_keyframe(self, reason: str, layer: int = 0) -> None:
+        """Ask the publisher for a keyframe on ``layer`` (any layer of a single-layer
+        stream), coalesced per stream and layer (``keyframe_request_interval``)."""
+        self.node.keyframes.request(
+            self.stream, self.session, reason, layer if self.layer_count > 1 else None
+        )
+
+    async def _select_layers(self) -> None:
+        """Reconsider each viewer's layer a few times a second (off the frame path)."""
+        while True:
+            await asyncio.sleep(SELECT_INTERVAL_S)
+            bitrates, alive = self.layer_state()
+            now = time.monotonic()
+            for viewer in list(self.viewers):
+                viewer.select_layer(bitrates, alive, now)
 
     async def _run(self) -> None:
         try:
             async for batch in self._reader.read():
                 for item in batch:
-                    self._on_frame(item.frame, item.history)
+                    self._on_frame(item.frame, item.history, item.layer)
         finally:
             await self._reader.stop()
 
-    def _count_rate(self, frame) -> None:
-        """Once per video frame for all viewers: the bitrate paused viewers probe for."""
-        self._rate_bytes += len(frame.payload)
-        start = self._rate_from_us
-        if start is None:
-            self._rate_from_us, self._rate_bytes = frame.arrival_us, 0
-        elif frame.arrival_us - start >= STREAM_RATE_WINDOW_S * 1e6:
-            self.video_bitrate = self._rate_bytes * 8e6 / (frame.arrival_us - start)
-            self._rate_from_us, self._rate_bytes = frame.arrival_us, 0
-
-    def _on_frame(self, frame, history: bool) -> None:
+    def _on_frame(self, frame, history: bool, layer: int = 0) -> None:
         if frame.session != self.session:
             return  # an earlier publish of the same stream name
         packetizer = self._packetizers.get(frame.track)
@@ -530,21 +790,29 @@ class StreamFanout:
         prepared = PreparedFrame(
             frame, packetizer.packetize(frame.payload), frame.track is Track.VIDEO
         )
-        if frame.track is Track.VIDEO:
+        video = frame.track is Track.VIDEO
+        if video:
+            gops = self.gops
             if frame.keyframe:
-                self.gop = [prepared]
-            elif self.gop:
-                self.gop.append(prepared)
-                if len(self.gop) > self.node.settings.gop_cache_frames:
-                    self.gop = []
+                gops[layer] = [prepared]
+            elif gops[layer]:
+                gops[layer].append(prepared)
+                if len(gops[layer]) > self.node.settings.gop_cache_frames:
+                    gops[layer] = []
                     self.gop_overflows += 1
-                    self.request_keyframe("cached GOP too long")
+                    self.request_keyframe("cached GOP too long", layer)
         if history:
             return
         self.frames += 1
-        if frame.track is Track.VIDEO:
-            self._count_rate(frame)
-        for viewer in list(self.viewers):
+        if video:
+            self.rates[layer].count(len(frame.payload), frame.arrival_us)
+            if frame.keyframe and self._awaiting[layer]:
+                for viewer in list(self._awaiting[layer]):
+                    viewer.switch_up_at(prepared, layer)
+            targets = self._on_layer[layer]
+        else:
+            targets = self.viewers
+        for viewer in list(targets):
             viewer.deliver(prepared)
         if self._one_clock:
             latency_ms = time.time() * 1000 - frame.arrival_us / 1000
@@ -728,6 +996,11 @@ class EgressNode:
     async def fanout(self, info: StreamInfo) -> StreamFanout:
         async with self._fanout_lock:
             fanout = self.fanouts.get(info.stream)
+            layers = len(info.layers or ()) if self.settings.viewer_layers else 1
+            layers = max(1, min(layers, MAX_VIDEO_LAYERS))
+            if fanout is not None and not fanout.viewers and fanout.layer_count != layers:
+                await self._end(fanout)  # the publisher's layers changed: read them anew
+                fanout = None
             if fanout is not None and fanout.session != info.session:
                 await self._end(fanout)
                 fanout = None

@@ -406,6 +406,16 @@ class FanoutSender(RTCRtpSender):
             self._track_transport = transport
         return self._track
 
+    def continue_with(self, frame: Frame, ticks: int = 1) -> None:
+        """Re-base ``ts_offset`` so that ``frame`` follows the last frame sent by the
+        ingest arrival time between them, and at least ``ticks`` later: for a switch
+        of simulcast layer, whose RTP timestamps start from unrelated origins."""
+        if not self.packets_sent:
+            return
+        elapsed_us = frame.arrival_us + self.clock_shift_us - self._last_arrival_us
+        ticks = max(ticks, elapsed_us * self.clock_rate // 1_000_000)
+        self.ts_offset = (self._last_ts + ticks - frame.rtp_timestamp) & 0xFFFFFFFF
+
     @property
     def last_timestamp(self) -> int | None:
         """RTP timestamp of the last frame sent (None before the first)."""

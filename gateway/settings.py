@@ -107,6 +107,17 @@ class Settings:
     viewer_max_queue_delay: float = 0.5
     """Seconds of frames a viewer whose estimate limits it may be behind before its
     video pauses until the next keyframe its link can take."""
+
+    # Simulcast layer choice per viewer (gateway/layers.py, gateway/egress.py)
+    viewer_layers: bool = True
+    """For streams with simulcast layers: give each viewer the best layer its bandwidth
+    estimate carries (on whatever ``viewer_adapt`` says: a viewer leaves the top layer
+    only when its own estimate says so). Off: every viewer gets the top layer."""
+    layer_up_hold_s: float = 10.0
+    """Seconds a viewer's link must carry its layer with room to spare, after a switch
+    down, before it tries the next better one; doubled after each failed try."""
+    layer_up_max_hold_s: float = 15.0
+    """The most a viewer waits between two tries of a better layer."""
     # Rewind and replay (gateway/playback.py, gateway/keyframes.py); the window itself
     # is the stream topics' retention (``stream_retention_ms``)
     rewind_search_s: float = 5.0

@@ -72,6 +72,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--viewer-max-queue-delay", type=float, help="seconds a viewer may "
                         "fall behind before its video pauses to the next keyframe "
                         "(default 0.5)")  # fmt: skip
+    parser.add_argument("--no-viewer-layers", dest="viewer_layers", action="store_false",
+                        default=None, help="give every viewer of a simulcast stream its top "
+                        "layer, whatever its link carries (default: the best layer its "
+                        "bandwidth estimate carries)")  # fmt: skip
     parser.add_argument("--thumbnail-interval", type=float,
                         help="seconds between pictures of a stream (thumbnails role)")  # fmt: skip
     parser.add_argument("--no-native-fanout", action="store_true", default=None,
@@ -218,6 +222,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         viewer_adapt=getattr(args, "viewer_adapt", None),
         viewer_min_bitrate=getattr(args, "viewer_min_bitrate", None),
         viewer_max_queue_delay=getattr(args, "viewer_max_queue_delay", None),
+        viewer_layers=getattr(args, "viewer_layers", None),
         thumbnail_interval=getattr(args, "thumbnail_interval", None),
         no_native_fanout=getattr(args, "no_native_fanout", None),
         push_token=getattr(args, "push_token", None),

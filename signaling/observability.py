@@ -97,6 +97,11 @@ def node_stats(node: Node) -> dict:
                 "estimate_cuts": totals.congestion_cuts,
                 "estimate_kbps_min": _round(min(estimates, default=None)),
                 "estimate_kbps_p50": _round(_percentile(estimates, 50)),
+                # Simulcast layers: viewers on each (best first), switches summed.
+                "viewers_per_layer": fanout.viewers_per_layer(),
+                "layer_switches_up": totals.layer_switches_up,
+                "layer_switches_down": totals.layer_switches_down,
+                "layer_failed_ups": totals.layer_failed_ups,
                 "latency_ms_p50": _round(_percentile(latency, 50)),
                 "latency_ms_p99": _round(_percentile(latency, 99)),
                 "lag_records": lag_records,

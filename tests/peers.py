@@ -28,6 +28,7 @@ from aiortc import (
     clock,
 )
 from aiortc.mediastreams import MediaStreamError
+from whipcast.gateway.frames import h264_nal_types
 
 WIDTH, HEIGHT = 320, 240
 BITS = 16
@@ -155,6 +156,10 @@ class Viewer:
     """RTP packets that arrived, and those of them the simulated lossy link dropped."""
     audio_times: list[float] = field(default_factory=list)
     """Arrival (monotonic) time of each decoded audio frame."""
+    video_pts: list[int] = field(default_factory=list)
+    """RTP timestamp of each decoded video frame (a layer switch must not break it)."""
+    video_sizes: list[tuple[int, int]] = field(default_factory=list)
+    """(width, height) of each decoded video frame."""
     link: Link | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -218,6 +223,7 @@ async def play(
     seed: int = 1,
     link: Link | None = None,
     rtx: bool = True,
+    resync: bool = False,
 ) -> Viewer:
     """A WHEP viewer; ``query`` (e.g. ``start=-30``) is appended to the endpoint URL,
     ``loss`` drops that share of incoming RTP before aiortc sees it, ``link`` puts a
@@ -246,8 +252,11 @@ async def play(
             _impair(viewer, transceiver.receiver, loss, rng)
         if link is not None:
             _shape(link, transceiver.receiver, rng)
+        if resync and transceiver.kind == "video":
+            resync_on_keyframes(transceiver.receiver)
         track = transceiver.receiver.track
-        viewer._tasks.append(asyncio.create_task(_consume(viewer, track)))
+        if track is not None:  # None: the stream has no such track
+            viewer._tasks.append(asyncio.create_task(_consume(viewer, track)))
     return viewer
 
 
@@ -263,6 +272,28 @@ def _impair(viewer: Viewer, receiver, loss: float, rng: random.Random) -> None:
         await handle(packet, arrival_time_ms)
 
     receiver._handle_rtp_packet = lossy
+
+
+def resync_on_keyframes(receiver) -> None:
+    """Decode the first complete H.264 keyframe after a gap NACKs could not fill, as a
+    browser does. aiortc's jitter buffer instead waits for the gap until 512 packets
+    have passed (seconds of frozen video at a few hundred kbps), so a test of what a
+    viewer sees after its link dropped packets would measure aiortc, not the server."""
+    jitter = receiver._RTCRtpReceiver__jitter_buffer
+    add = jitter.add
+
+    def resyncing_add(packet):
+        origin = jitter._origin
+        if origin is not None and h264_nal_types(getattr(packet, "_data", b""))[:1] == [7]:
+            delta = (packet.sequence_number - origin) & 0xFFFF
+            held = jitter._packets
+            if 0 < delta < jitter.capacity and any(
+                held[(origin + i) % jitter.capacity] is None for i in range(delta)
+            ):
+                jitter.remove(delta)  # a keyframe starts here: what is before is moot
+        return add(packet)
+
+    jitter.add = resyncing_add
 
 
 def _shape(link: Link, receiver, rng: random.Random) -> None:
@@ -292,6 +323,8 @@ async def _consume(viewer: Viewer, track) -> None:
             frame = await track.recv()
             if track.kind == "video":
                 viewer.frames.append((time.monotonic(), read_counter(frame), frame.key_frame))
+                viewer.video_pts.append(frame.pts)
+                viewer.video_sizes.append((frame.width, frame.height))
             else:
                 viewer.audio_frames += 1
                 viewer.audio_times.append(time.monotonic())

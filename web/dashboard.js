@@ -232,7 +232,7 @@ function renderTable() {
     const cells = [
       fmt(recent(name, 'kbps')), fmt(recent(name, 'fps'), 1),
       ing && ing.keyframe_interval_s > 0 ? `${fmt(ing.keyframe_interval_s, 1)} s` : '—',
-      fmt(eg?.viewers),
+      describeViewers(eg),
       eg ? `${fmt(eg.latency_ms_p50, 1)} / ${fmt(eg.latency_ms_p99, 1)} ms` : '—',
       eg ? `${fmt(eg.lag_ms)} ms · ${fmt(eg.lag_records)} rec` : '—',
       fmt(drops), fmt(ing?.rtp_packets_lost),
@@ -244,6 +244,7 @@ function renderTable() {
       : `${eg?.keyframe_drops ?? 0} keyframe drops (egress), ` +
         `${ing?.frames_lost ?? 0} frames lost and ${ing?.malformed_rtp ?? 0} malformed RTP ` +
         'packets (ingest), since the stream started';
+    row.cells[3].title = adaptationTitle(eg);
     row.tr.title = !ing ? 'Ingest runs on another node' : !eg ? 'No egress on this node' : '';
   });
   $('no-streams').hidden = names.length > 0;
@@ -251,6 +252,30 @@ function renderTable() {
     row.tr.setAttribute('aria-current', String(name === selected));
     row.button.setAttribute('aria-pressed', String(name === selected));
   }
+}
+
+/** Viewers, and for a simulcast stream how many are on each layer (best first). */
+function describeViewers(eg) {
+  const perLayer = eg?.viewers_per_layer;
+  if (!eg || !Array.isArray(perLayer) || perLayer.length < 2) return fmt(eg?.viewers);
+  return `${fmt(eg.viewers)} (${perLayer.join(' / ')})`;
+}
+
+/** What per-viewer adaptation did, aggregated: the tooltip of the viewers cell. */
+function adaptationTitle(eg) {
+  if (!eg) return '';
+  const lines = [];
+  if (Array.isArray(eg.viewers_per_layer) && eg.viewers_per_layer.length > 1) {
+    lines.push(`Viewers per simulcast layer, best first: ${eg.viewers_per_layer.join(' / ')}`);
+    lines.push(`Layer switches: ${eg.layer_switches_down ?? 0} down, ` +
+      `${eg.layer_switches_up ?? 0} up (${eg.layer_failed_ups ?? 0} undone)`);
+  }
+  if (eg.estimate_kbps_min !== null && eg.estimate_kbps_min !== undefined) {
+    lines.push(`Bandwidth estimates: min ${fmt(eg.estimate_kbps_min)}, ` +
+      `median ${fmt(eg.estimate_kbps_p50)} kbps`);
+  }
+  if (eg.viewers_paused) lines.push(`${eg.viewers_paused} viewers with video paused`);
+  return lines.join('\n');
 }
 
 /** A rate averaged over the last few seconds, steadier to read than one poll's delta. */

@@ -214,6 +214,15 @@ async function viewerState() {
   }
 }
 
+// Simulcast: which of the stream's layers the gateway chose for this viewer's link.
+function describeLayer(view) {
+  if (!view) return '–';
+  if (view.layer === null || view.layer === undefined) return 'single';
+  const size = view.layer_width ? ` (${view.layer_width}×${view.layer_height})` : '';
+  const rank = view.layer === 0 ? 'best' : `${view.layer + 1}`;
+  return `${rank} of ${view.layers}${size}`;
+}
+
 async function updateStats() {
   $('via').textContent = describePath(hlsPlayer);
   const pc = player?.pc;
@@ -246,7 +255,7 @@ async function updateStats() {
     ['Player latency', latency],
     ['Packet loss', `${s.lossPercent}%`],
     ['Frames decoded', String(s.framesDecoded)],
-    ['Layer', view?.layer ?? (view ? 'single' : '–')],
+    ['Layer', describeLayer(view)],
     ['Estimate', view?.estimate_kbps != null ? `${view.estimate_kbps} kbit/s` : '–'],
   ];
   statsOverlay.replaceChildren(...rows.flatMap(([name, value]) => {
