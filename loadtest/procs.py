@@ -174,6 +174,32 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as ``taskset -c`` takes it (``0-3,8``); ValueError if it names none or
+    one this process may not run on."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise ValueError(f"CPUs {text!r}: this machine allows {sorted(allowed)}")
+    return frozenset(cpus)
+
+
+def pin(pid: int, cpus: frozenset[int] | None) -> None:
+    """Pin a running process to ``cpus``, as ``taskset -a -p`` does: every thread it has
+    and (for a server that started a broker) its child processes' threads; threads they
+    start later inherit it. A process gone meanwhile is skipped."""
+    if not cpus:
+        return
+    for proc in (pid, *children_of(pid)):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{proc}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
 def listening_pid(port: int) -> int | None:
     """The local process listening on TCP ``port``, if this user can see it."""
     inodes = set()
