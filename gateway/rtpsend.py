@@ -22,7 +22,10 @@ pure-Python path's, byte for byte (``tests/test_native_fanout.py``); that path s
 the fallback where the core was not built, or with ``Settings.no_native_fanout``.
 SRTP ownership: a viewer's native :class:`_fanout.Track` protects every packet of its
 media SSRC (live frames and non-RTX resends); aiortc's libsrtp session keeps the RTX
-SSRC and all RTCP, so no SSRC is ever protected by two contexts.
+SSRC and all RTCP, so no SSRC is ever protected by two contexts. Once a track has a
+native Track, that Track also keeps the sequence number, the counters and the NACK
+history, so a frame sent by ``_fanout.send_batch`` for many viewers at once
+(``gateway/batch.py``) needs no Python per viewer.
 
 Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at the rate its
 bandwidth estimate sets. A viewer whose budget is spent is a slow viewer: its frames

@@ -399,3 +399,45 @@ def test_budget_counts_native_sends_and_takes_allowance_back():
     assert track.allowance == 5000, "a higher rate leaves it"
     budget.rate = 500.0
     assert track.allowance == 0
+
+
+async def test_a_viewer_leaves_the_batch_when_it_needs_python(either_server, stream_name):
+    """A viewer the batch sends to leaves it as soon as its frames need Python (here a
+    skip to the next keyframe, as after a backlog, and a GOP burst for a PLI), gets
+    them through ``deliver``, and joins again once it takes frames plainly."""
+    path, server = either_server
+    if path == "python":
+        pytest.skip("batches are the native core's")
+    publisher = await publish(server.url, stream_name)
+
+    async def joined(batch, session) -> bool:
+        for _ in range(200):
+            if session in batch:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(15)
+        session = sessions(server, stream_name)[0]
+        fanout = server.node.egress.fanouts[stream_name]
+        video, audio = fanout.batches[Track.VIDEO], fanout.batches[Track.AUDIO]
+        assert await joined(video, session) and await joined(audio, session)
+        session._drop_to_keyframe()
+        assert session not in video and session in audio, "audio keeps flowing in its batch"
+        batch_frames = session.senders[Track.VIDEO].batch_frames
+        assert await joined(video, session), "back after the next keyframe"
+        session._keyframe_answered = float("-inf")
+        session.keyframe_requested("PLI")  # answered with the cached GOP
+        await asyncio.sleep(0)
+        assert session not in video
+        assert await joined(video, session)
+        before = len(viewer.frames)
+        await viewer.wait_frames(before + 30, timeout=15)
+        assert session.senders[Track.VIDEO].batch_frames > batch_frames
+        assert session.stats.cached_keyframes == 1
+        await viewer.close()
+    finally:
+        await publisher.close()
