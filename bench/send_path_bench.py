@@ -77,7 +77,7 @@ async def run(args) -> None:
     def python_frame(prepared: PreparedFrame, ts: int) -> None:
         packets = prepared.packets(layout)
         for transport, sender, _ in viewers:
-            FanoutSender._send_python(sender, (transport, addr), packets, sender._py_seq, ts)
+            FanoutSender._send_python(sender, (transport, addr), packets, sender._py_seq, ts, b"")
 
     def native_frame(prepared: PreparedFrame, ts: int) -> None:
         native = prepared.native_packets(layout, core)

@@ -88,6 +88,9 @@ _FIELDS = struct.Struct("!HII")  # sequence number, timestamp, SSRC: RTP bytes 2
 _SEQ = struct.Struct("!H")
 RTX_AGE_FLOOR = 0.2  # s: a resend may be this much older than 3 round trips and still help
 RTX_AGE_RTTS = 3
+# Mean seconds between sender reports, as libwebrtc sends them: a viewer's reports cost
+# the egress a packet each (SRTCP, the ICE socket), as much as a frame of audio.
+SR_INTERVAL = {"video": 1.0, "audio": 5.0}
 
 
 def native_core(disabled: bool = False) -> ModuleType | None:
@@ -647,10 +650,13 @@ class FanoutSender(RTCRtpSender):
         """Sender reports map RTP time to wall-clock time (players need it for A/V sync).
 
         The mapping uses each frame's ingest arrival time, so audio and video of one
-        publisher share one clock however far apart they were read from Kafka.
+        publisher share one clock however far apart they were read from Kafka. The first
+        report goes out within 1.5 s for either kind (the player syncs from then on),
+        later ones every ``SR_INTERVAL`` x 0.5-1.5 (RFC 3550's randomisation).
         """
+        interval = 1.0
         while True:
-            await asyncio.sleep(0.5 + random.random())
+            await asyncio.sleep(interval * (0.5 + random.random()))
             last_ts, last_arrival_us = self._last_sent()
             if not last_arrival_us:
                 continue
@@ -672,6 +678,7 @@ class FanoutSender(RTCRtpSender):
                 ),
             ]
             await self._send_rtcp(packets)
+            interval = SR_INTERVAL.get(self.kind, 1.0)
 
     async def _send_rtcp(self, packets: list) -> None:
         try:

@@ -441,3 +441,35 @@ async def test_a_viewer_leaves_the_batch_when_it_needs_python(either_server, str
         await viewer.close()
     finally:
         await publisher.close()
+
+
+async def test_sender_reports_count_what_was_sent(either_server, stream_name):
+    """Sender reports carry each track's packet and octet counts, batch sends included
+    (the viewer's aiortc reads them into its remote-outbound-rtp stats)."""
+    path, server = either_server
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(10)
+        session = sessions(server, stream_name)[0]
+        reported = {}
+        for _ in range(100):  # the first report of each kind comes within 1.5 s
+            report = await viewer.pc.getStats()
+            reported = {s.kind: s for s in report.values() if s.type == "remote-outbound-rtp"}
+            if len(reported) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert set(reported) == {"audio", "video"}
+        for kind, track in (("video", Track.VIDEO), ("audio", Track.AUDIO)):
+            sender = session.senders[track]
+            assert reported[kind].ssrc == sender.ssrc
+            assert 0 < reported[kind].packetsSent <= sender.packets_sent
+            assert 0 < reported[kind].bytesSent <= sender.octets_sent
+            if path == "native":
+                assert sender.batch_frames > 0, kind
+        if path == "native":  # audio joins its batch after one packet: counted natively
+            assert reported["audio"].packetsSent > session.senders[Track.AUDIO]._py_packets
+        await viewer.close()
+    finally:
+        await publisher.close()
