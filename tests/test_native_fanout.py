@@ -473,3 +473,32 @@ async def test_sender_reports_count_what_was_sent(either_server, stream_name):
         await viewer.close()
     finally:
         await publisher.close()
+
+
+def test_runs_of_equal_packets_arrive_as_the_same_datagrams():
+    """Runs of packets of one length (a frame's fragments: aiortc's FU-A splits differ
+    by one byte) go out as UDP GSO messages where the kernel takes them; the viewer
+    still receives each packet as its own datagram, byte for byte the Python path's."""
+    profile = "SRTP_AEAD_AES_128_GCM"
+    rng = random.Random(7)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    layout = Layout(102, 4, "0")
+    reference_session = libsrtp(profile, key)
+    track = core.Track(profile, key, SSRC)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        tx.setblocking(False)
+        track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+        seq, ts = 0xFFF0, 0
+        shapes = ([1001] * 3 + [1000] * 4, [1200] * 70 + [300], [500, 500, 900, 900, 100], [7])
+        for sizes in shapes:  # 70 + 1: more than one GSO message takes
+            frame = PreparedFrame(None, [rng.randbytes(n) for n in sizes], True)  # type: ignore[arg-type]
+            expected = reference(frame, layout, seq, ts, reference_session.protect)
+            assert track.send(frame.native_packets(layout, core), seq, ts) is None
+            assert [rx.recv(4096) for _ in sizes] == expected, sizes
+            seq, ts = (seq + len(sizes)) & 0xFFFF, ts + 3000

@@ -412,6 +412,8 @@ struct Track {
     history: VecDeque<Sent>,
     history_len: usize,
     sends: u64,
+    /// Whether runs of packets go as UDP GSO messages (until the kernel refuses one).
+    gso: bool,
 }
 
 /// Where one `send` of a frame (or a pacer's slice of it) goes in a viewer's stream.
@@ -630,29 +632,50 @@ impl Track {
 
     /// `sendmmsg` the spans of `buf` in batches; returns how many were handed to the
     /// kernel (or lost to a hard error, as asyncio's transport loses them). Stops at the
-    /// first EAGAIN/ENOBUFS.
-    fn sendmmsg(&self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
-        let Some(dest) = self.dest.as_ref() else {
+    /// first EAGAIN/ENOBUFS. Where the kernel takes it, a run of packets of one length
+    /// (the last may be shorter: a frame's fragments) goes as one UDP GSO message
+    /// (`UDP_SEGMENT`), which the kernel splits into the same datagrams.
+    fn sendmmsg(&mut self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
+        let Some(dest) = self.dest else {
             return 0;
         };
-        let mut iovs: Vec<libc::iovec> = spans
+        let iovs: Vec<libc::iovec> = spans
             .iter()
             .map(|&(a, l)| libc::iovec {
                 iov_base: buf[a..].as_ptr() as *mut _,
                 iov_len: l,
             })
             .collect();
-        let mut done = 0;
-        while done < spans.len() {
-            let n = (spans.len() - done).min(BATCH);
+        let runs = if self.gso {
+            gso_runs(spans)
+        } else {
+            vec![1; spans.len()]
+        };
+        let mut cmsgs: Vec<GsoCmsg> = runs
+            .iter()
+            .scan(0, |at, &n| {
+                let size = spans[*at].1 as u16;
+                *at += n;
+                Some(GsoCmsg::new(size))
+            })
+            .collect();
+        let (mut done, mut run) = (0, 0);
+        while run < runs.len() {
+            let n = (runs.len() - run).min(BATCH);
+            let mut at = done;
             // SAFETY: zeroed mmsghdr is valid; every pointer outlives the call.
-            let mut msgs: Vec<libc::mmsghdr> = (0..n)
-                .map(|k| {
+            let mut msgs: Vec<libc::mmsghdr> = (run..run + n)
+                .map(|r| {
                     let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    m.msg_hdr.msg_name = dest as *const _ as *mut libc::c_void;
+                    m.msg_hdr.msg_name = &dest as *const _ as *mut libc::c_void;
                     m.msg_hdr.msg_namelen = self.dest_len;
-                    m.msg_hdr.msg_iov = &mut iovs[done + k];
-                    m.msg_hdr.msg_iovlen = 1;
+                    m.msg_hdr.msg_iov = iovs[at..].as_ptr() as *mut libc::iovec;
+                    m.msg_hdr.msg_iovlen = runs[r];
+                    if runs[r] > 1 {
+                        m.msg_hdr.msg_control = &mut cmsgs[r] as *mut GsoCmsg as *mut _;
+                        m.msg_hdr.msg_controllen = std::mem::size_of::<GsoCmsg>();
+                    }
+                    at += runs[r];
                     m
                 })
                 .collect();
@@ -665,18 +688,89 @@ impl Track {
                 )
             };
             if rc > 0 {
-                done += rc as usize;
+                done += runs[run..run + rc as usize].iter().sum::<usize>();
+                run += rc as usize;
                 continue;
             }
             let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             match err {
                 libc::EINTR => continue,
                 libc::EAGAIN | libc::ENOBUFS => break,
-                _ => done += 1, // lost, as asyncio's datagram transport loses it
+                _ if runs[run] > 1 => {
+                    // No GSO here (an old kernel, a device without it): one by one, for good.
+                    self.gso = false;
+                    return done + self.sendmmsg_plain(buf, &spans[done..]);
+                }
+                _ => {
+                    done += 1; // lost, as asyncio's datagram transport loses it
+                    run += 1;
+                }
             }
         }
         done
     }
+
+    fn sendmmsg_plain(&mut self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
+        let gso = std::mem::replace(&mut self.gso, false);
+        let sent = self.sendmmsg(buf, spans);
+        self.gso = gso;
+        sent
+    }
+}
+
+/// Linux's UDP generic segmentation offload: one message, many datagrams of one size.
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+/// Datagrams one GSO message may carry (the kernel's UDP_MAX_SEGMENTS) and bytes.
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// A control message setting `UDP_SEGMENT` (CMSG_SPACE of a u16 on 64-bit Linux).
+#[repr(C)]
+struct GsoCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+    _pad: [u8; 6],
+}
+
+impl GsoCmsg {
+    fn new(size: u16) -> Self {
+        // SAFETY: a zeroed cmsghdr is valid; its fields are set below.
+        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        hdr.cmsg_level = SOL_UDP;
+        hdr.cmsg_type = UDP_SEGMENT;
+        hdr.cmsg_len = std::mem::size_of::<libc::cmsghdr>() + 2;
+        GsoCmsg {
+            hdr,
+            size,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// The spans as runs for GSO: each run's packets all have its first one's length but
+/// the last, which may be shorter (how the kernel cuts a GSO message).
+fn gso_runs(spans: &[(usize, usize)]) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < spans.len() {
+        let size = spans[i].1;
+        let (mut n, mut bytes) = (1, size);
+        while i + n < spans.len()
+            && n < GSO_MAX_SEGMENTS
+            && bytes + spans[i + n].1 <= GSO_MAX_BYTES
+            && spans[i + n].1 <= size
+        {
+            bytes += spans[i + n].1;
+            n += 1;
+            if spans[i + n - 1].1 < size {
+                break; // a shorter one ends the run
+            }
+        }
+        runs.push(n);
+        i += n;
+    }
+    runs
 }
 
 #[pymethods]
@@ -709,6 +803,7 @@ impl Track {
             history: VecDeque::with_capacity(history),
             history_len: history,
             sends: 0,
+            gso: true,
         })
     }
 
@@ -751,7 +846,9 @@ impl Track {
         // SAFETY: dup of a descriptor the caller holds open; ours until close_fd.
         let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
         if own < 0 {
-            return Err(PyOSError::new_err(std::io::Error::last_os_error().to_string()));
+            return Err(PyOSError::new_err(
+                std::io::Error::last_os_error().to_string(),
+            ));
         }
         self.close_fd();
         self.fd = own;
@@ -845,6 +942,7 @@ impl Track {
     /// The newest packet sent with sequence number `seq`, from the history, as
     /// `(send id, bytes 0-1, bytes 12-end, timestamp, monotonic send time)`; the rest
     /// has zeros where the abs-send-time value goes. None if it is not kept.
+    #[allow(clippy::type_complexity)]
     fn find<'py>(
         &self,
         py: Python<'py>,
