@@ -4,9 +4,13 @@
 //! built once per header layout ([`Packets`]); for each viewer track ([`Track`]) one call
 //! writes that viewer's sequence numbers, timestamp and SSRC, SRTP-protects every packet
 //! (RFC 3711 AES_CM_128_HMAC_SHA1_80, RFC 7714 AEAD_AES_128_GCM / AEAD_AES_256_GCM) and
-//! hands them all to the kernel in `sendmmsg` calls, with the GIL released. The output is
-//! byte for byte what libsrtp (aiortc's SRTP) makes of the same packets; the pure-Python
-//! path in `rtpsend.py` is the reference and the fallback.
+//! hands them all to the kernel in `sendmmsg` calls (runs of equal-length packets as UDP
+//! GSO messages), with the GIL released. The output is byte for byte what libsrtp
+//! (aiortc's SRTP) makes of the same packets; the pure-Python path in `rtpsend.py` is
+//! the reference and the fallback. [`send_batch`] does that for a whole list of tracks
+//! (all viewers of a layout) in one call; each track keeps its sequence number,
+//! counters and NACK history itself, so a batch needs no Python per viewer. Every
+//! packet's per-viewer header bytes are written in one place, [`write_packet`].
 //!
 //! A [`Track`] owns the SRTP state (rollover counter) of one media SSRC alone: no other
 //! SRTP context may protect packets of that SSRC. RTX and RTCP stay in aiortc's libsrtp
