@@ -350,6 +350,9 @@ class FanoutSender(RTCRtpSender):
         self.ready.set()
 
     async def stop(self) -> None:
+        if self._track is not None:
+            self._track.unroute()  # its duplicate of the ICE socket closes now, not at GC
+            self._direct = False
         if self._rtcp_task is not None:
             aiortc_compat.unregister_sender(self.transport, self)
             self._rtcp_task.cancel()

@@ -700,13 +700,15 @@ impl Track {
             match err {
                 libc::EINTR => continue,
                 libc::EAGAIN | libc::ENOBUFS => break,
-                _ if runs[run] > 1 => {
+                libc::EINVAL | libc::EIO | libc::EOPNOTSUPP | libc::ENOPROTOOPT
+                    if runs[run] > 1 =>
+                {
                     // No GSO here (an old kernel, a device without it): one by one, for good.
                     self.gso = false;
                     return done + self.sendmmsg_plain(buf, &spans[done..]);
                 }
                 _ => {
-                    done += 1; // lost, as asyncio's datagram transport loses it
+                    done += runs[run]; // lost, as asyncio's datagram transport loses it
                     run += 1;
                 }
             }
