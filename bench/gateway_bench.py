@@ -67,6 +67,7 @@ from whipcast.loadtest.procs import (
     machine,
     parse_cpus,
     pin,
+    unavailable_cpus,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1088,6 +1089,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for flag, cpus in (("--server-cpus", args.server_cpus), ("--load-cpus", args.load_cpus)):
+        if (why := unavailable_cpus(cpus)) is not None:
+            sys.exit(f"{flag}: {why}")
     try:
         info = asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -88,6 +88,11 @@ def _sweep(text: str) -> list[int]:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from .procs import unavailable_cpus
+
+    for flag, cpus in (("--server-cpus", args.server_cpus), ("--load-cpus", args.load_cpus)):
+        if (why := unavailable_cpus(cpus)) is not None:
+            sys.exit(f"whipcast loadtest: {flag}: {why}")
     if args.url and URL(args.url).host not in LOOPBACK_HOSTS and not args.allow_remote:
         sys.exit("whipcast loadtest: --url is not on loopback; add --allow-remote to load "
                  "a host you run")  # fmt: skip

@@ -175,16 +175,22 @@ def children_of(pid: int) -> list[int]:
 
 
 def parse_cpus(text: str) -> frozenset[int]:
-    """A CPU list as ``taskset -c`` takes it (``0-3,8``); ValueError if it names none or
-    one this process may not run on."""
+    """A CPU list as ``taskset -c`` takes it (``0-3,8``); ValueError if it is none."""
     cpus: set[int] = set()
     for part in text.split(","):
         first, _, last = part.strip().partition("-")
         cpus.update(range(int(first), int(last or first) + 1))
-    allowed = os.sched_getaffinity(0)
-    if not cpus or not cpus <= allowed:
-        raise ValueError(f"CPUs {text!r}: this machine allows {sorted(allowed)}")
+    if not cpus:
+        raise ValueError(f"no CPUs in {text!r}")
     return frozenset(cpus)
+
+
+def unavailable_cpus(cpus: frozenset[int] | None) -> str | None:
+    """Why ``cpus`` cannot be pinned to here (None if they can), checked before a run."""
+    allowed = os.sched_getaffinity(0)
+    if cpus and not cpus <= allowed:
+        return f"CPUs {sorted(cpus - allowed)} are not available here (allowed: {sorted(allowed)})"
+    return None
 
 
 def pin(pid: int, cpus: frozenset[int] | None) -> None:
