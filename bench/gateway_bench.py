@@ -25,7 +25,11 @@ What is measured, per viewer count, over a window after a warm-up:
   several counts, also the marginal egress cost per viewer (slope over the runs).
 
 The publisher, the broker, the viewers and this process are not the gateway: their CPU
-is reported apart, with whatever else kept the machine busy. Every wait has a time limit;
+is reported apart, with whatever else kept the machine busy. On a machine with many cores,
+``--server-cpus`` and ``--load-cpus`` (CPU lists as ``taskset -c`` takes them) pin the
+broker, ingest and egress to some cores and the publisher and viewer workers (``--workers``
+of them) to others, so the load generator never competes with what it measures.
+Every wait has a time limit;
 child processes are stopped on exit and on Ctrl-C, and die with this process if it is
 killed.
 """
@@ -55,7 +59,16 @@ from pathlib import Path
 
 import aiohttp
 from whipcast.loadtest.ffmpeg_cert import write_p256_certificate
-from whipcast.loadtest.procs import CLK_TCK, WHIPCAST_BOOTSTRAP, die_with_parent, free_port, machine
+from whipcast.loadtest.procs import (
+    CLK_TCK,
+    WHIPCAST_BOOTSTRAP,
+    die_with_parent,
+    free_port,
+    machine,
+    parse_cpus,
+    pin,
+    unavailable_cpus,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM = "bench"
@@ -780,6 +793,7 @@ async def measure(
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(child,), daemon=True)
         proc.start()
+        pin(proc.pid, args.load_cpus)
         child.close()  # so that a dead worker reads as EOF here
         children.procs.append(proc)
         procs.append(proc)
@@ -962,6 +976,8 @@ async def run(args) -> dict:
                     )  # fmt: skip
                     children.procs.append(proc)
                     pids[role] = proc.pid
+                for pid in pids.values():
+                    pin(pid, args.server_cpus)
                 urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
                 for role, url in urls.items():
                     if not await _http_ok(f"{url}/healthz", START_TIMEOUT):
@@ -976,6 +992,7 @@ async def run(args) -> dict:
                 )  # fmt: skip
                 print("pre-encoding and publishing ...")
                 publisher.start()
+                pin(publisher.pid, args.load_cpus)
                 pub_child.close()
                 children.procs.append(publisher)
                 pids["publisher"] = publisher.pid
@@ -1015,6 +1032,8 @@ async def run(args) -> dict:
         "warmup": args.warmup,
         "join_rate": args.join_rate,
         "bitrate_kbps": args.bitrate,
+        "server_cpus": sorted(args.server_cpus) if args.server_cpus else None,
+        "load_cpus": sorted(args.load_cpus) if args.load_cpus else None,
     }
     if len(results) >= 2:
         xs = [r["viewers_receiving"] for r in results]
@@ -1023,6 +1042,13 @@ async def run(args) -> dict:
         info["egress_marginal_cpu_per_viewer"] = slope
         info["viewers_per_core_marginal"] = 100 / slope if slope and slope > 0 else None
     return info
+
+
+def _cpus(text: str) -> frozenset[int]:
+    try:
+        return parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1037,6 +1063,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5, help="seconds before each window")
     parser.add_argument("--workers", type=int, default=0,
                         help="viewer processes (default: 1 up to 10 viewers, else 2)")  # fmt: skip
+    parser.add_argument("--server-cpus", metavar="LIST", type=_cpus,
+                        help="pin broker, ingest and egress to these CPUs (0-3,8)")  # fmt: skip
+    parser.add_argument("--load-cpus", metavar="LIST", type=_cpus,
+                        help="pin the publisher and viewer workers to these CPUs")  # fmt: skip
     parser.add_argument("--join-rate", type=float, default=10, help="viewers joining per second")
     parser.add_argument("--bitrate", type=int, default=1500, help="video kbps")
     parser.add_argument(
@@ -1059,6 +1089,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for flag, cpus in (("--server-cpus", args.server_cpus), ("--load-cpus", args.load_cpus)):
+        if (why := unavailable_cpus(cpus)) is not None:
+            sys.exit(f"{flag}: {why}")
     try:
         info = asyncio.run(run(args))
     except KeyboardInterrupt:

@@ -8,9 +8,12 @@ receive queue drops it. Frames are 720p30-sized (``kbps`` / 30 bytes, split into
 payloads of 1200 bytes, a MID header extension), sent to every viewer as egress does:
 the pure-Python path is ``FanoutSender._send_python`` itself (per packet: header join,
 libsrtp protect, ``transport.sendto``); the native path is what ``send_frame`` does with
-the core (one ``Track.send`` per viewer and frame: header fields, SRTP, ``sendmmsg``).
-The two alternate, ``--rounds`` times; the best round of each counts. CPU is this
-process's user + system time; viewers per core at 30 fps = 1 / (30 × cost).
+the core (one ``Track.send`` per viewer and frame: header fields, SRTP, ``sendmmsg``);
+the batch path is what egress does for viewers that need nothing else
+(``gateway/batch.py``: one ``send_batch`` call per frame for all of them, which also
+counts and keeps each track's NACK history). The three alternate, ``--rounds`` times;
+the best round of each counts. CPU is this process's user + system time; viewers per
+core at 30 fps = 1 / (30 × cost).
 
 It leaves out what both paths share (Kafka reading, the viewer's queue and budget,
 RTCP), so it bounds the send path's gain; ``bench.gateway_bench`` measures the whole.
@@ -65,30 +68,39 @@ async def run(args) -> None:
         policy.allow_repeat_tx = True
         session = Session(policy)
         ssrc = random.getrandbits(32)
-        python = SimpleNamespace(transport=SimpleNamespace(_tx_srtp=session), ssrc=ssrc, _seq=0)
+        python = SimpleNamespace(transport=SimpleNamespace(_tx_srtp=session), ssrc=ssrc, _py_seq=0)
         track = core.Track(args.profile, key, ssrc)
         track.route(transport.get_extra_info("socket").fileno(), *addr)
+        track.allowance = 1 << 62
         viewers.append((transport, python, track))
 
     def python_frame(prepared: PreparedFrame, ts: int) -> None:
         packets = prepared.packets(layout)
         for transport, sender, _ in viewers:
-            FanoutSender._send_python(sender, (transport, addr), packets, sender._seq, ts)
+            FanoutSender._send_python(sender, (transport, addr), packets, sender._py_seq, ts, b"")
 
     def native_frame(prepared: PreparedFrame, ts: int) -> None:
         native = prepared.native_packets(layout, core)
-        count = native.count
-        for transport, sender, track in viewers:
+        for transport, _, track in viewers:
             if not transport.get_write_buffer_size():
-                unsent = track.send(native, sender._seq, ts)
+                unsent = track.send(native, track.seq, ts)  # moves track.seq on
                 if unsent:
                     for packet in unsent:
                         transport.sendto(packet, addr)
-            sender._seq = (sender._seq + count) & 0xFFFF
 
-    results: dict[str, list[float]] = {"python": [], "native": []}
+    tracks = [track for _, _, track in viewers]
+
+    def batch_frame(prepared: PreparedFrame, ts: int) -> None:
+        passed, unsent = core.send_batch(tracks, prepared.native_packets(layout, core), ts)
+        for i, packets in unsent:
+            transport = viewers[i][0]
+            for packet in packets:
+                transport.sendto(packet, addr)
+
+    paths = (("python", python_frame), ("native", native_frame), ("batch", batch_frame))
+    results: dict[str, list[float]] = {name: [] for name, _ in paths}
     for _ in range(args.rounds):
-        for name, send in (("python", python_frame), ("native", native_frame)):
+        for name, send in paths:
             start = cpu()
             for i in range(args.frames):
                 send(frames[i % len(frames)], i * 3000)
@@ -109,7 +121,10 @@ async def run(args) -> None:
             f"{name:7s} {cost * 1e6:6.1f} us per viewer-frame (rounds: {rounds}) "
             f"-> {1 / (30 * cost):6.0f} viewers per core at 30 fps (send path only)"
         )
-    print(f"native / python: {best['native'] / best['python']:.2f}")
+    print(
+        f"native / python: {best['native'] / best['python']:.2f}, "
+        f"batch / python: {best['batch'] / best['python']:.2f}"
+    )
 
 
 def main() -> None:

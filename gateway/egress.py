@@ -39,6 +39,7 @@ from aiortc.sdp import SessionDescription
 
 from . import aiortc_compat, codecs
 from .bandwidth import BandwidthEstimate
+from .batch import Batch
 from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, Unavailable, UnprocessableOffer
@@ -225,6 +226,7 @@ class ViewerSession(PeerSession):
         goes back). Live frames then keep their own, later, timestamps.
         """
         gop = list(self.fanout.gops[self.layer]) if self.fanout is not None else []
+        self._leave_batch(Track.VIDEO)
         if not gop:
             self._bursting = False
             return False
@@ -270,6 +272,7 @@ class ViewerSession(PeerSession):
             return
         if frame.track is Track.AUDIO:
             sender.send_frame(prepared)
+            self._join_batch(Track.AUDIO, sender)
             return
         if self._skip_to_keyframe:
             if not frame.keyframe:
@@ -297,6 +300,45 @@ class ViewerSession(PeerSession):
             return
         self.send_video(sender, prepared)
         self._count_sent()
+        self._join_batch(Track.VIDEO, sender)
+
+    def _join_batch(self, track: Track, sender: FanoutSender) -> None:
+        """After a frame sent plainly: let the stream's native batch send this track's
+        next frames, if nothing about them needs Python (``gateway/batch.py``)."""
+        fanout = self.fanout
+        if fanout is None or not fanout.batches:
+            return
+        if track is Track.AUDIO:
+            native = sender.batch_track(0, budgeted=False)
+        else:
+            pacer = self._pacer
+            if (
+                self._bursting
+                or self._queue
+                or self._skip_to_keyframe
+                or not self._live
+                or self._link_limited()
+                or (pacer is not None and pacer.busy)
+            ):
+                return
+            native = sender.batch_track(0 if pacer is None else pacer.max_packets(), True)
+        if native is not None:
+            layer = self.layer if track is Track.VIDEO else 0
+            fanout.batches[(track, layer)].add(self, sender.layout, native)
+
+    def _leave_batch(self, track: Track | None = None) -> None:
+        """Frames of ``track`` (None: both) take the Python path again."""
+        fanout = self.fanout
+        if fanout is not None:
+            for (kind, _), batch in fanout.batches.items():
+                if track is None or kind is track:
+                    batch.remove(self)
+
+    @property
+    def frames_sent(self) -> int:
+        """Video frames sent, by the Python path and by native batches."""
+        video = self.senders.get(Track.VIDEO)
+        return self.stats.frames_sent + (video.batch_frames if video is not None else 0)
 
     def _may_resume(self, sender: FanoutSender) -> bool:
         """At a keyframe while paused: resume if the estimate covers the stream's
@@ -374,6 +416,7 @@ class ViewerSession(PeerSession):
         self.stats.keyframe_drops += 1
         self._queue.clear()
         self._skip_to_keyframe = True
+        self._leave_batch(Track.VIDEO)
         if self._paused_at is None:
             self._paused_at = time.monotonic()
             self.stats.pauses += 1
@@ -512,7 +555,7 @@ class ViewerSession(PeerSession):
             "estimate_kbps": None if estimate is None else round(estimate.bitrate / 1000),
             "sent_kbps": None if estimate is None else round(estimate.sent_bitrate / 1000),
             "loss": None if estimate is None else round(estimate.loss, 3),
-            "frames_sent": self.stats.frames_sent,
+            "frames_sent": self.frames_sent,
             "pauses": self.stats.pauses,
         }
 
@@ -552,6 +595,7 @@ class ViewerSession(PeerSession):
         """Forget frames the pacer still holds (a seek's GOP supersedes them)."""
         if self._pacer is not None:
             self._pacer.clear()
+        self._leave_batch()
         if self.fanout is not None:
             self._up_pending = None
             self.fanout.leave(self)
@@ -598,6 +642,7 @@ class ViewerSession(PeerSession):
             # pauses it by the queue-delay rule, loss fails a probe.
             self._queue.clear()
             self._skip_to_keyframe = True
+            self._leave_batch(Track.VIDEO)
         elif not self.can_send(sender):
             self._drop_to_keyframe()  # backlogged: a GOP burst would only deepen it
         elif self.fanout.gops[self.layer]:
@@ -609,6 +654,7 @@ class ViewerSession(PeerSession):
 
     def final_stats(self) -> ViewerStats:
         stats = ViewerStats(**vars(self.stats))
+        stats.frames_sent = self.frames_sent
         senders = self.senders.values()
         stats.nacks = sum(s.nacks_received for s in senders)
         stats.retransmissions = sum(s.retransmitted for s in senders)
@@ -632,7 +678,7 @@ class ViewerSession(PeerSession):
         if self.fanout is not None:
             self.fanout.remove(self)
         self.node.forget(self)
-        self.log(logging.INFO, "viewer left after %d frames", self.stats.frames_sent)
+        self.log(logging.INFO, "viewer left after %d frames", self.frames_sent)
         await super().close()
 
 
@@ -667,6 +713,13 @@ class StreamFanout:
         self._reader = FrameReader(
             node.bus, info.stream, lookback=node.settings.gop_cache_frames, layers=self.layer_count
         )
+        self.batches: dict[tuple[Track, int], Batch] = {}
+        """Per track kind and video layer (audio: 0), the viewers a native batch sends
+        to (none without the core)."""
+        if node.native is not None:
+            self.batches[(Track.AUDIO, 0)] = Batch(node.native, Track.AUDIO)
+            for layer in range(self.layer_count):
+                self.batches[(Track.VIDEO, layer)] = Batch(node.native, Track.VIDEO)
         self._packetizers = {}
         for track, kind in ((Track.VIDEO, "video"), (Track.AUDIO, "audio")):
             codec = info.codec(kind)
@@ -717,6 +770,8 @@ class StreamFanout:
         return total
 
     def remove(self, viewer: ViewerSession) -> None:
+        for batch in self.batches.values():
+            batch.remove(viewer)
         if viewer in self.viewers:
             self._departed.add(viewer.final_stats())
         self.leave(viewer)
@@ -739,6 +794,9 @@ class StreamFanout:
         if viewer in self.viewers:
             self._on_layer[viewer.layer].discard(viewer)
             self._on_layer[layer].add(viewer)
+            batch = self.batches.get((Track.VIDEO, viewer.layer))
+            if batch is not None:  # it rejoins its new layer's batch after a plain send
+                batch.remove(viewer)
 
     def await_keyframe(self, viewer: ViewerSession, layer: int | None) -> None:
         """Hand ``layer``'s next keyframe to ``viewer.switch_up_at`` (None: no layer)."""
@@ -810,9 +868,16 @@ class StreamFanout:
                 for viewer in list(self._awaiting[layer]):
                     viewer.switch_up_at(prepared, layer)
             targets = self._on_layer[layer]
+            batch = self.batches.get((Track.VIDEO, layer))
         else:
             targets = self.viewers
-        for viewer in list(targets):
+            batch = self.batches.get((Track.AUDIO, 0))
+        if batch:  # one native call for its members; the Python path for the others
+            others = targets.difference(batch.members)
+            others.update(batch.send(prepared))
+        else:
+            others = list(targets)
+        for viewer in others:
             viewer.deliver(prepared)
         if self._one_clock:
             latency_ms = time.time() * 1000 - frame.arrival_us / 1000

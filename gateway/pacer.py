@@ -57,6 +57,10 @@ class Pacer:
             self._timer.cancel()
             self._timer = None
 
+    def max_packets(self) -> int:
+        """Most packets a frame may have to go out whole, at once (see ``_fits``)."""
+        return int(self._slice_bytes() // MTU)
+
     def _slice_bytes(self) -> float:
         return max(MTU, self._budget.rate * PACE_FACTOR * SLICE_S)
 

@@ -22,7 +22,10 @@ pure-Python path's, byte for byte (``tests/test_native_fanout.py``); that path s
 the fallback where the core was not built, or with ``Settings.no_native_fanout``.
 SRTP ownership: a viewer's native :class:`_fanout.Track` protects every packet of its
 media SSRC (live frames and non-RTX resends); aiortc's libsrtp session keeps the RTX
-SSRC and all RTCP, so no SSRC is ever protected by two contexts.
+SSRC and all RTCP, so no SSRC is ever protected by two contexts. Once a track has a
+native Track, that Track also keeps the sequence number, the counters and the NACK
+history, so a frame sent by ``_fanout.send_batch`` for many viewers at once
+(``gateway/batch.py``) needs no Python per viewer.
 
 Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at the rate its
 bandwidth estimate sets. A viewer whose budget is spent is a slow viewer: its frames
@@ -85,6 +88,9 @@ _FIELDS = struct.Struct("!HII")  # sequence number, timestamp, SSRC: RTP bytes 2
 _SEQ = struct.Struct("!H")
 RTX_AGE_FLOOR = 0.2  # s: a resend may be this much older than 3 round trips and still help
 RTX_AGE_RTTS = 3
+# Mean seconds between sender reports, as libwebrtc sends them: a viewer's reports cost
+# the egress a packet each (SRTCP, the ICE socket), as much as a frame of audio.
+SR_INTERVAL = {"video": 1.0, "audio": 5.0}
 
 
 def native_core(disabled: bool = False) -> ModuleType | None:
@@ -116,30 +122,72 @@ class RetransmitPolicy:
 
 class SendBudget:
     """A token bucket of bytes: refills at ``rate`` up to ``burst``. A frame is never
-    split, so a send may overdraw it; nothing more goes out until the debt is repaid."""
+    split, so a send may overdraw it; nothing more goes out until the debt is repaid.
 
-    __slots__ = ("rate", "burst", "spent", "_tokens", "_at")
+    What the viewer's native tracks send they count themselves (``attach``); the bucket
+    reads their counters when asked, so a frame sent in a native batch costs no Python
+    here. A batch sends a track frames while its ``allowance`` (the tokens there were
+    when it joined) lasts; a lower rate takes that allowance back at once."""
+
+    __slots__ = ("_rate", "burst", "_spent", "_tokens", "_at", "_tracks", "_seen")
 
     def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
+        self._rate = rate
         self.burst = burst
-        self.spent = 0
-        """Bytes spent so far (the viewer's sent rate, for its bandwidth estimate)."""
+        self._spent = 0
         self._tokens = burst
         self._at = time.monotonic()
+        self._tracks: list = []  # native Tracks whose octets_sent count here
+        self._seen = 0  # their octets already taken from the bucket
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @rate.setter
+    def rate(self, rate: float) -> None:
+        if rate < self._rate:
+            for track in self._tracks:
+                track.allowance = 0  # batches pass it by: Python looks again
+        self._rate = rate
+
+    @property
+    def spent(self) -> int:
+        """Bytes spent so far (the viewer's sent rate, for its bandwidth estimate)."""
+        self._sync()
+        return self._spent
+
+    def attach(self, track) -> None:
+        """A native track of this viewer: its sends count against this budget."""
+        self._tracks.append(track)
+        self._seen += track.octets_sent
+
+    def _sync(self) -> None:
+        if self._tracks:
+            total = sum(t.octets_sent for t in self._tracks)
+            if total != self._seen:
+                self._tokens -= total - self._seen
+                self._spent += total - self._seen
+                self._seen = total
+
+    def tokens(self, now: float) -> float:
+        """Bytes that may be sent now (spending below 0 is a debt)."""
+        self._sync()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        return self._tokens
 
     def available(self, now: float) -> bool:
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        return self._tokens > 0
+        return self.tokens(now) > 0
 
     def refill(self, now: float) -> None:
         """Forgive the debt: a fresh start at the current rate (a probe's)."""
+        self._sync()
         self._tokens, self._at = self.burst, now
 
     def spend(self, octets: int) -> None:
         self._tokens -= octets
-        self.spent += octets
+        self._spent += octets
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,18 +297,20 @@ class FanoutSender(RTCRtpSender):
         self.ready = asyncio.Event()
         self._rtx_pt: int | None = None
         self._cname = ""
-        self._seq = random.randint(0, 0x7FFF)  # low half: avoids early SRTP rollover
+        self._py_seq = random.randint(0, 0x7FFF)  # low half: avoids early SRTP rollover
         self._rtx_seq = random.randint(0, 0x7FFF)
-        # Per frame sent: (first sequence number, its packets, timestamp, monotonic time).
-        self._history: collections.deque[tuple[int, list[Packet], int, float]]
+        # Per frame the pure-Python path sent: (first sequence number, its packets,
+        # timestamp, monotonic time, send id); a native track keeps its own history.
+        self._history: collections.deque[tuple[int, list[Packet], int, float, int]]
         self._history = collections.deque(maxlen=HISTORY_FRAMES)
         # Resends per packet, kept only for packets resent (nothing per packet sent).
-        self._resends: dict[int, tuple[tuple, int]] = {}
+        self._resends: dict[int, tuple[int, int]] = {}  # seq: (send id, resends)
         self._native = native
         self._track = None  # native core's Track: SRTP state of self.ssrc, once routed
         self._track_transport = None
         self._direct = False
         self._rtx_allowance = 0.0
+        self._rtx_seen = 0  # octets_sent when the allowance was last brought up to date
         self._rtcp_task: asyncio.Task | None = None
         self._last_ts = 0
         self._last_arrival_us = 0
@@ -268,8 +318,9 @@ class FanoutSender(RTCRtpSender):
         # RTP timestamp and arrival time; both stay 0 for live viewers.
         self.ts_offset = 0
         self.clock_shift_us = 0
-        self.packets_sent = 0
-        self.octets_sent = 0
+        # Sent by the pure-Python path; the native track counts its own.
+        self._py_packets = 0
+        self._py_octets = 0
         self.retransmitted = 0
         self.retransmitted_octets = 0
         self.retransmit_refused: collections.Counter[str] = collections.Counter()
@@ -299,6 +350,9 @@ class FanoutSender(RTCRtpSender):
         self.ready.set()
 
     async def stop(self) -> None:
+        if self._track is not None:
+            self._track.unroute()  # its duplicate of the ICE socket closes now, not at GC
+            self._direct = False
         if self._rtcp_task is not None:
             aiortc_compat.unregister_sender(self.transport, self)
             self._rtcp_task.cancel()
@@ -307,9 +361,69 @@ class FanoutSender(RTCRtpSender):
             await self._send_rtcp([RtcpByePacket(sources=[self.ssrc])])
 
     @property
+    def _seq(self) -> int:
+        track = self._track
+        return self._py_seq if track is None else track.seq
+
+    @_seq.setter
+    def _seq(self, seq: int) -> None:
+        if self._track is None:
+            self._py_seq = seq
+        else:
+            self._track.seq = seq
+
+    @property
     def next_seq(self) -> int:
         """The RTP sequence number the next media packet gets."""
         return self._seq
+
+    @property
+    def packets_sent(self) -> int:
+        track = self._track
+        return self._py_packets + (track.packets_sent if track is not None else 0)
+
+    @property
+    def octets_sent(self) -> int:
+        """RTP bytes past the fixed 12-byte headers sent (what sender reports count)."""
+        track = self._track
+        return self._py_octets + (track.octets_sent if track is not None else 0)
+
+    @property
+    def batch_frames(self) -> int:
+        """Frames a native batch (``egress.StreamFanout``) sent this track."""
+        track = self._track
+        return track.batch_frames if track is not None else 0
+
+    def batch_track(self, max_packets: int, budgeted: bool):
+        """This track's native Track, set up for ``_fanout.send_batch``; None where a
+        batch may not send it frames (no direct route, a socket backlog, or, where
+        ``budgeted``, no budget left). A batch sends it frames of up to ``max_packets``
+        packets (0: any) while the budget's tokens of now last."""
+        track, route = self._track, aiortc_compat.media_route(self.transport)
+        if (
+            track is None
+            or not self._direct
+            or route is None
+            or route[0] is not self._track_transport
+            or route[0].get_write_buffer_size()
+        ):
+            return None
+        allowance = self.budget.tokens(time.monotonic()) if budgeted else 1 << 62
+        if allowance <= 0:
+            return None
+        track.allowance = int(allowance)
+        track.max_packets = max_packets
+        track.ts_offset = self.ts_offset & 0xFFFFFFFF
+        track.arrival_shift_us = self.clock_shift_us
+        return track
+
+    def queue_unsent(self, packets: list[bytes]) -> None:
+        """Protected packets a batch could not send (the socket was full), in order."""
+        route = aiortc_compat.media_route(self.transport)
+        if route is not None:
+            transport, addr = route
+            for packet in packets:
+                transport.sendto(packet, addr)
 
     def writable(self) -> bool:
         """Connected, the socket has no backlog and the viewer's budget is not spent
@@ -339,15 +453,14 @@ class FanoutSender(RTCRtpSender):
         if timestamp is None:
             timestamp = (prepared.frame.rtp_timestamp + self.ts_offset) & 0xFFFFFFFF
         ts = timestamp
-        seq = self._seq
         now = time.monotonic()
         stamped = self.layout.abs_send_time_id is not None
         track = self._native_track(route) if self._native is not None else None
-        if track is not None:
+        if track is not None:  # it counts, keeps history and moves the sequence on
             native = prepared.native_packets(self.layout, self._native)
-            octets = native.octets if not first and end is None else native.octets_of(first, end)
             sent_at = abs_send_time(now) if stamped else None
             transport, addr = route
+            seq = track.seq
             if not self._direct or transport.get_write_buffer_size():
                 # behind the queue, in order
                 unsent = track.protect_frame(native, seq, ts, first, end, sent_at)
@@ -356,16 +469,15 @@ class FanoutSender(RTCRtpSender):
             if unsent:
                 for packet in unsent:  # the socket was full: queue the rest
                     transport.sendto(packet, addr)
-            self._seq = (seq + len(packets)) & 0xFFFF
-        else:
-            sent_at = _AST.pack(abs_send_time(now))[1:] if stamped else b""
-            octets = self._send_python(route, packets, seq, ts, sent_at)
-        self._history.append((seq, packets, ts, now))
-        self.packets_sent += len(packets)
-        self.octets_sent += octets
+            track.last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
+            return
+        seq = self._py_seq
+        sent_at = _AST.pack(abs_send_time(now))[1:] if stamped else b""
+        octets = self._send_python(route, packets, seq, ts, sent_at)
+        self._history.append((seq, packets, ts, now, self._py_packets))
+        self._py_packets += len(packets)
+        self._py_octets += octets
         self.budget.spend(octets)
-        policy = self.retransmit_policy
-        self._rtx_allowance = min(policy.burst, self._rtx_allowance + octets * policy.budget)
         self._last_ts = ts
         self._last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
 
@@ -380,7 +492,7 @@ class FanoutSender(RTCRtpSender):
             sendto(protect(packet), addr)
             octets += len(packet) - 12
             seq = (seq + 1) & 0xFFFF
-        self._seq = seq
+        self._py_seq = seq
         return octets
 
     def _native_track(self, route):
@@ -392,11 +504,15 @@ class FanoutSender(RTCRtpSender):
             if self._track is None:
                 try:
                     profile, key = aiortc_compat.srtp_tx_key(self.transport)
-                    self._track = self._native.Track(profile, key, self.ssrc)
+                    track = self._native.Track(profile, key, self.ssrc, HISTORY_FRAMES)
                 except ValueError as exc:
                     logger.warning("pure-Python send path for a viewer track: %s", exc)
                     self._native = None
                     return None
+                track.seq = self._py_seq
+                self._track = track  # from now on every packet of self.ssrc is its
+                self.budget.attach(track)
+                self.transport.on("statechange", self._on_dtls_state)
             try:
                 self._track.route(transport.get_extra_info("socket").fileno(), addr[0], addr[1])
                 self._direct = True
@@ -412,14 +528,28 @@ class FanoutSender(RTCRtpSender):
         of simulcast layer, whose RTP timestamps start from unrelated origins."""
         if not self.packets_sent:
             return
-        elapsed_us = frame.arrival_us + self.clock_shift_us - self._last_arrival_us
+        last_ts, last_arrival_us = self._last_sent()
+        elapsed_us = frame.arrival_us + self.clock_shift_us - last_arrival_us
         ticks = max(ticks, elapsed_us * self.clock_rate // 1_000_000)
-        self.ts_offset = (self._last_ts + ticks - frame.rtp_timestamp) & 0xFFFFFFFF
+        self.ts_offset = (last_ts + ticks - frame.rtp_timestamp) & 0xFFFFFFFF
+
+    def _on_dtls_state(self) -> None:
+        """DTLS is gone: the native track stops sending (batches pass it by)."""
+        if self.transport.state != "connected" and self._track is not None:
+            self._track.unroute()
+            self._direct = False
+
+    def _last_sent(self) -> tuple[int, int]:
+        """(RTP timestamp, ingest arrival µs on this viewer's clock) of the last frame."""
+        track = self._track
+        if track is not None:
+            return track.last_ts, track.last_arrival_us
+        return self._last_ts, self._last_arrival_us
 
     @property
     def last_timestamp(self) -> int | None:
         """RTP timestamp of the last frame sent (None before the first)."""
-        return self._last_ts if self.packets_sent else None
+        return self._last_sent()[0] if self.packets_sent else None
 
     def _retransmit_deadline(self) -> float:
         policy = self.retransmit_policy
@@ -427,13 +557,32 @@ class FanoutSender(RTCRtpSender):
             return policy.max_age
         return min(policy.max_age, RTX_AGE_FLOOR + RTX_AGE_RTTS * self.rtt)
 
-    def _find(self, seq: int) -> tuple[tuple, int] | None:
-        """(history entry, packet index) of the newest packet sent with ``seq``."""
-        for entry in reversed(self._history):
-            index = (seq - entry[0]) & 0xFFFF
-            if index < len(entry[1]):
-                return entry, index
+    def _find(self, seq: int) -> tuple[int, bytes, bytes, bytes, int, float] | None:
+        """The newest packet sent with ``seq``, from the history: (send id, bytes 0-1,
+        bytes 12 up to the abs-send-time value, the rest, timestamp, send time)."""
+        track = self._track
+        if track is not None:
+            found = track.find(seq)
+            if found is None:
+                return None
+            key, head, rest, ts, sent_at = found
+            if self.layout is not None and self.layout.abs_send_time_id is not None:
+                return key, head, rest[:_AST_AT], rest[_AST_AT + 3 :], ts, sent_at
+            return key, head, rest, b"", ts, sent_at
+        for first, packets, ts, sent_at, key in reversed(self._history):
+            index = (seq - first) & 0xFFFF
+            if index < len(packets):
+                return (key, *packets[index], ts, sent_at)
         return None
+
+    def _rtx_room(self) -> float:
+        """Bytes of resends allowed now: ``budget`` of each byte sent since the last
+        look, up to ``burst`` (the same as adding it per frame sent)."""
+        policy, octets = self.retransmit_policy, self.octets_sent
+        gained = (octets - self._rtx_seen) * policy.budget
+        self._rtx_seen = octets
+        self._rtx_allowance = min(policy.burst, self._rtx_allowance + gained)
+        return self._rtx_allowance
 
     def _retransmit(self, seq: int, now: float, deadline: float) -> None:
         """Resend one packet the viewer NACKed, unless it is unknown, was resent
@@ -442,15 +591,13 @@ class FanoutSender(RTCRtpSender):
         route = aiortc_compat.media_route(self.transport)
         if found is None or route is None or self.layout is None:
             return
-        entry, index = found
-        _, packets, ts, sent_at = entry
-        head, before, after = packets[index]
+        key, head, before, after, ts, sent_at = found
         layout = self.layout
         if layout.abs_send_time_id is not None:
             before += _AST.pack(abs_send_time(now))[1:]
         rest = before + after
-        resent_entry, resends = self._resends.get(seq, (None, 0))
-        if resent_entry is not entry:
+        resent_key, resends = self._resends.get(seq, (None, 0))
+        if resent_key != key:
             resends = 0  # the count was for an older packet with this sequence number
         if resends >= self.retransmit_policy.max_resends:
             self.retransmit_refused["repeat"] += 1
@@ -458,12 +605,12 @@ class FanoutSender(RTCRtpSender):
         if now - sent_at > deadline:
             self.retransmit_refused["age"] += 1
             return
-        if self._rtx_allowance < len(rest):
+        if self._rtx_room() < len(rest):
             self.retransmit_refused["budget"] += 1
             return
         if len(self._resends) >= RESENDS_KEPT:
             self._resends.clear()  # bounded; packets this old are refused for age anyway
-        self._resends[seq] = (entry, resends + 1)
+        self._resends[seq] = (key, resends + 1)
         self._rtx_allowance -= len(rest)
         self.budget.spend(len(rest))
         self.retransmitted_octets += len(rest)
@@ -517,15 +664,19 @@ class FanoutSender(RTCRtpSender):
         """Sender reports map RTP time to wall-clock time (players need it for A/V sync).
 
         The mapping uses each frame's ingest arrival time, so audio and video of one
-        publisher share one clock however far apart they were read from Kafka.
+        publisher share one clock however far apart they were read from Kafka. The first
+        report goes out within 1.5 s for either kind (the player syncs from then on),
+        later ones every ``SR_INTERVAL`` x 0.5-1.5 (RFC 3550's randomisation).
         """
+        interval = 1.0
         while True:
-            await asyncio.sleep(0.5 + random.random())
-            if not self._last_arrival_us:
+            await asyncio.sleep(interval * (0.5 + random.random()))
+            last_ts, last_arrival_us = self._last_sent()
+            if not last_arrival_us:
                 continue
             now_us = time.time_ns() // 1000
-            elapsed = (now_us - self._last_arrival_us) / 1e6
-            rtp_ts = (self._last_ts + int(elapsed * self.clock_rate)) & 0xFFFFFFFF
+            elapsed = (now_us - last_arrival_us) / 1e6
+            rtp_ts = (last_ts + int(elapsed * self.clock_rate)) & 0xFFFFFFFF
             packets = [
                 RtcpSrPacket(
                     ssrc=self.ssrc,
@@ -541,6 +692,7 @@ class FanoutSender(RTCRtpSender):
                 ),
             ]
             await self._send_rtcp(packets)
+            interval = SR_INTERVAL.get(self.kind, 1.0)
 
     async def _send_rtcp(self, packets: list) -> None:
         try:

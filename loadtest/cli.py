@@ -45,6 +45,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="viewer processes (default: 1 up to 10 viewers, else one per "
                    "core, 2 to 4)")  # fmt: skip
+    p.add_argument("--server-cpus", metavar="LIST", type=_cpus,
+                   help="CPUs for the private target (node or roles and the broker), as "
+                   "taskset -c takes them: 0-3,8")  # fmt: skip
+    p.add_argument("--load-cpus", metavar="LIST", type=_cpus,
+                   help="CPUs for the publisher and viewer workers (apart from the "
+                   "server's on a machine with many cores)")  # fmt: skip
     p.add_argument("--sweep", metavar="viewers=N,N,...", type=_sweep,
                    help="one run per viewer count (per stream); reports where p95 "
                    "glass-to-glass passes 400 ms or frame loss 1 %%")  # fmt: skip
@@ -57,6 +63,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", type=Path, nargs="+", metavar="REPORT.json",
                    help="run nothing: print and chart saved reports together (runs of "
                    "the same codec and size join into one line)")  # fmt: skip
+
+
+def _cpus(text: str) -> frozenset[int]:
+    from .procs import parse_cpus
+
+    try:
+        return parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sweep(text: str) -> list[int]:
@@ -73,6 +88,11 @@ def _sweep(text: str) -> list[int]:
 
 
 def _check(args: argparse.Namespace) -> None:
+    from .procs import unavailable_cpus
+
+    for flag, cpus in (("--server-cpus", args.server_cpus), ("--load-cpus", args.load_cpus)):
+        if (why := unavailable_cpus(cpus)) is not None:
+            sys.exit(f"whipcast loadtest: {flag}: {why}")
     if args.url and URL(args.url).host not in LOOPBACK_HOSTS and not args.allow_remote:
         sys.exit("whipcast loadtest: --url is not on loopback; add --allow-remote to load "
                  "a host you run")  # fmt: skip
@@ -123,6 +143,7 @@ def _load_test(args: argparse.Namespace) -> dict:
         fmt=fmt, streams=args.streams, viewers=args.viewers, probes=args.probes,
         duration=args.duration, ramp=args.ramp, workers=args.workers, url=args.url,
         server=args.server, publish_token=args.publish_token,
+        server_cpus=args.server_cpus, load_cpus=args.load_cpus,
     )  # fmt: skip
     progress = report.ProgressLine()
     result: dict = {}

@@ -174,6 +174,38 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """A CPU list as ``taskset -c`` takes it (``0-3,8``); ValueError if it is none."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise ValueError(f"no CPUs in {text!r}")
+    return frozenset(cpus)
+
+
+def unavailable_cpus(cpus: frozenset[int] | None) -> str | None:
+    """Why ``cpus`` cannot be pinned to here (None if they can), checked before a run."""
+    allowed = os.sched_getaffinity(0)
+    if cpus and not cpus <= allowed:
+        return f"CPUs {sorted(cpus - allowed)} are not available here (allowed: {sorted(allowed)})"
+    return None
+
+
+def pin(pid: int, cpus: frozenset[int] | None) -> None:
+    """Pin a running process to ``cpus``, as ``taskset -a -p`` does: every thread it has
+    and (for a server that started a broker) its child processes' threads; threads they
+    start later inherit it. A process gone meanwhile is skipped."""
+    if not cpus:
+        return
+    for proc in (pid, *children_of(pid)):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{proc}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
 def listening_pid(port: int) -> int | None:
     """The local process listening on TCP ``port``, if this user can see it."""
     inodes = set()

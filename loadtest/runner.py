@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from . import stats
-from .procs import Children, ask, machine, machine_busy_s, receive, sample
+from .procs import Children, ask, machine, machine_busy_s, pin, receive, sample
 from .publisher import publisher_main
 from .report import SCHEMA_VERSION
 from .source import VideoFormat
@@ -66,6 +66,11 @@ class LoadConfig:
     publish_token: str | None = None
     warmup: float = 2.0
     stream_prefix: str = "loadtest"
+    server_cpus: frozenset[int] | None = None
+    """CPUs the private target's processes (node or roles, and the broker) run on."""
+    load_cpus: frozenset[int] | None = None
+    """CPUs the publisher and the viewer workers run on (apart from the server's, on a
+    machine with many cores)."""
 
 
 def worker_count(config: LoadConfig, viewers: int) -> int:
@@ -109,6 +114,8 @@ async def execute(config: LoadConfig, sweep: list[int] | None, progress: Progres
             "fmt": asdict(config.fmt),
             "sweep": sweep,
             "publish_token": "(set)" if config.publish_token else None,
+            "server_cpus": sorted(config.server_cpus) if config.server_cpus else None,
+            "load_cpus": sorted(config.load_cpus) if config.load_cpus else None,
         },
         "source": {**source, "background": "testsrc2, 2 s loop, capture-time stamp band"},
     }
@@ -129,6 +136,9 @@ async def _execute(config: LoadConfig, sweep: list[int] | None, progress: Progre
             progress(f"starting a private whipcast ({config.server}) with its broker ...")
         target = await open_target(stack, children, config.url, config.server,
                                    config.publish_token, logs)  # fmt: skip
+        if config.url is None:
+            for pid in target.pids.values():
+                pin(pid, config.server_cpus)
         http = await stack.enter_async_context(
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         )
@@ -141,6 +151,7 @@ async def _execute(config: LoadConfig, sweep: list[int] | None, progress: Progre
             publisher_main, [f"{target.whip_base}/whip/{name}" for name in names],
             config.fmt, config.publish_token, lifetime, target.loopback,
         )  # fmt: skip
+        pin(publisher.pid, config.load_cpus)
         await receive(pub, PUBLISH_TIMEOUT, "the publisher")
         for name in names:
             await wait_stream(http, target.whep_base, name)
@@ -203,6 +214,7 @@ async def _run_step(config: LoadConfig, target: Target, http: aiohttp.ClientSess
     for i in range(workers):
         proc, conn = children.spawn(worker_main, specs[i::workers], config.ramp / workers,
                                     lifetime, target.loopback)  # fmt: skip
+        pin(proc.pid, config.load_cpus)
         fleet.procs.append(proc)
         fleet.conns.append(conn)
     pub_pid, pub = publisher

@@ -4,12 +4,17 @@ run (1 publisher, 3 viewers, one of them a decoding probe) against a test node."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import av
 import numpy as np
 import pytest
 from whipcast.loadtest import chart, report
+from whipcast.loadtest import cli as loadtest_cli
+from whipcast.loadtest.procs import parse_cpus, pin, unavailable_cpus
 from whipcast.loadtest.report import SCHEMA_VERSION
 from whipcast.loadtest.runner import LoadConfig, execute
 from whipcast.loadtest.source import StampedSource, VideoFormat
@@ -99,3 +104,33 @@ async def test_smoke_run_measures_glass_to_glass_from_pixels(server, tmp_path) -
     chart.draw([result], tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
     assert "viewers probes" in report.table(result)
+
+
+def test_cpu_lists_pin_every_thread_of_a_process() -> None:
+    """``--server-cpus`` / ``--load-cpus``: a taskset-style list, checked against the CPUs
+    this process may use, pins every thread a child already has (as ``taskset -a``)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    one = allowed[-1]
+    assert parse_cpus("0-3,8") == {0, 1, 2, 3, 8}
+    assert parse_cpus(f"{one},{one}") == {one}
+    for bad in ("", "a-b"):
+        with pytest.raises(ValueError):
+            parse_cpus(bad)
+    assert unavailable_cpus(frozenset(allowed)) is None
+    assert "not available here" in unavailable_cpus(frozenset({100_000}))
+    args = build_parser().parse_args(["loadtest", "--server-cpus", str(one)])
+    assert args.server_cpus == {one} and args.load_cpus is None
+    with pytest.raises(SystemExit, match="--load-cpus: CPUs \\[100000\\]"):
+        loadtest_cli._check(build_parser().parse_args(["loadtest", "--load-cpus", "100000"]))
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); "
+    code += "print(flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # its second thread is running
+        pin(child.pid, frozenset({one}))
+        tasks = os.listdir(f"/proc/{child.pid}/task")
+        assert len(tasks) >= 2
+        assert all(os.sched_getaffinity(int(t)) == {one} for t in tasks)
+    finally:
+        child.kill()
+        child.wait(10)

@@ -230,9 +230,14 @@ async def test_viewers_decode_through_either_path(either_server, stream_name):
             counters = [c for _, c, _ in viewer.frames]
             assert counters == list(range(counters[0], counters[0] + len(counters)))
             assert viewer.audio_frames > 0
+        fanout = server.node.egress.fanouts[stream_name]
+        assert bool(fanout.batches) == (path == "native")
         for session in sessions(server, stream_name):
             for sender in session.senders.values():
                 assert (sender._track is not None) == (path == "native"), path
+                # Natively, most frames went out in the stream's batch calls.
+                assert (sender.batch_frames > 10) == (path == "native"), path
+            assert session.status()["frames_sent"] >= 45
             if path == "native":
                 # The key the core was given is aiortc's: same bytes for a fresh SSRC.
                 dtls = session.senders[Track.VIDEO].transport
@@ -267,6 +272,8 @@ async def test_nacks_are_answered_through_either_path(either_server, stream_name
                 break
             await asyncio.sleep(0.05)
         assert sender.retransmitted > 5, sender.retransmitted
+        if path == "native":  # resends of frames the batch sent: from the native history
+            assert sender.batch_frames > 0
         if rtx:  # resends repair the loss: frames keep coming in order
             before = len(viewer.frames)
             await viewer.wait_frames(before + 30, timeout=15)
@@ -275,3 +282,223 @@ async def test_nacks_are_answered_through_either_path(either_server, stream_name
         await viewer.close()
     finally:
         await publisher.close()
+
+
+def plain_reference(frame, layout, seq, ts, ssrc, sent_at=None) -> list[bytes]:
+    """The pure-Python path's packets before SRTP, for ``ssrc``."""
+    stamp = struct.pack("!I", sent_at)[1:] if sent_at is not None else b""
+    out = []
+    for head, before, after in frame.packets(layout):
+        out.append(head + FIELDS.pack(seq, ts, ssrc) + before + stamp + after)
+        seq = (seq + 1) & 0xFFFF
+    return out
+
+
+@pytest.mark.parametrize("profile", core.PROFILES)
+def test_send_batch_matches_the_python_path(profile):
+    """One ``send_batch`` call per frame and layout sends every track what the Python
+    path sends it (its own key, SSRC, sequence numbers, abs-send-time value), counts
+    and keeps it for NACKs, and passes by the tracks it must leave to Python (no
+    allowance, a frame too large for their pacer, no route) without touching them."""
+    rng = random.Random(profile)
+    layouts = [Layout(102, 4, "0"), Layout(102, 4, "0", abs_send_time_id=3)]
+    sockets, tracks, sessions = [], [], []
+    try:
+        for n in range(4):
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets += [rx, tx]
+            rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            rx.bind(("127.0.0.1", 0))
+            rx.settimeout(5)
+            tx.setblocking(False)
+            key = rng.randbytes(LIBSRTP[profile][1])
+            track = core.Track(profile, key, SSRC + n)
+            track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+            track.seq = 0xFFF0 + 5 * n  # some cross the 0xFFFF -> 0 rollover
+            track.allowance = 1 << 40
+            tracks.append(track)
+            sessions.append((libsrtp(profile, key), rx))
+        tracks[3].ts_offset, tracks[3].arrival_shift_us = 1000, -7
+        ts, arrival = 0xFFFFFF00, 10**15
+        for count in (3, 40, 1):
+            frame = prepared(count, layouts[0], rng)
+            for layout, group in ((layouts[0], [0, 1]), (layouts[1], [2, 3])):
+                sent_at = 0xABCDEF if layout.abs_send_time_id else None
+                expected = {
+                    n: plain_reference(
+                        frame,
+                        layout,
+                        tracks[n].seq,
+                        (ts + 1000 * (n == 3)) & 0xFFFFFFFF,
+                        SSRC + n,
+                        sent_at,
+                    )
+                    for n in group
+                }
+                before = {n: (tracks[n].packets_sent, tracks[n].octets_sent) for n in group}
+                packets = frame.native_packets(layout, core)
+                passed, unsent = core.send_batch(
+                    [tracks[n] for n in group], packets, ts, sent_at, arrival
+                )
+                assert (passed, unsent) == ([], [])
+                for n in group:
+                    session, rx = sessions[n]
+                    got = [rx.recv(2048) for _ in range(count)]
+                    assert got == [session.protect(p) for p in expected[n]], (n, count)
+                    track = tracks[n]
+                    assert track.packets_sent == before[n][0] + count
+                    assert track.octets_sent == before[n][1] + packets.octets
+                    assert track.seq == (FIELDS.unpack(expected[n][-1][2:12])[0] + 1) & 0xFFFF
+                    assert track.last_ts == (ts + 1000 * (n == 3)) & 0xFFFFFFFF
+                    assert track.last_arrival_us == arrival - 7 * (n == 3)
+                    # The NACK history gives back the very packet (abs-send-time zeroed).
+                    plain = expected[n][-1]
+                    seq = FIELDS.unpack(plain[2:12])[0]
+                    _, head, rest, found_ts, _ = track.find(seq)
+                    if sent_at is not None:
+                        at = rtpsend._AST_AT
+                        rest = rest[:at] + plain[12 + at : 12 + at + 3] + rest[at + 3 :]
+                    assert head + plain[2:12] + rest == plain
+                    assert found_ts == track.last_ts
+            ts, arrival = (ts + 3000) & 0xFFFFFFFF, arrival + 33_333
+        assert [t.batch_frames for t in tracks] == [3, 3, 3, 3]
+        # Passed by, untouched: no allowance; a frame above max_packets; no route.
+        tracks[0].allowance = 0
+        tracks[1].max_packets = 2
+        tracks[2].unroute()
+        state = [(t.seq, t.packets_sent, t.batch_frames) for t in tracks]
+        frame = prepared(3, layouts[0], rng)
+        passed, unsent = core.send_batch(tracks[:3], frame.native_packets(layouts[0], core), ts)
+        assert (passed, unsent) == ([0, 1, 2], [])
+        assert [(t.seq, t.packets_sent, t.batch_frames) for t in tracks] == state
+        tracks[1].max_packets = 3
+        allowance, packets = tracks[1].allowance, frame.native_packets(layouts[0], core)
+        assert core.send_batch([tracks[1]], packets, ts) == ([], [])
+        assert tracks[1].allowance == allowance - packets.octets
+        with pytest.raises(ValueError, match="abs-send-time"):
+            core.send_batch(tracks[:1], frame.native_packets(layouts[0], core), ts, 1)
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_budget_counts_native_sends_and_takes_allowance_back():
+    """A viewer's budget reads what its native tracks sent (no Python per frame), and a
+    lower rate takes a batch's allowance back at once."""
+    budget = rtpsend.SendBudget(rate=1000.0, burst=1000.0)
+    track = core.Track("SRTP_AEAD_AES_128_GCM", bytes(28), SSRC)
+    budget.attach(track)
+    layout = Layout(96, None, None)
+    frame = PreparedFrame(None, [bytes(700), bytes(600)], True)  # type: ignore[arg-type]
+    track.protect_frame(frame.native_packets(layout, core), 1, 0)
+    assert budget.spent == 1300
+    assert not budget.available(budget._at)  # 1000 - 1300 < 0: in debt
+    track.allowance = 5000
+    budget.rate = 2000.0
+    assert track.allowance == 5000, "a higher rate leaves it"
+    budget.rate = 500.0
+    assert track.allowance == 0
+
+
+async def test_a_viewer_leaves_the_batch_when_it_needs_python(either_server, stream_name):
+    """A viewer the batch sends to leaves it as soon as its frames need Python (here a
+    skip to the next keyframe, as after a backlog, and a GOP burst for a PLI), gets
+    them through ``deliver``, and joins again once it takes frames plainly."""
+    path, server = either_server
+    if path == "python":
+        pytest.skip("batches are the native core's")
+    publisher = await publish(server.url, stream_name)
+
+    async def joined(batch, session) -> bool:
+        for _ in range(200):
+            if session in batch:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(15)
+        session = sessions(server, stream_name)[0]
+        fanout = server.node.egress.fanouts[stream_name]
+        video, audio = fanout.batches[Track.VIDEO], fanout.batches[Track.AUDIO]
+        assert await joined(video, session) and await joined(audio, session)
+        session._drop_to_keyframe()
+        assert session not in video and session in audio, "audio keeps flowing in its batch"
+        batch_frames = session.senders[Track.VIDEO].batch_frames
+        assert await joined(video, session), "back after the next keyframe"
+        session._keyframe_answered = float("-inf")
+        session.keyframe_requested("PLI")  # answered with the cached GOP
+        await asyncio.sleep(0)
+        assert session not in video
+        assert await joined(video, session)
+        before = len(viewer.frames)
+        await viewer.wait_frames(before + 30, timeout=15)
+        assert session.senders[Track.VIDEO].batch_frames > batch_frames
+        assert session.stats.cached_keyframes == 1
+        await viewer.close()
+    finally:
+        await publisher.close()
+
+
+async def test_sender_reports_count_what_was_sent(either_server, stream_name):
+    """Sender reports carry each track's packet and octet counts, batch sends included
+    (the viewer's aiortc reads them into its remote-outbound-rtp stats)."""
+    path, server = either_server
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        await viewer.wait_frames(10)
+        session = sessions(server, stream_name)[0]
+        reported = {}
+        for _ in range(100):  # the first report of each kind comes within 1.5 s
+            report = await viewer.pc.getStats()
+            reported = {s.kind: s for s in report.values() if s.type == "remote-outbound-rtp"}
+            if len(reported) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert set(reported) == {"audio", "video"}
+        for kind, track in (("video", Track.VIDEO), ("audio", Track.AUDIO)):
+            sender = session.senders[track]
+            assert reported[kind].ssrc == sender.ssrc
+            assert 0 < reported[kind].packetsSent <= sender.packets_sent
+            assert 0 < reported[kind].bytesSent <= sender.octets_sent
+            if path == "native":
+                assert sender.batch_frames > 0, kind
+        if path == "native":  # audio joins its batch after one packet: counted natively
+            assert reported["audio"].packetsSent > session.senders[Track.AUDIO]._py_packets
+        await viewer.close()
+    finally:
+        await publisher.close()
+
+
+def test_runs_of_equal_packets_arrive_as_the_same_datagrams():
+    """Runs of packets of one length (a frame's fragments: aiortc's FU-A splits differ
+    by one byte) go out as UDP GSO messages where the kernel takes them; the viewer
+    still receives each packet as its own datagram, byte for byte the Python path's."""
+    profile = "SRTP_AEAD_AES_128_GCM"
+    rng = random.Random(7)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    layout = Layout(102, 4, "0")
+    reference_session = libsrtp(profile, key)
+    track = core.Track(profile, key, SSRC)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        tx.setblocking(False)
+        track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+        seq, ts = 0xFFF0, 0
+        shapes = ([1001] * 3 + [1000] * 4, [1200] * 70 + [300], [500, 500, 900, 900, 100], [7])
+        for sizes in shapes:  # 70 + 1: more than one GSO message takes
+            frame = PreparedFrame(None, [rng.randbytes(n) for n in sizes], True)  # type: ignore[arg-type]
+            expected = reference(frame, layout, seq, ts, reference_session.protect)
+            assert track.send(frame.native_packets(layout, core), seq, ts) is None
+            assert [rx.recv(4096) for _ in sizes] == expected, sizes
+            seq, ts = (seq + len(sizes)) & 0xFFFF, ts + 3000

@@ -4,15 +4,21 @@
 //! built once per header layout ([`Packets`]); for each viewer track ([`Track`]) one call
 //! writes that viewer's sequence numbers, timestamp and SSRC, SRTP-protects every packet
 //! (RFC 3711 AES_CM_128_HMAC_SHA1_80, RFC 7714 AEAD_AES_128_GCM / AEAD_AES_256_GCM) and
-//! hands them all to the kernel in `sendmmsg` calls, with the GIL released. The output is
-//! byte for byte what libsrtp (aiortc's SRTP) makes of the same packets; the pure-Python
-//! path in `rtpsend.py` is the reference and the fallback.
+//! hands them all to the kernel in `sendmmsg` calls (runs of equal-length packets as UDP
+//! GSO messages), with the GIL released. The output is byte for byte what libsrtp
+//! (aiortc's SRTP) makes of the same packets; the pure-Python path in `rtpsend.py` is
+//! the reference and the fallback. [`send_batch`] does that for a whole list of tracks
+//! (all viewers of a layout) in one call; each track keeps its sequence number,
+//! counters and NACK history itself, so a batch needs no Python per viewer. Every
+//! packet's per-viewer header bytes are written in one place, [`write_packet`].
 //!
 //! A [`Track`] owns the SRTP state (rollover counter) of one media SSRC alone: no other
 //! SRTP context may protect packets of that SSRC. RTX and RTCP stay in aiortc's libsrtp
 //! session, under other SSRCs or in SRTCP's own index space.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use aes::{Aes128, Aes256};
@@ -226,6 +232,11 @@ fn estimate(newest: u64, seq: u16) -> (u64, i64) {
 /// 3-byte hole for the abs-send-time value where the layout has one.
 #[pyclass(frozen, module = "whipcast.gateway._fanout")]
 struct Packets {
+    data: Arc<Data>,
+}
+
+/// What [`Packets`] holds; shared with the send histories of the tracks it went to.
+struct Data {
     heads: Vec<[u8; 2]>,
     /// Where each packet's rest starts in `data`, and one past the last.
     bounds: Vec<usize>,
@@ -300,41 +311,43 @@ impl Packets {
         bounds.push(data.len());
         let header_tail = header_tail.unwrap_or(0);
         Ok(Packets {
-            heads,
-            bounds,
-            data,
-            header_tail,
-            abs_send_time_at: hole_at,
+            data: Arc::new(Data {
+                heads,
+                bounds,
+                data,
+                header_tail,
+                abs_send_time_at: hole_at,
+            }),
         })
     }
 
     /// Number of packets.
     #[getter]
     fn count(&self) -> usize {
-        self.heads.len()
+        self.data.heads.len()
     }
 
     /// Bytes after the fixed 12-byte headers, summed (what `octets_sent` counts).
     #[getter]
     fn octets(&self) -> usize {
-        self.data.len()
+        self.data.data.len()
     }
 
     /// `octets` of packets `first` up to `end` (a slice, as Python's).
     #[pyo3(signature = (first = 0, end = None))]
     fn octets_of(&self, first: usize, end: Option<usize>) -> usize {
-        let (first, end) = self.range(first, end);
-        self.bounds[end] - self.bounds[first]
+        let (first, end) = self.data.range(first, end);
+        self.data.bounds[end] - self.data.bounds[first]
     }
 
     /// Where the abs-send-time value lies in a packet (from byte 0), or None.
     #[getter]
     fn abs_send_time_at(&self) -> Option<usize> {
-        self.abs_send_time_at.map(|at| 12 + at)
+        self.data.abs_send_time_at.map(|at| 12 + at)
     }
 }
 
-impl Packets {
+impl Data {
     /// `first..end` clamped to the packets, as a Python slice with those bounds.
     fn range(&self, first: usize, end: Option<usize>) -> (usize, usize) {
         let end = end.unwrap_or(self.heads.len()).min(self.heads.len());
@@ -342,17 +355,69 @@ impl Packets {
     }
 }
 
-/// One viewer track: the SRTP state of its media SSRC and where its packets go.
+/// One frame (or slice) a track sent, kept for NACKs: the packets stay shared.
+struct Sent {
+    /// Distinct per send of this track (a resend count belongs to one send).
+    id: u64,
+    seq: u16,
+    first: usize,
+    count: usize,
+    data: Arc<Data>,
+    ts: u32,
+    /// CLOCK_MONOTONIC seconds (Python's `time.monotonic()`).
+    at: f64,
+}
+
+/// One viewer track: the SRTP state of its media SSRC, where its packets go, its RTP
+/// sequence, what it sent (counters, NACK history) and, for [`send_batch`], whether a
+/// batch may send it a frame without asking Python.
 #[pyclass(module = "whipcast.gateway._fanout")]
 struct Track {
     cipher: Cipher,
     ssrc: u32,
     /// Newest packet index protected (libsrtp's `rdbx->index`).
     newest: u64,
+    /// Our own duplicate of the socket's descriptor (-1: none), so that a number the
+    /// event loop closed and reused never receives this track's packets.
     fd: i32,
     dest: Option<libc::sockaddr_storage>,
     dest_len: libc::socklen_t,
     scratch: Vec<u8>,
+    /// The sequence number the next media packet gets.
+    #[pyo3(get, set)]
+    seq: u16,
+    /// Packets and octets (past the fixed 12 bytes) sent by `send`, `protect_frame`
+    /// and `send_batch`; frames sent by `send_batch` alone.
+    #[pyo3(get)]
+    packets_sent: u64,
+    #[pyo3(get)]
+    octets_sent: u64,
+    #[pyo3(get)]
+    batch_frames: u64,
+    /// RTP timestamp of the newest frame sent, and its ingest arrival time (µs).
+    #[pyo3(get)]
+    last_ts: u32,
+    #[pyo3(get, set)]
+    last_arrival_us: i64,
+    /// Added by `send_batch` to the frame's timestamp and arrival time (a replay's
+    /// re-based timeline, once the viewer follows the live stream again).
+    #[pyo3(get, set)]
+    ts_offset: u32,
+    #[pyo3(get, set)]
+    arrival_shift_us: i64,
+    /// Octets `send_batch` may still send this track (its viewer's send budget as
+    /// Python last saw it); at 0 or below a batch passes it by.
+    #[pyo3(get, set)]
+    allowance: i64,
+    /// Most packets a frame may have for `send_batch` to send it (0: any); a larger
+    /// one is the viewer's pacer's.
+    #[pyo3(get, set)]
+    max_packets: usize,
+    history: VecDeque<Sent>,
+    history_len: usize,
+    sends: u64,
+    /// Whether runs of packets go as UDP GSO messages (until the kernel refuses one).
+    gso: bool,
 }
 
 /// Where one `send` of a frame (or a pacer's slice of it) goes in a viewer's stream.
@@ -367,7 +432,7 @@ struct Frame {
 
 impl Frame {
     fn new(
-        packets: &Packets,
+        packets: &Data,
         seq: u16,
         ts: u32,
         first: usize,
@@ -390,10 +455,67 @@ impl Frame {
     }
 }
 
+/// Python's `time.monotonic()`, for the send history's ages.
+fn monotonic() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// Write packet `i` of `packets` into `buf` (its exact length) as a viewer's: the
+/// fixed header with this viewer's sequence number, timestamp and SSRC, the rest of the
+/// header and the payload, and (where given) the abs-send-time value in its hole. The
+/// one place a packet's per-viewer header bytes are written: a further per-packet
+/// field (a transport-wide sequence number) goes here too.
+#[inline]
+fn write_packet(
+    buf: &mut [u8],
+    packets: &Data,
+    i: usize,
+    seq: u16,
+    ts: u32,
+    ssrc: u32,
+    abs_send_time: Option<(usize, [u8; 4])>,
+) {
+    let rest = &packets.data[packets.bounds[i]..packets.bounds[i + 1]];
+    buf[..2].copy_from_slice(&packets.heads[i]);
+    buf[2..4].copy_from_slice(&seq.to_be_bytes());
+    buf[4..8].copy_from_slice(&ts.to_be_bytes());
+    buf[8..12].copy_from_slice(&ssrc.to_be_bytes());
+    buf[12..12 + rest.len()].copy_from_slice(rest);
+    if let Some((at, value)) = abs_send_time {
+        buf[at..at + 3].copy_from_slice(&value[1..]);
+    }
+}
+
+impl Drop for Track {
+    fn drop(&mut self) {
+        self.close_fd();
+    }
+}
+
 // SAFETY: sockaddr_storage is plain data; a Track is only used under its PyRefMut.
 unsafe impl Send for Track {}
 
+/// A track borrowed for a batch, used with the GIL released (its PyRefMut is held).
+struct TrackPtr(*mut Track);
+// SAFETY: each pointer is to a distinct Track whose PyRefMut outlives its use.
+unsafe impl Send for TrackPtr {}
+
 impl Track {
+    fn close_fd(&mut self) {
+        if self.fd >= 0 {
+            // SAFETY: our own duplicate, closed once.
+            unsafe { libc::close(self.fd) };
+            self.fd = -1;
+        }
+        self.dest = None;
+    }
+
     fn index_for(&mut self, seq: u16) -> PyResult<u64> {
         let (index, delta) = estimate(self.newest, seq);
         if delta > 0 {
@@ -409,8 +531,10 @@ impl Track {
     /// Build, protect and send one frame's packets; returns the protected packets
     /// the kernel did not take (its buffer was full) for the caller to queue.
     /// Packets `first..end` get sequence numbers from `seq` on; `sent_at`, a 24-bit
-    /// abs-send-time value, goes into each packet's hole for it.
-    fn send_inner(&mut self, packets: &Packets, frame: Frame, direct: bool) -> Vec<Vec<u8>> {
+    /// abs-send-time value, goes into each packet's hole for it. The send is counted,
+    /// kept in the history and moves `self.seq` on.
+    fn send_inner(&mut self, data: &Arc<Data>, frame: Frame, direct: bool) -> Vec<Vec<u8>> {
+        let packets: &Data = data;
         let Frame {
             seq,
             ts,
@@ -420,7 +544,8 @@ impl Track {
         } = frame;
         let tag_len = self.cipher.tag_len();
         let count = end - first;
-        let total = packets.bounds[end] - packets.bounds[first] + count * (12 + tag_len);
+        let octets = packets.bounds[end] - packets.bounds[first];
+        let total = octets + count * (12 + tag_len);
         let hole = packets
             .abs_send_time_at
             .zip(sent_at)
@@ -431,18 +556,10 @@ impl Track {
         let mut spans = Vec::with_capacity(count);
         let mut at = 0;
         for (n, i) in (first..end).enumerate() {
-            let rest = &packets.data[packets.bounds[i]..packets.bounds[i + 1]];
-            let len = 12 + rest.len() + tag_len;
+            let len = 12 + (packets.bounds[i + 1] - packets.bounds[i]) + tag_len;
             let buf = &mut scratch[at..at + len];
             let s = seq.wrapping_add(n as u16);
-            buf[..2].copy_from_slice(&packets.heads[i]);
-            buf[2..4].copy_from_slice(&s.to_be_bytes());
-            buf[4..8].copy_from_slice(&ts.to_be_bytes());
-            buf[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
-            buf[12..12 + rest.len()].copy_from_slice(rest);
-            if let Some((hole_at, value)) = hole {
-                buf[hole_at..hole_at + 3].copy_from_slice(&value[1..]);
-            }
+            write_packet(buf, packets, i, s, ts, self.ssrc, hole);
             // Sequence numbers only move forward here, so the index never is too old.
             let index = self.index_for(s).unwrap_or(s as u64);
             self.cipher
@@ -460,34 +577,109 @@ impl Track {
             .map(|&(a, l)| scratch[a..a + l].to_vec())
             .collect();
         self.scratch = scratch;
+        self.record(data, frame, count, octets);
         unsent
+    }
+
+    fn record(&mut self, data: &Arc<Data>, frame: Frame, count: usize, octets: usize) {
+        if self.history.len() >= self.history_len {
+            self.history.pop_front();
+        }
+        self.sends += 1;
+        if self.history_len > 0 {
+            self.history.push_back(Sent {
+                id: self.sends,
+                seq: frame.seq,
+                first: frame.first,
+                count,
+                data: Arc::clone(data),
+                ts: frame.ts,
+                at: monotonic(),
+            });
+        }
+        self.seq = frame.seq.wrapping_add(count as u16);
+        self.packets_sent += count as u64;
+        self.octets_sent += octets as u64;
+        self.last_ts = frame.ts;
+    }
+
+    /// One frame of a batch, if this track may take it: the frame's timestamp and
+    /// arrival time moved by this track's offsets; returns None where it was passed by,
+    /// else the packets the socket had no room for.
+    fn batch_one(
+        &mut self,
+        data: &Arc<Data>,
+        ts: u32,
+        sent_at: Option<u32>,
+        arrival_us: i64,
+    ) -> Option<Vec<Vec<u8>>> {
+        let count = data.heads.len();
+        if self.dest.is_none()
+            || self.allowance <= 0
+            || (self.max_packets > 0 && count > self.max_packets)
+        {
+            return None;
+        }
+        let frame = Frame {
+            seq: self.seq,
+            ts: ts.wrapping_add(self.ts_offset),
+            first: 0,
+            end: count,
+            sent_at,
+        };
+        let unsent = self.send_inner(data, frame, true);
+        self.allowance -= data.data.len() as i64;
+        self.batch_frames += 1;
+        self.last_arrival_us = arrival_us + self.arrival_shift_us;
+        Some(unsent)
     }
 
     /// `sendmmsg` the spans of `buf` in batches; returns how many were handed to the
     /// kernel (or lost to a hard error, as asyncio's transport loses them). Stops at the
-    /// first EAGAIN/ENOBUFS.
-    fn sendmmsg(&self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
-        let Some(dest) = self.dest.as_ref() else {
+    /// first EAGAIN/ENOBUFS. Where the kernel takes it, a run of packets of one length
+    /// (the last may be shorter: a frame's fragments) goes as one UDP GSO message
+    /// (`UDP_SEGMENT`), which the kernel splits into the same datagrams.
+    fn sendmmsg(&mut self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
+        let Some(dest) = self.dest else {
             return 0;
         };
-        let mut iovs: Vec<libc::iovec> = spans
+        let iovs: Vec<libc::iovec> = spans
             .iter()
             .map(|&(a, l)| libc::iovec {
                 iov_base: buf[a..].as_ptr() as *mut _,
                 iov_len: l,
             })
             .collect();
-        let mut done = 0;
-        while done < spans.len() {
-            let n = (spans.len() - done).min(BATCH);
+        let runs = if self.gso {
+            gso_runs(spans)
+        } else {
+            vec![1; spans.len()]
+        };
+        let mut cmsgs: Vec<GsoCmsg> = runs
+            .iter()
+            .scan(0, |at, &n| {
+                let size = spans[*at].1 as u16;
+                *at += n;
+                Some(GsoCmsg::new(size))
+            })
+            .collect();
+        let (mut done, mut run) = (0, 0);
+        while run < runs.len() {
+            let n = (runs.len() - run).min(BATCH);
+            let mut at = done;
             // SAFETY: zeroed mmsghdr is valid; every pointer outlives the call.
-            let mut msgs: Vec<libc::mmsghdr> = (0..n)
-                .map(|k| {
+            let mut msgs: Vec<libc::mmsghdr> = (run..run + n)
+                .map(|r| {
                     let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    m.msg_hdr.msg_name = dest as *const _ as *mut libc::c_void;
+                    m.msg_hdr.msg_name = &dest as *const _ as *mut libc::c_void;
                     m.msg_hdr.msg_namelen = self.dest_len;
-                    m.msg_hdr.msg_iov = &mut iovs[done + k];
-                    m.msg_hdr.msg_iovlen = 1;
+                    m.msg_hdr.msg_iov = iovs[at..].as_ptr() as *mut libc::iovec;
+                    m.msg_hdr.msg_iovlen = runs[r];
+                    if runs[r] > 1 {
+                        m.msg_hdr.msg_control = &mut cmsgs[r] as *mut GsoCmsg as *mut _;
+                        m.msg_hdr.msg_controllen = std::mem::size_of::<GsoCmsg>();
+                    }
+                    at += runs[r];
                     m
                 })
                 .collect();
@@ -500,26 +692,101 @@ impl Track {
                 )
             };
             if rc > 0 {
-                done += rc as usize;
+                done += runs[run..run + rc as usize].iter().sum::<usize>();
+                run += rc as usize;
                 continue;
             }
             let err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             match err {
                 libc::EINTR => continue,
                 libc::EAGAIN | libc::ENOBUFS => break,
-                _ => done += 1, // lost, as asyncio's datagram transport loses it
+                libc::EINVAL | libc::EIO | libc::EOPNOTSUPP | libc::ENOPROTOOPT
+                    if runs[run] > 1 =>
+                {
+                    // No GSO here (an old kernel, a device without it): one by one, for good.
+                    self.gso = false;
+                    return done + self.sendmmsg_plain(buf, &spans[done..]);
+                }
+                _ => {
+                    done += runs[run]; // lost, as asyncio's datagram transport loses it
+                    run += 1;
+                }
             }
         }
         done
     }
+
+    fn sendmmsg_plain(&mut self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
+        let gso = std::mem::replace(&mut self.gso, false);
+        let sent = self.sendmmsg(buf, spans);
+        self.gso = gso;
+        sent
+    }
+}
+
+/// Linux's UDP generic segmentation offload: one message, many datagrams of one size.
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+/// Datagrams one GSO message may carry (the kernel's UDP_MAX_SEGMENTS) and bytes.
+const GSO_MAX_SEGMENTS: usize = 64;
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// A control message setting `UDP_SEGMENT` (CMSG_SPACE of a u16 on 64-bit Linux).
+#[repr(C)]
+struct GsoCmsg {
+    hdr: libc::cmsghdr,
+    size: u16,
+    _pad: [u8; 6],
+}
+
+impl GsoCmsg {
+    fn new(size: u16) -> Self {
+        // SAFETY: a zeroed cmsghdr is valid; its fields are set below.
+        let mut hdr: libc::cmsghdr = unsafe { std::mem::zeroed() };
+        hdr.cmsg_level = SOL_UDP;
+        hdr.cmsg_type = UDP_SEGMENT;
+        hdr.cmsg_len = std::mem::size_of::<libc::cmsghdr>() + 2;
+        GsoCmsg {
+            hdr,
+            size,
+            _pad: [0; 6],
+        }
+    }
+}
+
+/// The spans as runs for GSO: each run's packets all have its first one's length but
+/// the last, which may be shorter (how the kernel cuts a GSO message).
+fn gso_runs(spans: &[(usize, usize)]) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < spans.len() {
+        let size = spans[i].1;
+        let (mut n, mut bytes) = (1, size);
+        while i + n < spans.len()
+            && n < GSO_MAX_SEGMENTS
+            && bytes + spans[i + n].1 <= GSO_MAX_BYTES
+            && spans[i + n].1 <= size
+        {
+            bytes += spans[i + n].1;
+            n += 1;
+            if spans[i + n - 1].1 < size {
+                break; // a shorter one ends the run
+            }
+        }
+        runs.push(n);
+        i += n;
+    }
+    runs
 }
 
 #[pymethods]
 impl Track {
     /// `profile`: the negotiated DTLS-SRTP profile name; `key_salt`: the sending
-    /// master key followed by the master salt; `ssrc`: the one media SSRC it protects.
+    /// master key followed by the master salt; `ssrc`: the one media SSRC it protects;
+    /// `history`: sends kept for NACKs.
     #[new]
-    fn new(profile: &str, key_salt: &[u8], ssrc: u32) -> PyResult<Self> {
+    #[pyo3(signature = (profile, key_salt, ssrc, history = 256))]
+    fn new(profile: &str, key_salt: &[u8], ssrc: u32, history: usize) -> PyResult<Self> {
         let cipher = Cipher::new(profile, key_salt).map_err(PyValueError::new_err)?;
         Ok(Track {
             cipher,
@@ -529,10 +796,25 @@ impl Track {
             dest: None,
             dest_len: 0,
             scratch: Vec::new(),
+            seq: 0,
+            packets_sent: 0,
+            octets_sent: 0,
+            batch_frames: 0,
+            last_ts: 0,
+            last_arrival_us: 0,
+            ts_offset: 0,
+            arrival_shift_us: 0,
+            allowance: 0,
+            max_packets: 0,
+            history: VecDeque::with_capacity(history),
+            history_len: history,
+            sends: 0,
+            gso: true,
         })
     }
 
-    /// Where `send` writes: a UDP socket's file descriptor and the viewer's address.
+    /// Where `send` writes: a UDP socket's file descriptor (the track keeps its own
+    /// duplicate of it) and the viewer's address.
     fn route(&mut self, fd: i32, host: &str, port: u16) -> PyResult<()> {
         let ip: IpAddr = host
             .parse()
@@ -567,10 +849,29 @@ impl Track {
                 std::mem::size_of::<libc::sockaddr_in6>()
             }
         };
-        self.fd = fd;
+        // SAFETY: dup of a descriptor the caller holds open; ours until close_fd.
+        let own = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if own < 0 {
+            return Err(PyOSError::new_err(
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+        self.close_fd();
+        self.fd = own;
         self.dest = Some(storage);
         self.dest_len = len as libc::socklen_t;
         Ok(())
+    }
+
+    /// Stop sending: the connection is gone (`send` refuses, batches pass it by).
+    fn unroute(&mut self) {
+        self.close_fd();
+    }
+
+    /// Whether the track has a route.
+    #[getter]
+    fn routed(&self) -> bool {
+        self.dest.is_some()
     }
 
     /// Send one frame, or its packets `first` up to `end` (a pacer's slice): the i-th
@@ -594,10 +895,10 @@ impl Track {
         if slf.dest.is_none() {
             return Err(PyOSError::new_err("track has no route"));
         }
-        let packets = packets.get();
-        let at = Frame::new(packets, seq, ts, first, end, abs_send_time)?;
+        let data = &packets.get().data;
+        let at = Frame::new(data, seq, ts, first, end, abs_send_time)?;
         let track: &mut Track = &mut slf;
-        let unsent = py.allow_threads(|| track.send_inner(packets, at, true));
+        let unsent = py.allow_threads(|| track.send_inner(data, at, true));
         if unsent.is_empty() {
             return Ok(None);
         }
@@ -623,9 +924,9 @@ impl Track {
         end: Option<usize>,
         abs_send_time: Option<u32>,
     ) -> PyResult<Vec<Py<PyBytes>>> {
-        let packets = packets.get();
-        let at = Frame::new(packets, seq, ts, first, end, abs_send_time)?;
-        let out = self.send_inner(packets, at, false);
+        let data = &packets.get().data;
+        let at = Frame::new(data, seq, ts, first, end, abs_send_time)?;
+        let out = self.send_inner(data, at, false);
         Ok(out.iter().map(|p| PyBytes::new(py, p).unbind()).collect())
     }
 
@@ -644,6 +945,32 @@ impl Track {
         Ok(PyBytes::new(py, &buf))
     }
 
+    /// The newest packet sent with sequence number `seq`, from the history, as
+    /// `(send id, bytes 0-1, bytes 12-end, timestamp, monotonic send time)`; the rest
+    /// has zeros where the abs-send-time value goes. None if it is not kept.
+    #[allow(clippy::type_complexity)]
+    fn find<'py>(
+        &self,
+        py: Python<'py>,
+        seq: u16,
+    ) -> Option<(u64, Bound<'py, PyBytes>, Bound<'py, PyBytes>, u32, f64)> {
+        self.history.iter().rev().find_map(|sent| {
+            let n = seq.wrapping_sub(sent.seq) as usize;
+            (n < sent.count).then(|| {
+                let i = sent.first + n;
+                let data = &sent.data;
+                let rest = &data.data[data.bounds[i]..data.bounds[i + 1]];
+                (
+                    sent.id,
+                    PyBytes::new(py, &data.heads[i]),
+                    PyBytes::new(py, rest),
+                    sent.ts,
+                    sent.at,
+                )
+            })
+        })
+    }
+
     /// Newest SRTP packet index (rollover counter << 16 | sequence number).
     #[getter]
     fn index(&self) -> u64 {
@@ -651,10 +978,67 @@ impl Track {
     }
 }
 
+/// One frame to every track in `tracks` (viewers of one layout), in one call with the
+/// GIL released: per track what `Track.send` does, at the track's own `seq`, with `ts`
+/// and `arrival_us` moved by its offsets, and its `allowance` spent. A track without a
+/// route, without allowance left or whose `max_packets` the frame exceeds is passed by.
+/// Returns `(indices passed by, [(index, packets the socket had no room for)])`: the
+/// caller sends those frames its own way and queues those packets.
+#[pyfunction]
+#[pyo3(signature = (tracks, packets, ts, abs_send_time = None, arrival_us = 0))]
+#[allow(clippy::type_complexity)]
+fn send_batch(
+    py: Python<'_>,
+    tracks: &Bound<'_, PyList>,
+    packets: &Bound<'_, Packets>,
+    ts: u32,
+    abs_send_time: Option<u32>,
+    arrival_us: i64,
+) -> PyResult<(Vec<usize>, Vec<(usize, Vec<Py<PyBytes>>)>)> {
+    let data = &packets.get().data;
+    if abs_send_time.is_some() && data.abs_send_time_at.is_none() {
+        return Err(PyValueError::new_err(
+            "an abs-send-time for packets without its hole",
+        ));
+    }
+    let sent_at = abs_send_time.map(|v| v & 0xFF_FFFF);
+    let mut held: Vec<PyRefMut<'_, Track>> = Vec::with_capacity(tracks.len());
+    for item in tracks.iter() {
+        held.push(item.downcast_into::<Track>()?.try_borrow_mut()?);
+    }
+    let ptrs: Vec<TrackPtr> = held
+        .iter_mut()
+        .map(|t| TrackPtr(&mut **t as *mut Track))
+        .collect();
+    let (passed, unsent) = py.allow_threads(move || {
+        let (mut passed, mut unsent) = (Vec::new(), Vec::new());
+        for (n, ptr) in ptrs.into_iter().enumerate() {
+            // SAFETY: distinct tracks (each borrowed once above), borrows held.
+            let track = unsafe { &mut *ptr.0 };
+            match track.batch_one(data, ts, sent_at, arrival_us) {
+                None => passed.push(n),
+                Some(left) if !left.is_empty() => unsent.push((n, left)),
+                Some(_) => {}
+            }
+        }
+        (passed, unsent)
+    });
+    drop(held);
+    let unsent = unsent
+        .into_iter()
+        .map(|(n, left)| {
+            let left = left.iter().map(|p| PyBytes::new(py, p).unbind()).collect();
+            (n, left)
+        })
+        .collect();
+    Ok((passed, unsent))
+}
+
 #[pymodule]
 fn _fanout(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Packets>()?;
     m.add_class::<Track>()?;
+    m.add_function(wrap_pyfunction!(send_batch, m)?)?;
     m.add("PROFILES", (CM_SHA1_80, GCM_128, GCM_256))?;
     Ok(())
 }
