@@ -50,6 +50,7 @@ REQUIRED: tuple[tuple[object, str, str], ...] = (
     (RTCRtpTransceiver, "_RTCRtpTransceiver__sender", "init"),
     (RTCRtpTransceiver, "_RTCRtpTransceiver__receiver", "init"),
     (RTCRtpTransceiver, "_codecs", "init"),
+    (RTCRtpTransceiver, "_headerExtensions", "init"),
     (RTCRtpSender, "_ssrc", "init"),
     (RTCRtpSender, "_rtx_ssrc", "init"),
     (RTCRtpSender, "_stream_id", "init"),
@@ -177,6 +178,14 @@ def unregister_receiver(dtls: RTCDtlsTransport, receiver) -> None:
 def set_codecs(transceiver: RTCRtpTransceiver, codecs: list) -> None:
     """The codecs the answer will offer for this transceiver (aiortc picks otherwise)."""
     transceiver._codecs = codecs
+
+
+def add_header_extensions(transceiver: RTCRtpTransceiver, extensions: Iterable) -> None:
+    """Negotiate header extensions aiortc does not offer itself (the simulcast RID
+    ones), with the ids the offer gave them; the answer and the receive parameters
+    (and so the transport's header extension map) then include them."""
+    known = {e.uri for e in transceiver._headerExtensions}
+    transceiver._headerExtensions += [e for e in extensions if e.uri not in known]
 
 
 def sender_ssrcs(sender: RTCRtpSender) -> tuple[int, int]:

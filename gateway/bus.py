@@ -2,8 +2,9 @@
 
 Topics (``docs/architecture.md`` has the picture):
 
-- ``{prefix}.stream.{name}``: one per live stream, partition 0 = video, 1 = audio, one
-  frame per record (:mod:`whipcast.gateway.frames`), deleted by retention after a few minutes.
+- ``{prefix}.stream.{name}``: one per live stream, partition 0 = video, 1 = audio (2 and
+  3: further simulcast video layers, ``frames.video_partition``), one frame per record
+  (:mod:`whipcast.gateway.frames`), deleted by retention after a few minutes.
 - ``{prefix}.streams``: compacted registry of live streams (:mod:`whipcast.gateway.registry`).
 - ``{prefix}.control``: keyframe requests from egress to the ingest owning a stream.
 - ``{prefix}.nodes``: compacted node registry: address and load (:mod:`whipcast.gateway.nodes`).
@@ -21,11 +22,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.errors import InvalidPartitionsError, KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
-from .frames import Frame, FrameFormatError, Track
+from .frames import Frame, FrameFormatError, Track, video_partition
 from .metrics import Metrics
 from .settings import Settings
 
@@ -171,17 +172,47 @@ class Bus:
             await self.producer.stop()
             self.producer = None
 
-    async def create_stream_topic(self, stream: str) -> None:
-        """Create (or keep) the stream's topic: a partition per track, short retention."""
+    async def create_stream_topic(self, stream: str, video_layers: int = 1) -> None:
+        """Create (or keep) the stream's topic: a partition per track and per further
+        simulcast video layer, short retention. An existing topic with too few
+        partitions (a simulcast publish reusing a single-layer stream's name) is grown;
+        partitions are never removed, so a later single-layer publish leaves the
+        layer partitions idle."""
+        partitions = max(len(Track), video_partition(video_layers - 1) + 1)
         configs = {
             "retention.ms": str(self.settings.stream_retention_ms),
             "max.message.bytes": str(MAX_RECORD_BYTES),
             "message.timestamp.type": "LogAppendTime",
         }
-        topic = NewTopic(
-            self.stream_topic(stream), len(Track), self._replicas, topic_configs=configs
-        )
+        name = self.stream_topic(stream)
+        topic = NewTopic(name, partitions, self._replicas, topic_configs=configs)
         await self._create_topics([topic])
+        if partitions > len(Track):
+            await self._grow_topic(name, partitions)
+
+    async def _grow_topic(self, name: str, partitions: int) -> None:
+        """Give an existing topic at least ``partitions`` partitions, and wait (a few
+        seconds at most) until this node's producer knows them all."""
+        admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())
+        await admin.start()
+        try:
+            [described] = await admin.describe_topics([name])
+            if len(described["partitions"]) < partitions:
+                try:
+                    await admin.create_partitions({name: NewPartitions(partitions)})
+                except InvalidPartitionsError:
+                    pass  # grown meanwhile by another node's publish
+        finally:
+            await admin.close()
+        assert self.producer is not None
+        client = self.producer.client
+        await client.add_topic(name)
+        deadline = time.monotonic() + 10
+        while len(client.cluster.partitions_for_topic(name) or ()) < partitions:
+            if time.monotonic() > deadline:
+                raise KafkaError(f"{name} did not get {partitions} partitions")
+            await client.force_metadata_update()
+            await asyncio.sleep(0.05)
 
     async def create_topics(self, topics: list[NewTopic]) -> None:
         """Create the topics a reader of the log writes to (existing ones are kept),
@@ -206,15 +237,18 @@ class Bus:
         finally:
             await admin.close()
 
-    async def send_frame(self, topic: str, frame: Frame) -> None:
-        """Queue a frame for sending; returns once queued, not when acknowledged.
+    async def send_frame(self, topic: str, frame: Frame, partition: int | None = None) -> None:
+        """Queue a frame for sending (to its track's partition unless ``partition`` is
+        given: a simulcast layer's); returns once queued, not when acknowledged.
 
         A frame that cannot even be queued (broker unreachable for longer than the
         producer's timeouts) is counted and dropped: live media cannot wait for it.
         """
         assert self.producer is not None
         try:
-            future = await self.producer.send(topic, frame.encode(), partition=frame.track)
+            future = await self.producer.send(
+                topic, frame.encode(), partition=frame.track if partition is None else partition
+            )
         except KafkaError as exc:
             self._produce_failed(exc)
             return

@@ -4,6 +4,12 @@ An :class:`IngestSession` is one publisher: its peer connection (whose receivers
 :class:`~whipcast.gateway.receiver.PassthroughReceiver`), its stream topic and registry entry,
 and the keyframe policy. :class:`IngestNode` owns the publishing sessions of one
 process.
+
+A simulcasting publisher's video layers (:mod:`whipcast.gateway.simulcast`) each get
+their own partition (``frames.video_partition``: the best on partition 0, so readers
+that know nothing of layers keep the top one), frame counter, keyframe wait and
+keyframe requests; the registry record lists them best first with the size of their
+last keyframe and their measured bitrate.
 """
 
 from __future__ import annotations
@@ -18,16 +24,17 @@ from aiokafka.errors import KafkaError
 from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
-from . import aiortc_compat, codecs, registry
+from . import aiortc_compat, codecs, registry, simulcast
 from .bus import Bus
 from .control import follow_keyframe_requests
 from .errors import StreamBusy, Unavailable
-from .frames import Codec, Frame, Track, is_keyframe
+from .frames import Codec, Frame, Track, is_keyframe, video_partition
 from .metrics import StreamSeries
 from .peer import PeerSession, answer_offer, parse_offer
 from .receiver import PassthroughReceiver
 from .registry import RegistryView, StreamInfo
 from .settings import Settings
+from .videosize import video_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,39 @@ class IngestStats:
     keyframe_requests: int = 0
 
 
+@dataclass
+class VideoLayer:
+    """Ingest state of one video layer (the only one without simulcast)."""
+
+    rid: str | None
+    index: int
+    """Its place, best first: 0 is written to partition 0."""
+    offered: int = 0
+    """Its place in the offer's simulcast list (breaks ties between equal sizes)."""
+    waiting_for_keyframe: bool = True
+    last_keyframe: float = field(default_factory=time.monotonic)
+    last_pli: float = 0.0
+    size: tuple[int, int] | None = None
+    """(width, height) of its last keyframe."""
+    bytes: int = 0
+    """Bytes written since the last bitrate measurement."""
+    bitrate: int | None = None
+
+    @property
+    def partition(self) -> int:
+        return video_partition(self.index)
+
+    def describe(self) -> dict:
+        width, height = self.size or (None, None)
+        return {
+            "layer": self.index,
+            "rid": self.rid,
+            "width": width,
+            "height": height,
+            "bitrate": self.bitrate,
+        }
+
+
 class IngestSession(PeerSession):
     """One publisher: peer connection, stream topic, registry entry, keyframe policy."""
 
@@ -63,12 +103,12 @@ class IngestSession(PeerSession):
         self.info: StreamInfo | None = None
         self.last_packet = time.monotonic()
         self._receivers: list[PassthroughReceiver] = []
-        self._sequence = {Track.VIDEO: 0, Track.AUDIO: 0}
-        self._waiting_for_keyframe = True
-        self._last_keyframe = time.monotonic()
-        self._last_pli = 0.0
+        self._sequence: dict[int, int] = {}  # per partition: frames written
+        self._layers: dict[str | None, VideoLayer] = {None: VideoLayer(None, 0)}
+        self._simulcast: simulcast.SimulcastOffer | None = None
+        self._measured = time.monotonic()
         self._ended = False
-        self._outbox: asyncio.Queue[Frame] = asyncio.Queue(OUTBOX_FRAMES)
+        self._outbox: asyncio.Queue[tuple[int, Frame]] = asyncio.Queue(OUTBOX_FRAMES)
 
     async def start(self, offer: SessionDescription, offer_sdp: str) -> str:
         pc = self.pc = self.create_peer_connection()
@@ -77,38 +117,70 @@ class IngestSession(PeerSession):
         chosen = {}
         for media in offer.media:
             chosen[media.kind] = codecs.choose_publish_codec(media.rtp.codecs, media.kind)
+            if media.kind == "video":
+                self._simulcast = simulcast.parse_offer(offer_sdp, media)
+        rids = None
+        if self._simulcast is not None:
+            offered = [r.rid for r in self._simulcast.rids]
+            rids = self._simulcast.best_first()
+            self._layers = {
+                rid: VideoLayer(rid, index, offered.index(rid)) for index, rid in enumerate(rids)
+            }
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         for transceiver in pc.getTransceivers():
             # Answer with exactly one codec, received by whipcast's own receiver.
             aiortc_compat.set_codecs(transceiver, chosen[transceiver.kind])
+            if transceiver.kind == "video" and self._simulcast is not None:
+                aiortc_compat.add_header_extensions(transceiver, self._simulcast.extensions)
             ssrc, _ = aiortc_compat.sender_ssrcs(transceiver.sender)
             receiver = PassthroughReceiver(
-                transceiver.kind, transceiver.receiver.transport, ssrc, self
+                transceiver.kind,
+                transceiver.receiver.transport,
+                ssrc,
+                self,
+                rids if transceiver.kind == "video" else None,
             )
             aiortc_compat.replace_receiver(transceiver, receiver)
             self._receivers.append(receiver)
         pc.on("iceconnectionstatechange", self._on_ice_state)
         answer = await answer_offer(pc, self.settings)
+        if self._simulcast is not None:
+            answer = simulcast.write_answer(answer, self._simulcast)
         self.info = StreamInfo(
             stream=self.stream,
             session=self.session_id,
             node=self.settings.node_id,
             video=registry.codec_to_dict(chosen["video"][0]) if "video" in chosen else None,
             audio=registry.codec_to_dict(chosen["audio"][0]) if "audio" in chosen else None,
+            layers=self._describe_layers(),
         )
-        await self.node.bus.create_stream_topic(self.stream)
+        await self.node.bus.create_stream_topic(self.stream, len(self._layers))
         await registry.publish(self.node.bus, self.info)
         self.spawn(self._watch())
         self.spawn(self._drain())
         self.log(
             logging.INFO,
-            "publish started: %s",
+            "publish started: %s%s",
             ", ".join(codecs.describe(c[0]) for c in chosen.values()),
+            f", simulcast {'/'.join(rids)}" if rids else "",
         )
         return answer
 
-    def emit(self, track: Track, codec: Codec, timestamp: int, payload: bytes) -> None:
-        """Hand one complete frame to Kafka (called as soon as it is complete).
+    def _describe_layers(self) -> list[dict] | None:
+        if self._simulcast is None:
+            return None
+        return [layer.describe() for layer in sorted(self._layers.values(), key=lambda x: x.index)]
+
+    def emit(
+        self,
+        track: Track,
+        codec: Codec,
+        timestamp: int,
+        payload: bytes,
+        rid: str | None = None,
+    ) -> None:
+        """Hand one complete frame to Kafka (called as soon as it is complete); video
+        frames name their simulcast layer's RID.
 
         Frames go through a bounded outbox drained by one task, so RTP handling never
         waits on Kafka: during a broker outage the outbox fills, further frames are
@@ -117,18 +189,30 @@ class IngestSession(PeerSession):
         keyframe = is_keyframe(codec, payload)
         stats = self.stats
         if track is Track.VIDEO:
+            layer = self._layers[rid]
             if keyframe:
                 now = time.monotonic()
-                self._waiting_for_keyframe = False
-                stats.keyframe_interval_s = now - self._last_keyframe
-                self._last_keyframe = now
+                layer.waiting_for_keyframe = False
+                if layer.index == 0:
+                    stats.keyframe_interval_s = now - layer.last_keyframe
+                layer.last_keyframe = now
                 stats.keyframes += 1
-            elif self._waiting_for_keyframe:
+                if self._simulcast is not None:
+                    size = video_size(codec, payload)
+                    if size is not None and size != layer.size:
+                        layer.size = size
+                        self._order_layers()
+                        layer.waiting_for_keyframe = False  # this frame is one
+            elif layer.waiting_for_keyframe:
                 stats.frames_skipped += 1
-                self.request_keyframe()
+                self.request_keyframe(layer.index)
                 return
-        sequence = self._sequence[track]
-        self._sequence[track] = sequence + 1
+            partition = layer.partition
+            layer.bytes += len(payload)
+        else:
+            partition = Track.AUDIO
+        sequence = self._sequence.get(partition, 0)
+        self._sequence[partition] = sequence + 1
         frame = Frame(
             track,
             codec,
@@ -140,39 +224,73 @@ class IngestSession(PeerSession):
             payload,
         )
         try:
-            self._outbox.put_nowait(frame)
+            self._outbox.put_nowait((partition, frame))
         except asyncio.QueueFull:
             stats.frames_backlogged += 1
             if track is Track.VIDEO:
-                self.frame_lost()
+                self.frame_lost(rid)
             return
         stats.frames[track] += 1
         stats.bytes[track] += len(payload)
 
+    def _order_layers(self) -> None:
+        """Put the layers best first by the size of their keyframes, once every layer
+        has sent one. A publisher that lists its encodings in another order gets them
+        re-sorted; each layer then waits for a keyframe of its own on its new partition,
+        so no partition mixes two layers' pictures between keyframes."""
+        layers = list(self._layers.values())
+        if any(layer.size is None for layer in layers):
+            return
+        ranked = sorted(layers, key=lambda x: (-x.size[0] * x.size[1], x.offered))
+        if all(layer.index == index for index, layer in enumerate(ranked)):
+            return
+        for index, layer in enumerate(ranked):
+            if layer.index != index:
+                layer.index = index
+                layer.waiting_for_keyframe = True
+                layer.last_pli = 0.0
+                self.request_keyframe(index)
+        order = "/".join(str(x.rid) for x in ranked)
+        self.log(logging.INFO, "simulcast layers reordered by size: %s", order)
+        if self.info is not None:
+            self.info.layers = self._describe_layers()
+            self.spawn(self._heartbeat(self.info))
+
     async def _drain(self) -> None:
         while True:
-            frame = await self._outbox.get()
-            await self.node.bus.send_frame(self.topic, frame)
+            partition, frame = await self._outbox.get()
+            await self.node.bus.send_frame(self.topic, frame, partition)
+
+    @property
+    def layers(self) -> int:
+        """How many video layers the publisher sends (1 without simulcast)."""
+        return len(self._layers)
 
     @property
     def rtp_packets_lost(self) -> int:
         return sum(r.packets_lost for r in self._receivers)
 
-    def frame_lost(self) -> None:
-        """A video frame could not be completed: later ones are undecodable until a
-        keyframe, so skip them and ask for one."""
-        self._waiting_for_keyframe = True
-        self.request_keyframe()
+    def frame_lost(self, rid: str | None = None) -> None:
+        """A video frame of a layer could not be completed: later ones are undecodable
+        until a keyframe, so skip them and ask for one."""
+        layer = self._layers[rid]
+        layer.waiting_for_keyframe = True
+        self.request_keyframe(layer.index)
 
-    def request_keyframe(self) -> None:
+    def request_keyframe(self, layer: int | None = None) -> None:
+        """Send a PLI for one video layer's SSRC (``None``: every layer), at most one
+        per layer per ``keyframe_request_interval``."""
         now = time.monotonic()
-        if now - self._last_pli < self.settings.keyframe_request_interval:
-            return
-        self._last_pli = now
-        self.stats.plis_sent += 1
-        for receiver in self._receivers:
-            if receiver.media_track is Track.VIDEO:
-                self.spawn(receiver.send_pli())
+        for state in self._layers.values():
+            if layer is not None and state.index != layer:
+                continue
+            if now - state.last_pli < self.settings.keyframe_request_interval:
+                continue
+            state.last_pli = now
+            self.stats.plis_sent += 1
+            for receiver in self._receivers:
+                if receiver.media_track is Track.VIDEO:
+                    self.spawn(receiver.send_pli(state.rid))
 
     def publisher_left(self, reason: str) -> None:
         if not self._ended:
@@ -188,11 +306,25 @@ class IngestSession(PeerSession):
                 self.publisher_left(f"no media for {self.settings.publisher_timeout:.0f} s")
                 return
             interval = self.settings.max_keyframe_interval
-            if interval and now - self._last_keyframe > interval:
-                self.request_keyframe()
+            for layer in self._layers.values():
+                if interval and now - layer.last_keyframe > interval:
+                    self.request_keyframe(layer.index)
             if self.info and time.time() - self.info.updated_at >= registry.HEARTBEAT_S:
+                if self._simulcast is not None:
+                    self._measure(now)
+                    self.info.layers = self._describe_layers()
                 # Not awaited: a broker outage must not stall the media-timeout checks.
                 self.spawn(self._heartbeat(self.info))
+
+    def _measure(self, now: float) -> None:
+        """Each layer's bitrate since the last heartbeat (bit/s)."""
+        elapsed = now - self._measured
+        if elapsed <= 0:
+            return
+        self._measured = now
+        for layer in self._layers.values():
+            layer.bitrate = int(layer.bytes * 8 / elapsed)
+            layer.bytes = 0
 
     async def _heartbeat(self, info: StreamInfo) -> None:
         try:
@@ -253,11 +385,12 @@ class IngestNode:
             await asyncio.gather(self._listener, return_exceptions=True)
 
     def _on_keyframe_request(self, stream: str, session_id: int, layer: int | None) -> None:
-        # Single-layer ingest: any layer's request asks the one encoder.
+        # A layer a single-layer publish does not have asks its one encoder.
         session = self.sessions.get(stream)
         if session is not None and session.session_id == session_id:
             session.stats.keyframe_requests += 1
-            session.request_keyframe()
+            known = layer is not None and layer < session.layers
+            session.request_keyframe(layer if known else None)
 
     async def publish(self, stream: str, offer_sdp: str) -> tuple[IngestSession, str]:
         """Start a publishing session; raises StreamBusy if the stream is already live."""
