@@ -42,6 +42,7 @@ REQUIRED: tuple[tuple[object, str, str], ...] = (
     (RTCDtlsTransport, "_ssl", "init"),
     (RTCDtlsTransport, "_role", "init"),
     (RTCDtlsTransport, "_srtp_profiles", "init"),
+    (RTCDtlsTransport, "_rtp_router", "init"),
     (RTCDtlsTransport, "_send_rtp", "attr"),
     (RTCDtlsTransport, "_register_rtp_sender", "attr"),
     (RTCDtlsTransport, "_unregister_rtp_sender", "attr"),
@@ -154,6 +155,18 @@ def srtp_tx_key(dtls: RTCDtlsTransport) -> tuple[str, bytes]:
 async def send_rtcp(dtls: RTCDtlsTransport, data: bytes) -> None:
     """Send compound RTCP through aiortc (SRTCP-protected there)."""
     await dtls._send_rtp(data)
+
+
+async def send_rtp(dtls: RTCDtlsTransport, data: bytes) -> None:
+    """Send one RTP packet built outside aiortc (SRTP-protected there)."""
+    await dtls._send_rtp(data)
+
+
+def route_rtcp(dtls: RTCDtlsTransport, ssrc: int, recipient) -> None:
+    """Hand RTCP feedback about ``ssrc`` (receiver reports, NACK, PLI) to
+    ``recipient._handle_rtcp_packet``: for RTP streams sent with :func:`send_rtp`, which
+    aiortc knows nothing of (the simulcast test publisher's layers)."""
+    dtls._rtp_router.register_sender(recipient, ssrc)
 
 
 def register_sender(dtls: RTCDtlsTransport, sender, parameters) -> None:

@@ -39,6 +39,9 @@ from .videosize import video_size
 logger = logging.getLogger(__name__)
 
 OUTBOX_FRAMES = 256  # about 3 s of 720p30 video with its audio
+SETTLE_S = 1.0
+"""How long after the first simulcast keyframe ingest waits for the other layers' before
+it settles their order without them."""
 
 
 @dataclass
@@ -107,6 +110,8 @@ class IngestSession(PeerSession):
         self._layers: dict[str | None, VideoLayer] = {None: VideoLayer(None, 0)}
         self._simulcast: simulcast.SimulcastOffer | None = None
         self._measured = time.monotonic()
+        self._first_keyframe: float | None = None
+        self._settled_at: float | None = None
         self._ended = False
         self._outbox: asyncio.Queue[tuple[int, Frame]] = asyncio.Queue(OUTBOX_FRAMES)
 
@@ -190,6 +195,9 @@ class IngestSession(PeerSession):
         stats = self.stats
         if track is Track.VIDEO:
             layer = self._layers[rid]
+            if self._simulcast is not None and not self._arrange(layer, keyframe, codec, payload):
+                stats.frames_skipped += 1
+                return
             if keyframe:
                 now = time.monotonic()
                 layer.waiting_for_keyframe = False
@@ -197,12 +205,6 @@ class IngestSession(PeerSession):
                     stats.keyframe_interval_s = now - layer.last_keyframe
                 layer.last_keyframe = now
                 stats.keyframes += 1
-                if self._simulcast is not None:
-                    size = video_size(codec, payload)
-                    if size is not None and size != layer.size:
-                        layer.size = size
-                        self._order_layers()
-                        layer.waiting_for_keyframe = False  # this frame is one
             elif layer.waiting_for_keyframe:
                 stats.frames_skipped += 1
                 self.request_keyframe(layer.index)
@@ -233,15 +235,46 @@ class IngestSession(PeerSession):
         stats.frames[track] += 1
         stats.bytes[track] += len(payload)
 
+    def _arrange(self, layer: VideoLayer, keyframe: bool, codec: Codec, payload: bytes) -> bool:
+        """Keep the simulcast layers best first by the size of their keyframes; whether
+        a frame of ``layer`` may be written yet.
+
+        Nothing is written until every layer has sent a keyframe (or ``SETTLE_S`` after
+        the first one, for a layer the publisher holds back), so that partition 0 starts
+        with the best layer whatever order the offer listed them in. A layer that later
+        changes place (one that started late, or changed size) waits for a keyframe of
+        its own on its new partition: no partition mixes two layers between keyframes.
+        """
+        now = time.monotonic()
+        if keyframe:
+            size = video_size(codec, payload)
+            if size is not None and size != layer.size:
+                layer.size = size
+                if self._settled_at is not None:
+                    self._order_layers()
+            self._first_keyframe = self._first_keyframe or now
+        if self._settled_at is None:
+            unknown = any(x.size is None for x in self._layers.values())
+            if self._first_keyframe is None or (unknown and now - self._first_keyframe < SETTLE_S):
+                if layer.size is None:
+                    self.request_keyframe(layer.index)  # a layer that started mid-GOP
+                return False
+            self._settled_at = now
+            self._order_layers()
+            for other in self._layers.values():
+                if other is not layer or not keyframe:
+                    # Its frames so far were held back: it starts from a new keyframe.
+                    other.waiting_for_keyframe = True
+                    self.request_keyframe(other.index)
+        return True
+
     def _order_layers(self) -> None:
-        """Put the layers best first by the size of their keyframes, once every layer
-        has sent one. A publisher that lists its encodings in another order gets them
-        re-sorted; each layer then waits for a keyframe of its own on its new partition,
-        so no partition mixes two layers' pictures between keyframes."""
+        """Rank the layers by keyframe size (layers not seen yet last, in offer order)."""
         layers = list(self._layers.values())
-        if any(layer.size is None for layer in layers):
-            return
-        ranked = sorted(layers, key=lambda x: (-x.size[0] * x.size[1], x.offered))
+        ranked = sorted(
+            layers,
+            key=lambda x: (x.size is None, -(x.size[0] * x.size[1]) if x.size else 0, x.offered),
+        )
         if all(layer.index == index for index, layer in enumerate(ranked)):
             return
         for index, layer in enumerate(ranked):
@@ -251,7 +284,7 @@ class IngestSession(PeerSession):
                 layer.last_pli = 0.0
                 self.request_keyframe(index)
         order = "/".join(str(x.rid) for x in ranked)
-        self.log(logging.INFO, "simulcast layers reordered by size: %s", order)
+        self.log(logging.INFO, "simulcast layers ordered by size: %s", order)
         if self.info is not None:
             self.info.layers = self._describe_layers()
             self.spawn(self._heartbeat(self.info))
