@@ -42,6 +42,9 @@ OUTBOX_FRAMES = 256  # about 3 s of 720p30 video with its audio
 SETTLE_S = 1.0
 """How long after the first simulcast keyframe ingest waits for the other layers' before
 it settles their order without them."""
+LAYER_IDLE_S = 2.0
+"""A simulcast layer silent this long (paused by the publisher) gives up its place to the
+layers still sending, until it sends again."""
 
 
 @dataclass
@@ -78,6 +81,14 @@ class VideoLayer:
     bytes: int = 0
     """Bytes written since the last bitrate measurement."""
     bitrate: int | None = None
+    last_frame: float = field(default_factory=time.monotonic)
+    active: bool = True
+    """Whether the publisher sends it (browsers pause top layers their uplink cannot
+    carry)."""
+    placed: int | None = None
+    """The partition its ``ts_offset`` was worked out for."""
+    ts_offset: int = 0
+    """Added to its RTP timestamps on that partition (see ``IngestSession._retime``)."""
 
     @property
     def partition(self) -> int:
@@ -111,6 +122,7 @@ class IngestSession(PeerSession):
         self._simulcast: simulcast.SimulcastOffer | None = None
         self._measured = time.monotonic()
         self._first_keyframe: float | None = None
+        self._video_clock: dict[int, tuple[int, float]] = {}  # partition: (RTP ts, when)
         self._settled_at: float | None = None
         self._ended = False
         self._outbox: asyncio.Queue[tuple[int, Frame]] = asyncio.Queue(OUTBOX_FRAMES)
@@ -174,7 +186,7 @@ class IngestSession(PeerSession):
     def _describe_layers(self) -> list[dict] | None:
         if self._simulcast is None:
             return None
-        return [layer.describe() for layer in sorted(self._layers.values(), key=lambda x: x.index)]
+        return [layer.describe() for layer in self.video_layers]
 
     def emit(
         self,
@@ -211,6 +223,8 @@ class IngestSession(PeerSession):
                 return
             partition = layer.partition
             layer.bytes += len(payload)
+            if self._simulcast is not None:
+                timestamp = self._retime(layer, timestamp)
         else:
             partition = Track.AUDIO
         sequence = self._sequence.get(partition, 0)
@@ -235,6 +249,25 @@ class IngestSession(PeerSession):
         stats.frames[track] += 1
         stats.bytes[track] += len(payload)
 
+    def _retime(self, layer: VideoLayer, timestamp: int) -> int:
+        """Keep each video partition's RTP timestamps one timeline across a change of
+        layer: browsers start every simulcast layer's timestamps at a random value, so
+        a layer taking over a partition continues from the last one written there
+        (plus the wall-clock time since). Until a layer changes place its timestamps
+        are the publisher's own."""
+        now = time.monotonic()
+        partition = layer.partition
+        if layer.placed != partition:
+            layer.placed = partition
+            last = self._video_clock.get(partition)
+            layer.ts_offset = 0
+            if last is not None:
+                expected = last[0] + max(1, round((now - last[1]) * 90000))
+                layer.ts_offset = (expected - timestamp) & 0xFFFFFFFF
+        timestamp = (timestamp + layer.ts_offset) & 0xFFFFFFFF
+        self._video_clock[partition] = (timestamp, now)
+        return timestamp
+
     def _arrange(self, layer: VideoLayer, keyframe: bool, codec: Codec, payload: bytes) -> bool:
         """Keep the simulcast layers best first by the size of their keyframes; whether
         a frame of ``layer`` may be written yet.
@@ -246,6 +279,11 @@ class IngestSession(PeerSession):
         its own on its new partition: no partition mixes two layers between keyframes.
         """
         now = time.monotonic()
+        layer.last_frame = now
+        if not layer.active:
+            layer.active = True
+            if self._settled_at is not None:
+                self._order_layers()
         if keyframe:
             size = video_size(codec, payload)
             if size is not None and size != layer.size:
@@ -269,11 +307,16 @@ class IngestSession(PeerSession):
         return True
 
     def _order_layers(self) -> None:
-        """Rank the layers by keyframe size (layers not seen yet last, in offer order)."""
+        """Rank the layers by keyframe size, paused ones and those not seen yet last."""
         layers = list(self._layers.values())
         ranked = sorted(
             layers,
-            key=lambda x: (x.size is None, -(x.size[0] * x.size[1]) if x.size else 0, x.offered),
+            key=lambda x: (
+                not x.active,
+                x.size is None,
+                -(x.size[0] * x.size[1]) if x.size else 0,
+                x.offered,
+            ),
         )
         if all(layer.index == index for index, layer in enumerate(ranked)):
             return
@@ -284,7 +327,8 @@ class IngestSession(PeerSession):
                 layer.last_pli = 0.0
                 self.request_keyframe(index)
         order = "/".join(str(x.rid) for x in ranked)
-        self.log(logging.INFO, "simulcast layers ordered by size: %s", order)
+        paused = "".join(f", {x.rid} paused" for x in ranked if not x.active)
+        self.log(logging.INFO, "simulcast layers ordered by size: %s%s", order, paused)
         if self.info is not None:
             self.info.layers = self._describe_layers()
             self.spawn(self._heartbeat(self.info))
@@ -298,6 +342,11 @@ class IngestSession(PeerSession):
     def layers(self) -> int:
         """How many video layers the publisher sends (1 without simulcast)."""
         return len(self._layers)
+
+    @property
+    def video_layers(self) -> list[VideoLayer]:
+        """The video layers, best first (partition 0's first)."""
+        return sorted(self._layers.values(), key=lambda x: x.index)
 
     @property
     def rtp_packets_lost(self) -> int:
@@ -338,9 +387,11 @@ class IngestSession(PeerSession):
             if now - self.last_packet > self.settings.publisher_timeout:
                 self.publisher_left(f"no media for {self.settings.publisher_timeout:.0f} s")
                 return
+            if self._simulcast is not None and self._settled_at is not None:
+                self._notice_paused_layers(now)
             interval = self.settings.max_keyframe_interval
             for layer in self._layers.values():
-                if interval and now - layer.last_keyframe > interval:
+                if interval and layer.active and now - layer.last_keyframe > interval:
                     self.request_keyframe(layer.index)
             if self.info and time.time() - self.info.updated_at >= registry.HEARTBEAT_S:
                 if self._simulcast is not None:
@@ -348,6 +399,15 @@ class IngestSession(PeerSession):
                     self.info.layers = self._describe_layers()
                 # Not awaited: a broker outage must not stall the media-timeout checks.
                 self.spawn(self._heartbeat(self.info))
+
+    def _notice_paused_layers(self, now: float) -> None:
+        """Move layers the publisher stopped sending behind those it still sends, so
+        that partition 0 keeps carrying the best layer there is."""
+        idle = [x for x in self._layers.values() if x.active and now - x.last_frame > LAYER_IDLE_S]
+        if idle and len(idle) < sum(x.active for x in self._layers.values()):
+            for layer in idle:
+                layer.active = False
+            self._order_layers()
 
     def _measure(self, now: float) -> None:
         """Each layer's bitrate since the last heartbeat (bit/s)."""

@@ -50,11 +50,12 @@ if TYPE_CHECKING:
 class _Layer:
     """Receive state of one video encoding (one RID; the only one without simulcast)."""
 
-    __slots__ = ("rid", "ssrc", "assembler", "nack")
+    __slots__ = ("rid", "ssrc", "rtx_ssrc", "assembler", "nack")
 
     def __init__(self, rid: str | None) -> None:
         self.rid = rid
         self.ssrc: int | None = None
+        self.rtx_ssrc: int | None = None
         self.assembler = FrameAssembler()
         self.nack = NackGenerator()
 
@@ -131,8 +132,8 @@ class PassthroughReceiver(RTCRtpReceiver):
         if rid is not None and (layer is None or layer.rid != rid):
             layer = self._layers.get(rid)
             if layer is not None:
-                if layer.ssrc is not None:
-                    self._by_ssrc.pop(layer.ssrc, None)
+                if layer.ssrc is not None and self._by_ssrc.get(layer.ssrc) is layer:
+                    del self._by_ssrc[layer.ssrc]
                 layer.bind(packet.ssrc)
                 self._by_ssrc[packet.ssrc] = layer
         return layer
@@ -143,8 +144,12 @@ class PassthroughReceiver(RTCRtpReceiver):
         if not self._simulcast:
             return self._layers[None] if packet.ssrc in self._rtx_ssrc else None
         rid = packet.extensions.repaired_rtp_stream_id
-        if rid is not None and rid in self._layers:
-            self._by_rtx_ssrc[packet.ssrc] = self._layers[rid]
+        layer = self._layers.get(rid) if rid is not None else None
+        if layer is not None and layer.rtx_ssrc != packet.ssrc:
+            if layer.rtx_ssrc is not None and self._by_rtx_ssrc.get(layer.rtx_ssrc) is layer:
+                del self._by_rtx_ssrc[layer.rtx_ssrc]
+            layer.rtx_ssrc = packet.ssrc
+            self._by_rtx_ssrc[packet.ssrc] = layer
         return self._by_rtx_ssrc.get(packet.ssrc)
 
     async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:

@@ -361,6 +361,11 @@ class SimulcastLayer:
     retransmitted: int = 0
     drop: set[int] = field(default_factory=set)
     """Indexes (0 = first packet of the layer) to drop on first sending: a lossy link."""
+    paused: bool = False
+    """Set to stop sending the layer (as a browser short of uplink does); it resumes
+    with a keyframe."""
+    ts_offset: int = field(default_factory=lambda: random.getrandbits(32))
+    """Browsers start each layer's RTP timestamps at a random value."""
     publisher: SimulcastPublisher | None = None
 
     async def _handle_rtcp_packet(self, packet) -> None:
@@ -435,7 +440,7 @@ class SimulcastPublisher:
                         payload_type=self._codec.payloadType,
                         marker=int(index == len(payloads) - 1),
                         sequence_number=layer.sequence,
-                        timestamp=timestamp,
+                        timestamp=(timestamp + layer.ts_offset) & 0xFFFFFFFF,
                         ssrc=layer.ssrc,
                         payload=payload,
                     )
@@ -453,6 +458,10 @@ class SimulcastPublisher:
     def _encode(self, image, pts: int) -> list[tuple[list[bytes], int]]:
         out = []
         for layer in self.layers:
+            if layer.paused:
+                layer.keyframe_wanted = True
+                out.append(([], 0))
+                continue
             frame = image.reformat(width=layer.width, height=layer.height)
             frame.pts, frame.time_base = pts, fractions.Fraction(1, 90000)
             keyframe, layer.keyframe_wanted = layer.keyframe_wanted, False

@@ -348,3 +348,42 @@ async def test_keyframe_interval_forced_per_layer(kafka, stream_name) -> None:
             await publisher.close()
     finally:
         await server.runner.cleanup()
+
+
+async def test_paused_layer_gives_up_partition_0_and_takes_it_back(server, stream_name) -> None:
+    publisher = await publish_simulcast(server.url, stream_name, audio=False)
+    try:
+        session = await wait_for(lambda: server.node.ingest.sessions.get(stream_name))
+        await wait_for(lambda: session.stats.frames[0] > 60, what="frames of every layer")
+
+        def order() -> list[str] | None:
+            info = server.node.view.get(stream_name)
+            return [x["rid"] for x in info.layers] if info and info.layers else None
+
+        assert order() == ["h", "m", "l"]
+        publisher.layer("h").paused = True
+        await wait_for(lambda: order() == ["m", "l", "h"], what="h moved behind", timeout=10)
+        await asyncio.sleep(1.0)
+        publisher.layer("h").paused = False
+        await wait_for(lambda: order() == ["h", "m", "l"], what="h back in front", timeout=10)
+        await asyncio.sleep(1.0)
+
+        frames = (
+            await read_partitions(server.node.bus, stream_name, session.session_id, 10_000, [0])
+        )[0]
+        # Partition 0 went on with the best layer still sending, from a keyframe of it,
+        # on one RTP timeline although each layer's timestamps start elsewhere.
+        sizes = [video_size(Codec.VP8, f.payload) for f in frames if f.keyframe]
+        runs = [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
+        assert runs == [(320, 240), (160, 120), (320, 240)], sizes
+        assert [f.sequence for f in frames] == list(range(len(frames)))
+        # Each step of the timeline is the time that passed: a frame interval, or the
+        # wait until a paused layer was given up.
+        for a, b in zip(frames, frames[1:], strict=False):
+            step = ((b.rtp_timestamp - a.rtp_timestamp) & 0xFFFFFFFF) / 90000
+            assert 0 < step < 5 and abs(step - (b.arrival_us - a.arrival_us) / 1e6) < 0.3, (
+                a.sequence,
+                step,
+            )
+    finally:
+        await publisher.close()
