@@ -323,6 +323,7 @@ class IngestSession(PeerSession):
         for index, layer in enumerate(ranked):
             if layer.index != index:
                 layer.index = index
+                layer.placed = None  # its timestamps continue the new partition's
                 layer.waiting_for_keyframe = True
                 layer.last_pli = 0.0
                 self.request_keyframe(index)
