@@ -123,7 +123,7 @@ class IngestSession(PeerSession):
         self._measured = time.monotonic()
         self._first_keyframe: float | None = None
         self._video_clock: dict[int, tuple[int, float]] = {}  # partition: (RTP ts, when)
-        self._settled_at: float | None = None
+        self._settled = False  # simulcast layers placed (see _arrange)
         self._ended = False
         self._outbox: asyncio.Queue[tuple[int, Frame]] = asyncio.Queue(OUTBOX_FRAMES)
 
@@ -282,22 +282,22 @@ class IngestSession(PeerSession):
         layer.last_frame = now
         if not layer.active:
             layer.active = True
-            if self._settled_at is not None:
+            if self._settled:
                 self._order_layers()
         if keyframe:
             size = video_size(codec, payload)
             if size is not None and size != layer.size:
                 layer.size = size
-                if self._settled_at is not None:
+                if self._settled:
                     self._order_layers()
             self._first_keyframe = self._first_keyframe or now
-        if self._settled_at is None:
+        if not self._settled:
             unknown = any(x.size is None for x in self._layers.values())
             if self._first_keyframe is None or (unknown and now - self._first_keyframe < SETTLE_S):
                 if layer.size is None:
                     self.request_keyframe(layer.index)  # a layer that started mid-GOP
                 return False
-            self._settled_at = now
+            self._settled = True
             self._order_layers()
             for other in self._layers.values():
                 if other is not layer or not keyframe:
@@ -388,7 +388,7 @@ class IngestSession(PeerSession):
             if now - self.last_packet > self.settings.publisher_timeout:
                 self.publisher_left(f"no media for {self.settings.publisher_timeout:.0f} s")
                 return
-            if self._simulcast is not None and self._settled_at is not None:
+            if self._simulcast is not None and self._settled:
                 self._notice_paused_layers(now)
             interval = self.settings.max_keyframe_interval
             for layer in self._layers.values():
