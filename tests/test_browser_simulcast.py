@@ -218,3 +218,29 @@ async def test_chromium_simulcast_layers_partitions_and_keyframe_requests(
         assert watched["codec"].lower() == codec, watched
     finally:
         await script.stop()
+
+
+@pytest.mark.timeout(3 * STEP_TIMEOUT_S)
+async def test_studio_without_simulcast_publishes_one_layer(server) -> None:
+    """``?simulcast=0`` (the studio's checkbox off) publishes a single layer, as before."""
+    stream = f"single-{uuid.uuid4().hex[:8]}"
+    shots = ARTIFACTS / "browser-simulcast-off"
+    shutil.rmtree(shots, ignore_errors=True)
+    args = [server.url, stream, str(shots), "--single", "--timeout", str(STEP_TIMEOUT_S - 10)]
+    if server.settings.publish_token:
+        args += ["--token", server.settings.publish_token]
+    script = await Script.start(*args)
+    try:
+        sending = await script.read()
+        assert sending["encodings"] == [], sending  # no RIDs: one encoding
+        session = server.node.ingest.sessions[stream]
+        assert session.layers == 1
+        deadline = time.monotonic() + 10
+        while (info := server.node.view.get(stream)) is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert info.layers is None
+        watched = await script.ask("watch")
+        assert watched["videoWidth"] > 0, watched
+    finally:
+        await script.stop()

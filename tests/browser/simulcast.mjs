@@ -3,12 +3,13 @@
 // step by the Python test that checks Kafka and the registry meanwhile.
 //
 //   node simulcast.mjs <base-url> <stream> <screenshot-dir> [--codec h264|vp8] [--token T]
-//        [--timeout 30] [--verbose]
+//        [--single] [--timeout 30] [--verbose]
 //
 // Opens /publish/<stream> (simulcast is the studio's default) with a fake 1280x720
 // camera, presses Start and waits until every encoding sends frames; prints
 // {"phase": "sending", "encodings": [...]} (best first: rid, frameWidth, frameHeight,
-// framesEncoded, bytesSent, pliCount). Then reads commands on stdin, one per line:
+// framesEncoded, bytesSent, pliCount). With --single it opens /publish/<stream>?simulcast=0
+// and waits for one encoding instead. Then reads commands on stdin, one per line:
 //   stats  prints {"phase": "stats", "encodings": [...]}
 //   watch  opens /watch/<stream>, waits until it plays 30 frames, prints {"phase": "watch", ...}
 //   stop   ends the session; the final JSON line {"ok": ...} follows.
@@ -34,14 +35,19 @@ const MIN_FRAMES = 30;
 function parseOptions() {
   const { values, usage, ...positionals } = parseCommandLine(
     'node simulcast.mjs <base-url> <stream> <screenshot-dir> [--codec h264|vp8] [--token T] ' +
-      '[--timeout S] [--verbose]',
-    { codec: { type: 'string' }, token: { type: 'string' }, timeout: { type: 'string', default: '30' } },
+      '[--single] [--timeout S] [--verbose]',
+    {
+      codec: { type: 'string' },
+      token: { type: 'string' },
+      single: { type: 'boolean', default: false },
+      timeout: { type: 'string', default: '30' },
+    },
   );
   if (values.codec && !['h264', 'vp8'].includes(values.codec)) usage('--codec is h264 or vp8');
   const timeoutS = Number(values.timeout);
   if (!(timeoutS > 0)) usage('--timeout must be positive');
   return { ...positionals, codec: values.codec || null, token: values.token || null,
-    timeoutMs: timeoutS * 1000, verbose: values.verbose };
+    single: values.single, timeoutMs: timeoutS * 1000, verbose: values.verbose };
 }
 
 function emit(line) {
@@ -68,17 +74,21 @@ async function main(opts, { result, log }) {
     chrome = await launchChromium({ args: [...CHROMIUM_ARGS, ...FAKE_MEDIA_ARGS] });
     publisher = await chrome.context.newPage();
     publisher.on('console', (m) => log.push(`[publish] ${m.type()}: ${m.text()}`));
-    await publisher.goto(`${opts.baseUrl}/publish/${encodeURIComponent(opts.stream)}`);
+    const query = opts.single ? '?simulcast=0' : '';
+    await publisher.goto(`${opts.baseUrl}/publish/${encodeURIComponent(opts.stream)}${query}`);
     if (opts.codec) await publisher.selectOption('#codec', opts.codec);
     if (opts.token) await publisher.fill('#token', opts.token);
-    if (!(await publisher.isChecked('#simulcast'))) throw new CheckFailed('simulcast is not the default');
+    if ((await publisher.isChecked('#simulcast')) === opts.single) {
+      throw new CheckFailed(`the simulcast checkbox is ${opts.single ? 'on' : 'off'}`);
+    }
     await publisher.click('#start');
     const encodings = () => publisher.evaluate(async () => (await window.whipcast.stats()).encodings);
     result.sending = await waitFor(async () => {
-      const value = await encodings();
-      const sending = value.filter((e) => e.framesEncoded > 0 && e.frameWidth > 0);
-      return { done: sending.length >= LAYERS, value };
-    }, opts.timeoutMs, `Chromium did not send ${LAYERS} encodings`);
+      const stats = await publisher.evaluate(() => window.whipcast.stats());
+      const sending = stats.encodings.filter((e) => e.framesEncoded > 0 && e.frameWidth > 0);
+      const done = opts.single ? stats.framesEncoded > 0 : sending.length >= LAYERS;
+      return { done, value: stats.encodings };
+    }, opts.timeoutMs, `Chromium did not send ${opts.single ? 'video' : `${LAYERS} encodings`}`);
     const codec = (await publisher.evaluate(async () => (await window.whipcast.stats()).codec));
     emit({ phase: 'sending', codec, encodings: result.sending });
 
