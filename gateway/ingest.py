@@ -62,6 +62,8 @@ class IngestStats:
     nacks_sent: int = 0
     plis_sent: int = 0
     keyframe_requests: int = 0
+    layer_moves: int = 0
+    """Times the simulcast layers changed places (sorted by size, or one paused)."""
 
 
 @dataclass
@@ -327,6 +329,7 @@ class IngestSession(PeerSession):
                 layer.waiting_for_keyframe = True
                 layer.last_pli = 0.0
                 self.request_keyframe(index)
+        self.stats.layer_moves += 1
         order = "/".join(str(x.rid) for x in ranked)
         paused = "".join(f", {x.rid} paused" for x in ranked if not x.active)
         self.log(logging.INFO, "simulcast layers ordered by size: %s%s", order, paused)

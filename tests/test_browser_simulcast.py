@@ -163,13 +163,14 @@ async def test_chromium_simulcast_layers_partitions_and_keyframe_requests(
         for _attempt in range(5):
             # Every layer's keyframe lands on its own partition, with its own size.
             await steady()
+            moves = session.stats.layer_moves
             reading = asyncio.ensure_future(
                 read_layers(node.bus, stream, session.session_id, False)
             )
             await asyncio.sleep(1.0)  # the reader is at the end of each partition
             requester.request(stream, session.session_id, "test")
             layers = await reading
-            if order() == rids:
+            if session.stats.layer_moves == moves:
                 break
         sizes = []
         for layer, frames in layers.items():
@@ -201,11 +202,11 @@ async def test_chromium_simulcast_layers_partitions_and_keyframe_requests(
         for _attempt in range(5):
             await steady()
             before = {e["rid"]: e["pliCount"] for e in (await script.ask("stats"))["encodings"]}
-            plis = session.stats.plis_sent
+            plis, moves = session.stats.plis_sent, session.stats.layer_moves
             requester.request(stream, session.session_id, "test", layer=2)
             await asyncio.sleep(2.5)
             after = {e["rid"]: e["pliCount"] for e in (await script.ask("stats"))["encodings"]}
-            if session.stats.plis_sent == plis + 1 and order() == rids:
+            if session.stats.plis_sent == plis + 1 and session.stats.layer_moves == moves:
                 break  # no PLI of ingest's own (a lost frame, a moved layer) meanwhile
         delta = {rid: after[rid] - before[rid] for rid in after}
         assert session.stats.plis_sent == plis + 1, "ingest sent PLIs of its own throughout"
@@ -213,8 +214,13 @@ async def test_chromium_simulcast_layers_partitions_and_keyframe_requests(
         assert all(v == 0 for rid, v in delta.items() if rid != lowest), delta
 
         # A viewer of the existing egress plays the top layer (partition 0).
+        await steady()
+        moves = session.stats.layer_moves
         watched = await script.ask("watch")
-        assert watched["videoWidth"] == widths[0], (watched, widths)
+        if session.stats.layer_moves == moves:
+            assert watched["videoWidth"] == widths[0], (watched, widths)
+        else:  # the browser paused the top layer meanwhile: the next best played on
+            assert watched["videoWidth"] in widths, (watched, widths)
         assert watched["codec"].lower() == codec, watched
     finally:
         await script.stop()
