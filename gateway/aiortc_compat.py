@@ -42,6 +42,7 @@ REQUIRED: tuple[tuple[object, str, str], ...] = (
     (RTCDtlsTransport, "_ssl", "init"),
     (RTCDtlsTransport, "_role", "init"),
     (RTCDtlsTransport, "_srtp_profiles", "init"),
+    (RTCDtlsTransport, "_rtp_router", "init"),
     (RTCDtlsTransport, "_send_rtp", "attr"),
     (RTCDtlsTransport, "_register_rtp_sender", "attr"),
     (RTCDtlsTransport, "_unregister_rtp_sender", "attr"),
@@ -50,6 +51,7 @@ REQUIRED: tuple[tuple[object, str, str], ...] = (
     (RTCRtpTransceiver, "_RTCRtpTransceiver__sender", "init"),
     (RTCRtpTransceiver, "_RTCRtpTransceiver__receiver", "init"),
     (RTCRtpTransceiver, "_codecs", "init"),
+    (RTCRtpTransceiver, "_headerExtensions", "init"),
     (RTCRtpSender, "_ssrc", "init"),
     (RTCRtpSender, "_rtx_ssrc", "init"),
     (RTCRtpSender, "_stream_id", "init"),
@@ -155,6 +157,18 @@ async def send_rtcp(dtls: RTCDtlsTransport, data: bytes) -> None:
     await dtls._send_rtp(data)
 
 
+async def send_rtp(dtls: RTCDtlsTransport, data: bytes) -> None:
+    """Send one RTP packet built outside aiortc (SRTP-protected there)."""
+    await dtls._send_rtp(data)
+
+
+def route_rtcp(dtls: RTCDtlsTransport, ssrc: int, recipient) -> None:
+    """Hand RTCP feedback about ``ssrc`` (receiver reports, NACK, PLI) to
+    ``recipient._handle_rtcp_packet``: for RTP streams sent with :func:`send_rtp`, which
+    aiortc knows nothing of (the simulcast test publisher's layers)."""
+    dtls._rtp_router.register_sender(recipient, ssrc)
+
+
 def register_sender(dtls: RTCDtlsTransport, sender, parameters) -> None:
     dtls._register_rtp_sender(sender, parameters)
 
@@ -177,6 +191,14 @@ def unregister_receiver(dtls: RTCDtlsTransport, receiver) -> None:
 def set_codecs(transceiver: RTCRtpTransceiver, codecs: list) -> None:
     """The codecs the answer will offer for this transceiver (aiortc picks otherwise)."""
     transceiver._codecs = codecs
+
+
+def add_header_extensions(transceiver: RTCRtpTransceiver, extensions: Iterable) -> None:
+    """Negotiate header extensions aiortc does not offer itself (the simulcast RID
+    ones), with the ids the offer gave them; the answer and the receive parameters
+    (and so the transport's header extension map) then include them."""
+    known = {e.uri for e in transceiver._headerExtensions}
+    transceiver._headerExtensions += [e for e in extensions if e.uri not in known]
 
 
 def sender_ssrcs(sender: RTCRtpSender) -> tuple[int, int]:

@@ -2,8 +2,9 @@
 
 Topics (``docs/architecture.md`` has the picture):
 
-- ``{prefix}.stream.{name}``: one per live stream, partition 0 = video, 1 = audio, one
-  frame per record (:mod:`whipcast.gateway.frames`), deleted by retention after a few minutes.
+- ``{prefix}.stream.{name}``: one per live stream, partition 0 = video, 1 = audio (2 and
+  3: further simulcast video layers, ``frames.video_partition``), one frame per record
+  (:mod:`whipcast.gateway.frames`), deleted by retention after a few minutes.
 - ``{prefix}.streams``: compacted registry of live streams (:mod:`whipcast.gateway.registry`).
 - ``{prefix}.control``: keyframe requests from egress to the ingest owning a stream.
 - ``{prefix}.nodes``: compacted node registry: address and load (:mod:`whipcast.gateway.nodes`).
@@ -22,8 +23,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.errors import InvalidPartitionsError, KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
 from .frames import Frame, FrameFormatError, Track, partition_layer, video_partition
@@ -172,15 +173,19 @@ class Bus:
             await self.producer.stop()
             self.producer = None
 
-    async def create_stream_topic(self, stream: str) -> None:
-        """Create (or keep) the stream's topic: a partition per track, short retention."""
+    async def create_stream_topic(self, stream: str, video_layers: int = 1) -> None:
+        """Create (or keep) the stream's topic: a partition per track and per further
+        simulcast video layer, short retention. An existing topic with too few
+        partitions (a simulcast publish reusing a single-layer stream's name) is grown;
+        partitions are never removed, so a later single-layer publish leaves the
+        layer partitions idle."""
+        partitions = max(len(Track), video_partition(video_layers - 1) + 1)
         configs = {
             "retention.ms": str(self.settings.stream_retention_ms),
             "max.message.bytes": str(MAX_RECORD_BYTES),
             "message.timestamp.type": "LogAppendTime",
         }
         name = self.stream_topic(stream)
-        partitions = len(Track)
         replicas = self._stream_replicas(stream)
         if replicas is None:
             topic = NewTopic(name, partitions, self._replicas, topic_configs=configs)
@@ -188,6 +193,35 @@ class Bus:
             assignment = {partition: replicas for partition in range(partitions)}
             topic = NewTopic(name, -1, -1, replica_assignments=assignment, topic_configs=configs)
         await self._create_topics([topic])
+        if partitions > len(Track):
+            await self._grow_topic(name, partitions, replicas)
+
+    async def _grow_topic(self, name: str, partitions: int, replicas: list[int] | None) -> None:
+        """Give an existing topic at least ``partitions`` partitions (on ``replicas``,
+        the stream's shared leader, when given), and wait (a few seconds at most) until
+        this node's producer knows them all."""
+        admin = AIOKafkaAdminClient(**self.settings.kafka_client_options())
+        await admin.start()
+        try:
+            [described] = await admin.describe_topics([name])
+            have = len(described["partitions"])
+            if have < partitions:
+                more = None if replicas is None else [replicas] * (partitions - have)
+                try:
+                    await admin.create_partitions({name: NewPartitions(partitions, more)})
+                except InvalidPartitionsError:
+                    pass  # grown meanwhile by another node's publish
+        finally:
+            await admin.close()
+        assert self.producer is not None
+        client = self.producer.client
+        await client.add_topic(name)
+        deadline = time.monotonic() + 10
+        while len(client.cluster.partitions_for_topic(name) or ()) < partitions:
+            if time.monotonic() > deadline:
+                raise KafkaError(f"{name} did not get {partitions} partitions")
+            await client.force_metadata_update()
+            await asyncio.sleep(0.05)
 
     def _stream_replicas(self, stream: str) -> list[int] | None:
         """One replica list for every partition of a stream's topic, so that all its
@@ -225,15 +259,18 @@ class Bus:
         finally:
             await admin.close()
 
-    async def send_frame(self, topic: str, frame: Frame) -> None:
-        """Queue a frame for sending; returns once queued, not when acknowledged.
+    async def send_frame(self, topic: str, frame: Frame, partition: int | None = None) -> None:
+        """Queue a frame for sending (to its track's partition unless ``partition`` is
+        given: a simulcast layer's); returns once queued, not when acknowledged.
 
         A frame that cannot even be queued (broker unreachable for longer than the
         producer's timeouts) is counted and dropped: live media cannot wait for it.
         """
         assert self.producer is not None
         try:
-            future = await self.producer.send(topic, frame.encode(), partition=frame.track)
+            future = await self.producer.send(
+                topic, frame.encode(), partition=frame.track if partition is None else partition
+            )
         except KafkaError as exc:
             self._produce_failed(exc)
             return

@@ -5,6 +5,13 @@ keeps what a receiver owes the publisher (RTCP receiver reports, NACKs, REMB ban
 estimates, PLIs) and replaces aiortc's jitter buffer and decoder thread with
 :class:`~whipcast.gateway.assembler.FrameAssembler`, handing each frame to its
 :class:`~whipcast.gateway.ingest.IngestSession` the moment its last packet arrives.
+
+A simulcasting publisher sends up to three video encodings on one video section, each
+on its own SSRC; aiortc routes them all here by payload type. The receiver tells them
+apart by the RID header extension (RTX by the repaired RID), binding each SSRC to its
+RID on the first packet that names it (browsers stop sending the RID once a receiver
+report acknowledges the SSRC), and keeps a frame assembler and NACK generator per
+layer. One REMB covers all SSRCs, as in libwebrtc: it estimates the whole link.
 """
 
 from __future__ import annotations
@@ -40,10 +47,37 @@ if TYPE_CHECKING:
     from .ingest import IngestSession
 
 
+class _Layer:
+    """Receive state of one video encoding (one RID; the only one without simulcast)."""
+
+    __slots__ = ("rid", "ssrc", "rtx_ssrc", "assembler", "nack")
+
+    def __init__(self, rid: str | None) -> None:
+        self.rid = rid
+        self.ssrc: int | None = None
+        self.rtx_ssrc: int | None = None
+        self.assembler = FrameAssembler()
+        self.nack = NackGenerator()
+
+    def bind(self, ssrc: int) -> None:
+        """Take ``ssrc`` as this layer's media SSRC (a new one restarts its state)."""
+        if self.ssrc is not None and self.ssrc != ssrc:
+            self.assembler = FrameAssembler()
+            self.nack = NackGenerator()
+        self.ssrc = ssrc
+
+
 class PassthroughReceiver(RTCRtpReceiver):
     """An RTP receiver that reassembles encoded frames instead of decoding them."""
 
-    def __init__(self, kind: str, transport, rtcp_ssrc: int, session: IngestSession) -> None:
+    def __init__(
+        self,
+        kind: str,
+        transport,
+        rtcp_ssrc: int,
+        session: IngestSession,
+        rids: list[str] | None = None,
+    ) -> None:
         super().__init__(kind, transport)
         self._rtcp_ssrc = rtcp_ssrc
         self._session = session
@@ -52,12 +86,14 @@ class PassthroughReceiver(RTCRtpReceiver):
         self._rtx_ssrc: dict[int, int] = {}
         self._streams: dict[int, StreamStatistics] = {}
         self._lsr: dict[int, tuple[int, float]] = {}
-        self._nack = NackGenerator() if kind == "video" else None
         self._remb = RemoteBitrateEstimator() if kind == "video" else None
-        self._assembler = FrameAssembler()
+        self._simulcast = bool(rids)
+        self._layers = {rid: _Layer(rid) for rid in rids} if rids else {None: _Layer(None)}
+        self._by_ssrc: dict[int, _Layer] = {}
+        self._by_rtx_ssrc: dict[int, _Layer] = {}
+        self._audio = FrameAssembler()
         self._audio_highest: int | None = None
         self._rtcp_task: asyncio.Task | None = None
-        self.media_ssrc: int | None = None
 
     async def receive(self, parameters: RTCRtpReceiveParameters) -> None:
         if self._rtcp_task is not None:
@@ -85,6 +121,37 @@ class PassthroughReceiver(RTCRtpReceiver):
         elif isinstance(packet, RtcpByePacket):
             self._session.publisher_left("RTCP BYE")
 
+    def _media_layer(self, packet: RtpPacket) -> _Layer | None:
+        """The layer a media packet belongs to: by its SSRC once bound, else by its RID."""
+        if not self._simulcast:
+            layer = self._layers[None]
+            layer.ssrc = packet.ssrc
+            return layer
+        layer = self._by_ssrc.get(packet.ssrc)
+        rid = packet.extensions.rtp_stream_id
+        if rid is not None and (layer is None or layer.rid != rid):
+            layer = self._layers.get(rid)
+            if layer is not None:
+                if layer.ssrc is not None and self._by_ssrc.get(layer.ssrc) is layer:
+                    del self._by_ssrc[layer.ssrc]
+                layer.bind(packet.ssrc)
+                self._by_ssrc[packet.ssrc] = layer
+        return layer
+
+    def _rtx_layer(self, packet: RtpPacket) -> _Layer | None:
+        """The layer an RTX packet repairs: by its SSRC once bound, else by its
+        repaired RID (simulcast), or the offer's SSRC group (one layer)."""
+        if not self._simulcast:
+            return self._layers[None] if packet.ssrc in self._rtx_ssrc else None
+        rid = packet.extensions.repaired_rtp_stream_id
+        layer = self._layers.get(rid) if rid is not None else None
+        if layer is not None and layer.rtx_ssrc != packet.ssrc:
+            if layer.rtx_ssrc is not None and self._by_rtx_ssrc.get(layer.rtx_ssrc) is layer:
+                del self._by_rtx_ssrc[layer.rtx_ssrc]
+            layer.rtx_ssrc = packet.ssrc
+            self._by_rtx_ssrc[packet.ssrc] = layer
+        return self._by_rtx_ssrc.get(packet.ssrc)
+
     async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
         stats = self._session.stats
         stats.packets += 1
@@ -96,17 +163,7 @@ class PassthroughReceiver(RTCRtpReceiver):
         if packet.ssrc not in self._streams:
             self._streams[packet.ssrc] = StreamStatistics(codec.clockRate)
         self._streams[packet.ssrc].add(packet)
-
-        if codec.mimeType.lower().endswith("/rtx"):
-            original_ssrc = self._rtx_ssrc.get(packet.ssrc)
-            apt = codec.parameters.get("apt")
-            if original_ssrc is None or apt not in self._codecs or len(packet.payload) < 2:
-                stats.malformed_rtp += 1
-                return
-            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original_ssrc)
-            codec = self._codecs[apt]
-        self.media_ssrc = packet.ssrc
-
+        # Every packet counts for the estimate, padding-only RTX probes too.
         if self._remb is not None and packet.extensions.abs_send_time is not None:
             remb = self._remb.add(
                 abs_send_time=packet.extensions.abs_send_time,
@@ -123,12 +180,34 @@ class PassthroughReceiver(RTCRtpReceiver):
                         fci=pack_remb_fci(*remb),
                     )
                 )
-        if self._nack is not None and self._nack.add(packet):
+
+        layer = None
+        if codec.mimeType.lower().endswith("/rtx"):
+            layer = self._rtx_layer(packet)
+            apt = codec.parameters.get("apt")
+            if self._simulcast:
+                original = layer.ssrc if layer is not None else None
+            else:
+                original = self._rtx_ssrc.get(packet.ssrc)
+            if layer is None or original is None or apt not in self._codecs:
+                stats.malformed_rtp += 1
+                return
+            if len(packet.payload) < 2:
+                return  # padding-only probe
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original)
+            codec = self._codecs[apt]
+        elif self.media_track is Track.VIDEO:
+            layer = self._media_layer(packet)
+            if layer is None:
+                stats.malformed_rtp += 1  # a simulcast SSRC never named by a RID
+                return
+
+        if layer is not None and layer.nack.add(packet):
             stats.nacks_sent += 1
             nack = RtcpRtpfbPacket(
                 fmt=RTCP_RTPFB_NACK, ssrc=self._rtcp_ssrc, media_ssrc=packet.ssrc
             )
-            nack.lost = sorted(self._nack.missing)
+            nack.lost = sorted(layer.nack.missing)
             await self._send_rtcp(nack)
         if not packet.payload:
             return  # padding-only probe
@@ -140,15 +219,15 @@ class PassthroughReceiver(RTCRtpReceiver):
             stats.malformed_rtp += 1
             return
 
-        if self.media_track is Track.AUDIO:
-            ext = self._assembler.unwrap(packet.sequence_number)
+        if layer is None:  # audio
+            ext = self._audio.unwrap(packet.sequence_number)
             if self._audio_highest is not None and ext <= self._audio_highest:
                 return  # late or duplicate audio is useless downstream
             self._audio_highest = ext
             self._session.emit(self.media_track, media_codec, packet.timestamp, data)
             return
 
-        frames, lost = self._assembler.add(
+        frames, lost = layer.assembler.add(
             packet.sequence_number,
             packet.timestamp,
             bool(packet.marker),
@@ -158,18 +237,26 @@ class PassthroughReceiver(RTCRtpReceiver):
         )
         if lost:
             stats.frames_lost += 1
-            self._session.frame_lost()
+            self._session.frame_lost(layer.rid)
         for frame in frames:
-            self._session.emit(self.media_track, media_codec, frame.timestamp, frame.payload)
+            self._session.emit(
+                self.media_track, media_codec, frame.timestamp, frame.payload, layer.rid
+            )
 
     @property
     def packets_lost(self) -> int:
         return sum(stream.packets_lost for stream in self._streams.values())
 
-    async def send_pli(self) -> None:
-        if self.media_ssrc is not None:
+    def layer_ssrcs(self) -> dict[str | None, int | None]:
+        """Each layer's media SSRC by RID (``None`` until its first packet)."""
+        return {rid: layer.ssrc for rid, layer in self._layers.items()}
+
+    async def send_pli(self, rid: str | None = None) -> None:
+        """Ask for a keyframe of one layer (its RID; ``None`` without simulcast)."""
+        layer = self._layers.get(rid)
+        if layer is not None and layer.ssrc is not None:
             await self._send_rtcp(
-                RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=self._rtcp_ssrc, media_ssrc=self.media_ssrc)
+                RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=self._rtcp_ssrc, media_ssrc=layer.ssrc)
             )
 
     async def _run_rtcp(self) -> None:

@@ -68,11 +68,13 @@ def _page(path: Path, policies: PagePolicies, frameable: bool):
 
 
 async def _to_studio(request: web.Request) -> web.Response:
-    """The publish page became the studio; old links keep working."""
+    """The publish page became the studio; old links keep working, with their query
+    (``?simulcast=0``)."""
     name = request.match_info["stream"]
     if not STREAM_NAME.match(name):
         raise web.HTTPNotFound(reason="no such stream page")
-    raise web.HTTPFound(f"/studio/{name}")
+    query = f"?{request.query_string}" if request.query_string else ""
+    raise web.HTTPFound(f"/studio/{name}{query}")
 
 
 def _describe(node: Node, name: str) -> dict:

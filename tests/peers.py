@@ -6,7 +6,12 @@ that share of the RTP packets it receives (retransmissions included) before aior
 receiver sees them, so its own NACK and PLI logic reacts as on a bad network. A
 :class:`Link` goes further: a bottleneck of a given bitrate with a short queue (kernel
 traffic shaping is not available on test machines), so the viewer's REMB, receiver
-reports and NACKs say what a slow real link would."""
+reports and NACKs say what a slow real link would.
+
+:func:`publish_simulcast` is a simulcasting publisher (aiortc cannot send simulcast): aiortc
+does ICE and DTLS, and the publisher encodes the counter frames at up to three sizes
+itself, sending each layer on its own SSRC with the RID header extension (and RTX with
+the repaired RID), as browsers do."""
 
 from __future__ import annotations
 
@@ -27,7 +32,21 @@ from aiortc import (
     VideoStreamTrack,
     clock,
 )
+from aiortc.codecs import get_encoder
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtp import (
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    HeaderExtensionsMap,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtpPacket,
+    wrap_rtx,
+)
+from aiortc.sdp import SessionDescription
+from whipcast.gateway import aiortc_compat
 from whipcast.gateway.frames import h264_nal_types
 
 WIDTH, HEIGHT = 320, 240
@@ -330,3 +349,243 @@ async def _consume(viewer: Viewer, track) -> None:
                 viewer.audio_times.append(time.monotonic())
     except MediaStreamError:
         pass
+
+
+# Simulcast publisher
+
+RID_EXTENSION_ID, REPAIRED_RID_EXTENSION_ID = 10, 11
+_SIMULCAST_EXTENSIONS = [
+    RTCRtpHeaderExtensionParameters(id=1, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
+    RTCRtpHeaderExtensionParameters(
+        id=3, uri="http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+    ),
+    RTCRtpHeaderExtensionParameters(
+        id=RID_EXTENSION_ID, uri="urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
+    ),
+    RTCRtpHeaderExtensionParameters(
+        id=REPAIRED_RID_EXTENSION_ID,
+        uri="urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id",
+    ),
+]
+RID_PACKETS = 20
+"""Packets of each SSRC that carry the RID before a receiver report acknowledges it
+(libwebrtc stops sending it then): the receiver must bind the SSRC on the way."""
+
+
+@dataclass(eq=False)  # hashable: aiortc keeps RTCP recipients in a set
+class SimulcastLayer:
+    """One encoding of a :class:`SimulcastPublisher`, and what it saw of the feedback."""
+
+    rid: str
+    width: int
+    height: int
+    ssrc: int
+    rtx_ssrc: int
+    encoder: object = None
+    sequence: int = field(default_factory=lambda: random.randrange(1 << 16))
+    rtx_sequence: int = 0
+    history: dict[int, RtpPacket] = field(default_factory=dict)
+    sent: int = 0
+    acked: bool = False
+    keyframe_wanted: bool = True
+    keyframes: int = 0
+    plis: int = 0
+    nacked: int = 0
+    retransmitted: int = 0
+    drop: set[int] = field(default_factory=set)
+    """Indexes (0 = first packet of the layer) to drop on first sending: a lossy link."""
+    paused: bool = False
+    """Set to stop sending the layer (as a browser short of uplink does); it resumes
+    with a keyframe."""
+    ts_offset: int = field(default_factory=lambda: random.getrandbits(32))
+    """Browsers start each layer's RTP timestamps at a random value."""
+    publisher: SimulcastPublisher | None = None
+
+    async def _handle_rtcp_packet(self, packet) -> None:
+        """Feedback aiortc routes here (``aiortc_compat.route_rtcp``)."""
+        if isinstance(packet, RtcpRrPacket):
+            self.acked = self.acked or any(r.ssrc == self.ssrc for r in packet.reports)
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_PLI:
+            self.plis += 1
+            self.keyframe_wanted = True
+        elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            self.nacked += len(packet.lost)
+            self.publisher._retransmit(self, packet.lost)
+
+
+@dataclass
+class SimulcastPublisher:
+    pc: RTCPeerConnection
+    location: str
+    session: aiohttp.ClientSession
+    layers: list[SimulcastLayer]
+    answer: str
+    fps: int = 30
+    counter: int = 0
+    _task: asyncio.Task | None = None
+
+    def layer(self, rid: str) -> SimulcastLayer:
+        return next(x for x in self.layers if x.rid == rid)
+
+    async def close(self, delete: bool = True) -> int | None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        status = None
+        if delete:
+            async with self.session.delete(self.location) as response:
+                status = response.status
+        await self.pc.close()
+        await self.session.close()
+        return status
+
+    def _start(self, codec, rtx_pt: int | None) -> None:
+        self._codec, self._rtx_pt = codec, rtx_pt
+        self._dtls = self.pc.getTransceivers()[0].sender.transport
+        self._mid = self.pc.getTransceivers()[0].mid
+        self._map = HeaderExtensionsMap()
+        self._map.configure(RTCRtpParameters(headerExtensions=_SIMULCAST_EXTENSIONS))
+        for layer in self.layers:
+            layer.encoder = get_encoder(codec)
+            layer.publisher = self
+            aiortc_compat.route_rtcp(self._dtls, layer.ssrc, layer)
+        connected = asyncio.Event()
+        self.pc.on(
+            "connectionstatechange",
+            lambda: connected.set() if self.pc.connectionState == "connected" else None,
+        )
+        if self.pc.connectionState == "connected":
+            connected.set()
+        self._task = asyncio.create_task(self._run(connected))
+
+    async def _run(self, connected: asyncio.Event) -> None:
+        await connected.wait()
+        start = time.monotonic()
+        while True:
+            await asyncio.sleep(max(0.0, start + self.counter / self.fps - time.monotonic()))
+            image = draw_counter(self.counter)
+            pts = self.counter * (90000 // self.fps)
+            self.counter += 1
+            encoded = await asyncio.to_thread(self._encode, image, pts)
+            for layer, (payloads, timestamp) in zip(self.layers, encoded, strict=True):
+                for index, payload in enumerate(payloads):
+                    packet = RtpPacket(
+                        payload_type=self._codec.payloadType,
+                        marker=int(index == len(payloads) - 1),
+                        sequence_number=layer.sequence,
+                        timestamp=(timestamp + layer.ts_offset) & 0xFFFFFFFF,
+                        ssrc=layer.ssrc,
+                        payload=payload,
+                    )
+                    layer.sequence = (layer.sequence + 1) & 0xFFFF
+                    packet.extensions.mid = self._mid
+                    if not layer.acked or layer.sent < RID_PACKETS:
+                        packet.extensions.rtp_stream_id = layer.rid
+                    layer.history[packet.sequence_number] = packet
+                    layer.history.pop((packet.sequence_number - 512) & 0xFFFF, None)
+                    dropped = layer.sent in layer.drop
+                    layer.sent += 1
+                    if not dropped:
+                        await self._send(packet)
+
+    def _encode(self, image, pts: int) -> list[tuple[list[bytes], int]]:
+        out = []
+        for layer in self.layers:
+            if layer.paused:
+                layer.keyframe_wanted = True
+                out.append(([], 0))
+                continue
+            frame = image.reformat(width=layer.width, height=layer.height)
+            frame.pts, frame.time_base = pts, fractions.Fraction(1, 90000)
+            keyframe, layer.keyframe_wanted = layer.keyframe_wanted, False
+            layer.keyframes += keyframe
+            out.append(layer.encoder.encode(frame, force_keyframe=keyframe))
+        return out
+
+    async def _send(self, packet: RtpPacket) -> None:
+        packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
+        try:
+            await aiortc_compat.send_rtp(self._dtls, packet.serialize(self._map))
+        except ConnectionError:
+            pass
+
+    def _retransmit(self, layer: SimulcastLayer, lost: list[int]) -> None:
+        for seq in lost:
+            original = layer.history.get(seq)
+            if original is None:
+                continue
+            layer.retransmitted += 1
+            if self._rtx_pt is None:
+                asyncio.ensure_future(self._send(original))
+                continue
+            rtx = wrap_rtx(original, self._rtx_pt, layer.rtx_sequence, layer.rtx_ssrc)
+            layer.rtx_sequence = (layer.rtx_sequence + 1) & 0xFFFF
+            rtx.extensions = type(original.extensions)()
+            rtx.extensions.mid = self._mid
+            rtx.extensions.repaired_rtp_stream_id = layer.rid
+            asyncio.ensure_future(self._send(rtx))
+
+
+def simulcast_offer(sdp: str, rids: list[str]) -> str:
+    """An aiortc offer turned into a browser-style simulcast one: its video section
+    without SSRC lines, with the RID extensions, ``a=rid:<id> send`` and
+    ``a=simulcast:send``."""
+    out, inside = [], False
+
+    def finish() -> None:
+        out.extend(
+            f"a=extmap:{e.id} {e.uri}" for e in _SIMULCAST_EXTENSIONS if e.id >= RID_EXTENSION_ID
+        )
+        out.extend(f"a=rid:{rid} send" for rid in rids)
+        out.append("a=simulcast:send " + ";".join(rids))
+
+    for line in sdp.splitlines():
+        if line.startswith("m="):
+            if inside:
+                finish()
+            inside = line.startswith("m=video")
+        if inside and line.startswith(("a=ssrc:", "a=ssrc-group:")):
+            continue
+        out.append(line)
+    if inside:
+        finish()
+    return "\r\n".join(out) + "\r\n"
+
+
+async def publish_simulcast(
+    base: str,
+    stream: str,
+    codec: str = "video/VP8",
+    sizes: tuple[tuple[str, int, int], ...] = (("h", 320, 240), ("m", 160, 120), ("l", 80, 60)),
+    fps: int = 30,
+    audio: bool = True,
+    token: str | None = None,
+) -> SimulcastPublisher:
+    """A WHIP publisher sending one layer per ``(rid, width, height)`` of ``sizes``, listed
+    in the offer in that order (browsers list the full size first; reverse it to check
+    that ingest orders layers by what it receives)."""
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="sendonly")
+    if audio:
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    prefer(pc, "video", codec)
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = simulcast_offer(pc.localDescription.sdp, [rid for rid, _, _ in sizes])
+    session = aiohttp.ClientSession(base_url=base)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, response_headers, body = await post_sdp(session, f"/whip/{stream}", offer, headers)
+    if status != 201:
+        await pc.close()
+        await session.close()
+        raise AssertionError(f"WHIP POST answered {status}: {body}")
+    await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    video = next(m for m in SessionDescription.parse(body).media if m.kind == "video")
+    chosen = next(c for c in video.rtp.codecs if not c.mimeType.lower().endswith("/rtx"))
+    rtx = [c.payloadType for c in video.rtp.codecs if c.parameters.get("apt") == chosen.payloadType]
+    layers = [
+        SimulcastLayer(rid, width, height, random.getrandbits(32), random.getrandbits(32))
+        for rid, width, height in sizes
+    ]
+    publisher = SimulcastPublisher(pc, response_headers["Location"], session, layers, body, fps)
+    publisher._start(chosen, rtx[0] if rtx else None)
+    return publisher

@@ -10,6 +10,7 @@ const preview = $('preview');
 const startButton = $('start');
 const stopButton = $('stop');
 const codecSelect = $('codec');
+const simulcastBox = $('simulcast');
 const tokenInput = $('token');
 const titleInput = $('stream-title');
 const statusLine = $('status');
@@ -59,6 +60,8 @@ if (stream) {
   startButton.disabled = true;
   $('clip').disabled = true;
 }
+// ?simulcast=0 starts with one encoding (the checkbox can still change it).
+if (new URLSearchParams(location.search).get('simulcast') === '0') simulcastBox.checked = false;
 for (const option of codecSelect.options) {
   if (option.value && !canSendVideoCodec(option.value)) {
     option.disabled = true;
@@ -151,6 +154,7 @@ async function start() {
     session = await publish(`/whip/${encodeURIComponent(stream)}`, media, {
       token: tokenInput.value.trim() || undefined,
       videoCodec: codecSelect.value || undefined,
+      simulcast: simulcastBox.checked,
       signal,
       onState,
     });
@@ -217,7 +221,9 @@ async function showStats() {
   $('s-codec').textContent = s.codec || '–';
   $('s-rtt').textContent = s.rttMs !== null ? `${s.rttMs} ms` : '–';
   $('s-loss').textContent = `${s.lossPercent}%`;
-  $('stats').textContent = `${s.framesEncoded} frames encoded · ${Math.round(s.bytesSent / 1024)} KiB sent`;
+  const layers = s.encodings.filter((e) => e.frameWidth).map((e) => `${e.frameWidth}×${e.frameHeight}`);
+  $('stats').textContent = `${s.framesEncoded} frames encoded · ${Math.round(s.bytesSent / 1024)} KiB sent` +
+    (layers.length > 1 ? ` · simulcast ${layers.join(', ')}` : '');
   if (s.frameWidth) {
     size = { width: s.frameWidth, height: s.frameHeight };
     reportDetails();
@@ -302,6 +308,7 @@ function setBusy(busy) {
   startButton.disabled = busy || !stream || !media;
   stopButton.disabled = !busy;
   codecSelect.disabled = busy;
+  simulcastBox.disabled = busy;
   tokenInput.disabled = busy;
 }
 

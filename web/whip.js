@@ -34,6 +34,9 @@ export class WhipError extends Error {
  * @param {string} [options.token] Bearer token for the Authorization header.
  * @param {'h264'|'vp8'} [options.videoCodec] Video codec to put first in the offer
  *   (default: H.264 when this browser can send it, since it plays on the most devices).
+ * @param {boolean} [options.simulcast] Send the video as three encodings (full, 1/2 and
+ *   1/4 resolution: SIMULCAST_ENCODINGS) so that viewers on slow links can get a smaller
+ *   one; default true. Falls back to one encoding where the browser cannot.
  * @param {RTCIceServer[]} [options.iceServers] STUN/TURN servers used to gather candidates.
  * @param {(state: string, session: Session) => void} [options.onState] See Session.state.
  * @param {AbortSignal} [options.signal] Aborting it stops the session, even mid-setup.
@@ -45,10 +48,10 @@ export async function publish(url, stream, options = {}) {
   try {
     for (const kind of ['audio', 'video']) {
       const track = stream ? stream.getTracks().find((t) => t.kind === kind) : undefined;
-      const transceiver = pc.addTransceiver(track || kind, {
-        direction: 'sendonly',
-        streams: stream ? [stream] : [],
-      });
+      const init = { direction: 'sendonly', streams: stream ? [stream] : [] };
+      const layered = kind === 'video' && track && options.simulcast !== false;
+      const transceiver = layered ? addSimulcastTransceiver(pc, track, init)
+        : pc.addTransceiver(track || kind, init);
       if (kind === 'video') preferVideoCodec(transceiver, options.videoCodec);
     }
     await session._negotiate(url);
@@ -56,6 +59,31 @@ export async function publish(url, stream, options = {}) {
   } catch (err) {
     session._close();
     throw session._stopped ? new WhipError('Stopped') : err;
+  }
+}
+
+/**
+ * The simulcast encodings the studio sends, best first (whipcast ingest orders layers
+ * by size anyway). Rates follow libwebrtc's own table for a 1280x720 source; the
+ * browser turns the top layers off by itself when its uplink cannot carry them, and
+ * sends fewer layers for small sources (libwebrtc needs about 960x540 for three).
+ */
+export const SIMULCAST_ENCODINGS = [
+  { rid: 'h', scaleResolutionDownBy: 1, maxBitrate: 2_500_000 },
+  { rid: 'm', scaleResolutionDownBy: 2, maxBitrate: 700_000 },
+  { rid: 'l', scaleResolutionDownBy: 4, maxBitrate: 200_000 },
+];
+
+/** A send-only video transceiver with SIMULCAST_ENCODINGS, or with one encoding where
+ * this browser rejects them. */
+function addSimulcastTransceiver(pc, track, init) {
+  try {
+    return pc.addTransceiver(track, {
+      ...init,
+      sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })),
+    });
+  } catch {
+    return pc.addTransceiver(track, init);
   }
 }
 
@@ -105,7 +133,7 @@ export function canSendVideoCodec(codec) {
 export async function mediaStats(pc) {
   const out = { codec: null, audioCodec: null, framesEncoded: 0, framesDecoded: 0,
     framesSent: 0, framesReceived: 0, frameWidth: 0, frameHeight: 0,
-    bytesSent: 0, bytesReceived: 0, packetsLost: 0 };
+    bytesSent: 0, bytesReceived: 0, packetsLost: 0, encodings: [] };
   if (!pc) return out;
   const report = await pc.getStats();
   const mime = (id) => {
@@ -120,16 +148,23 @@ export async function mediaStats(pc) {
     }
     if (s.kind !== 'video') return;
     out.codec = mime(s.codecId) || out.codec;
-    out.framesEncoded += s.framesEncoded || 0;
+    // Simulcast: one outbound-rtp per encoding; frame counts are the busiest one's.
+    out.framesEncoded = Math.max(out.framesEncoded, s.framesEncoded || 0);
     out.framesDecoded += s.framesDecoded || 0;
-    out.framesSent += s.framesSent || 0;
+    out.framesSent = Math.max(out.framesSent, s.framesSent || 0);
     out.framesReceived += s.framesReceived || 0;
     out.frameWidth = Math.max(out.frameWidth, s.frameWidth || 0);
     out.frameHeight = Math.max(out.frameHeight, s.frameHeight || 0);
     out.bytesSent += s.bytesSent || 0;
     out.bytesReceived += s.bytesReceived || 0;
     out.packetsLost += s.packetsLost || 0;
+    if (s.type === 'outbound-rtp' && s.rid !== undefined) {
+      out.encodings.push({ rid: s.rid, frameWidth: s.frameWidth || 0,
+        frameHeight: s.frameHeight || 0, framesEncoded: s.framesEncoded || 0,
+        bytesSent: s.bytesSent || 0, pliCount: s.pliCount || 0 });
+    }
   });
+  out.encodings.sort((a, b) => b.frameWidth - a.frameWidth);
   return out;
 }
 
@@ -425,7 +460,9 @@ export class StatsSampler {
           totals.bytes += (s.bytesSent || 0) + (s.bytesReceived || 0);
           totals.packets += (s.packetsSent || 0) + (s.packetsReceived || 0);
           if (s.kind === 'video') {
-            totals.frames += s.type === 'outbound-rtp' ? (s.framesEncoded || 0) : (s.framesDecoded || 0);
+            // Simulcast has an outbound-rtp per encoding: the frame rate is the busiest one's.
+            totals.frames = Math.max(totals.frames,
+              s.type === 'outbound-rtp' ? (s.framesEncoded || 0) : (s.framesDecoded || 0));
             totals.jitterDelay += s.jitterBufferDelay || 0;
             totals.emitted += s.jitterBufferEmittedCount || 0;
           }
