@@ -423,7 +423,7 @@ async def test_a_viewer_leaves_the_batch_when_it_needs_python(either_server, str
         await viewer.wait_frames(15)
         session = sessions(server, stream_name)[0]
         fanout = server.node.egress.fanouts[stream_name]
-        video, audio = fanout.batches[Track.VIDEO], fanout.batches[Track.AUDIO]
+        video, audio = fanout.batches[(Track.VIDEO, 0)], fanout.batches[(Track.AUDIO, 0)]
         assert await joined(video, session) and await joined(audio, session)
         session._drop_to_keyframe()
         assert session not in video and session in audio, "audio keeps flowing in its batch"
