@@ -103,7 +103,9 @@ async def test_audio_and_video_reach_kafka_in_the_same_requests(server, stream_n
     assert len(audio) >= 50 and len(appended[Track.VIDEO]) >= 30, appended
     video_ms = {ms for ms, _ in appended[Track.VIDEO]}
     riding = sum(ms in video_ms for ms, _ in audio) / len(audio)
-    assert riding >= 0.6, f"only {riding:.0%} of audio records share a video record's append"
+    # ~60-90 % ride on a loaded machine (the test publisher shares the process); sent
+    # on their own, 8-30 %.
+    assert riding >= 0.45, f"only {riding:.0%} of audio records share a video record's append"
     # Bounded: no audio record waited long for a video frame (generous for a busy machine)
     worst_ms = max(ms - frame.arrival_us / 1000 for ms, frame in audio)
     assert worst_ms < 1000, worst_ms
