@@ -720,11 +720,15 @@ class StreamFanout:
             self.batches[(Track.AUDIO, 0)] = Batch(node.native, Track.AUDIO)
             for layer in range(self.layer_count):
                 self.batches[(Track.VIDEO, layer)] = Batch(node.native, Track.VIDEO)
-        self._packetizers = {}
+        # One packetizer per video layer: each layer's VP8 picture ids run on without
+        # gaps, which browsers read as lost frames (a switch jumps at a keyframe: fine).
+        self._packetizers: dict[tuple[Track, int], codecs.Packetizer] = {}
         for track, kind in ((Track.VIDEO, "video"), (Track.AUDIO, "audio")):
             codec = info.codec(kind)
-            if codec is not None:
-                self._packetizers[track] = codecs.Packetizer(Codec.from_mime_type(codec.mimeType))
+            for layer in range(self.layer_count if track is Track.VIDEO else 1):
+                if codec is not None:
+                    packetizer = codecs.Packetizer(Codec.from_mime_type(codec.mimeType))
+                    self._packetizers[(track, layer)] = packetizer
         self._tasks: list[asyncio.Task] = []
         self._idle_since = time.monotonic()
 
@@ -842,7 +846,7 @@ class StreamFanout:
     def _on_frame(self, frame, history: bool, layer: int = 0) -> None:
         if frame.session != self.session:
             return  # an earlier publish of the same stream name
-        packetizer = self._packetizers.get(frame.track)
+        packetizer = self._packetizers.get((frame.track, layer))
         if packetizer is None:
             return
         prepared = PreparedFrame(

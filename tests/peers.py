@@ -293,8 +293,16 @@ def _impair(viewer: Viewer, receiver, loss: float, rng: random.Random) -> None:
     receiver._handle_rtp_packet = lossy
 
 
+def _starts_keyframe(data: bytes) -> bool:
+    """Whether a depacketized RTP payload begins a keyframe: H.264 with its SPS, or a
+    VP8 key frame (frame tag's P bit clear, then the start code 9d 01 2a)."""
+    return h264_nal_types(data)[:1] == [7] or (
+        len(data) >= 6 and not data[0] & 1 and data[3:6] == b"\x9d\x01\x2a"
+    )
+
+
 def resync_on_keyframes(receiver) -> None:
-    """Decode the first complete H.264 keyframe after a gap NACKs could not fill, as a
+    """Decode the first complete keyframe after a gap NACKs could not fill, as a
     browser does. aiortc's jitter buffer instead waits for the gap until 512 packets
     have passed (seconds of frozen video at a few hundred kbps), so a test of what a
     viewer sees after its link dropped packets would measure aiortc, not the server."""
@@ -303,7 +311,7 @@ def resync_on_keyframes(receiver) -> None:
 
     def resyncing_add(packet):
         origin = jitter._origin
-        if origin is not None and h264_nal_types(getattr(packet, "_data", b""))[:1] == [7]:
+        if origin is not None and _starts_keyframe(getattr(packet, "_data", b"")):
             delta = (packet.sequence_number - origin) & 0xFFFF
             held = jitter._packets
             if 0 < delta < jitter.capacity and any(

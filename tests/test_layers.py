@@ -14,7 +14,7 @@ import pytest
 
 from .conftest import start_server
 from .layered_source import LAYERS, LayeredSource
-from .peers import Link, play
+from .peers import Link, play, publish_simulcast
 from .test_adaptation import max_gap
 from .test_feedback import viewer_session, wait_live
 
@@ -211,3 +211,46 @@ async def test_layers_listed_but_not_in_the_topic(layers_server, stream_name):
         await viewer.close()
     finally:
         await source.stop()
+
+
+@pytest.mark.timeout(180)
+async def test_simulcast_publish_through_ingest_to_a_slow_viewer(layers_server, stream_name):
+    """End to end: a WHIP simulcast publisher (three VP8 layers through the real
+    ingest), a viewer behind a link too slow for the top layer and one without limit.
+    The slow viewer moves to a lower layer the ingest wrote and keeps getting pictures
+    of that layer's size; the fast one stays on the top layer's."""
+    server = layers_server
+    publisher = await publish_simulcast(server.url, stream_name)
+    try:
+        await wait_live(server, stream_name)
+        view = server.node.view
+
+        def layered() -> bool:
+            info = view.get(stream_name)
+            layers = (info.layers or []) if info is not None else []
+            return len(layers) == 3 and all(x.get("bitrate") for x in layers)
+
+        assert await until(layered, 20), view.get(stream_name)
+        layers = view.get(stream_name).layers
+        top, middle = layers[0]["bitrate"], layers[1]["bitrate"]
+        assert top > 1.5 * middle, layers  # room for a link between them
+        link = Link(bitrate=int((top + middle) / 2 * 1.2), queue_s=0.1)
+        slow = await play(server.url, stream_name, link=link, resync=True)
+        fast = await play(server.url, stream_name, link=Link(), resync=True)
+        slow_session = viewer_session(server, stream_name, slow)
+        fast_session = viewer_session(server, stream_name, fast)
+        assert await until(lambda: slow_session.layer > 0, 20), (layers, link.bitrate)
+        await asyncio.sleep(3)
+        assert slow_session.layer > 0, "went back up on a slow link"
+        recent = slow.video_sizes[-15:]
+        assert recent and all(size[0] < layers[0]["width"] for size in recent), (
+            recent,
+            slow_session.status(),
+            layers,
+        )
+        assert fast_session.layer == 0
+        assert fast.video_sizes[-1] == (layers[0]["width"], layers[0]["height"])
+        await slow.close()
+        await fast.close()
+    finally:
+        await publisher.close()
