@@ -40,6 +40,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from . import twcc
 from .rtpsend import SendBudget
 
 LOSS_HIGH = 0.10  # above: cut to the sent rate x (1 - loss / 2)
@@ -57,6 +58,9 @@ PROBE_STEP = 1.5  # a probe sets the estimate to this x the stream's bitrate
 PROBE_FAILED_S = 5.0  # a pause this soon after a probe means the probe failed
 PROBE_LOSS = 0.25  # NACKed share of a probe's packets that fails it at once
 PROBE_MIN_PACKETS = 30  # ... once it has sent this many (random loss stays far below)
+DELAY_CUT = 0.85  # over-use (a queue building) cuts to this x the rate that got through
+DELAY_CUT_GAP_S = 0.5  # ... at most this often (the queue needs a round trip to drain)
+ACKED_WINDOW_S = 0.5  # transport-cc: received rate and loss over at least this long
 
 
 @dataclass(slots=True)
@@ -70,6 +74,10 @@ class EstimateStats:
     """Of those, the times loss did."""
     probes: int = 0
     """Times a paused viewer's video was resumed to test the link."""
+    transport_feedbacks: int = 0
+    """transport-cc feedback messages received."""
+    delay_cuts: int = 0
+    """Of the cuts, the times transport-cc's delay-based detector saw over-use."""
 
 
 class BandwidthEstimate:
@@ -97,6 +105,17 @@ class BandwidthEstimate:
         self._probe_lost: set[int] = set()  # its packets the viewer NACKed
         self._paused_at: float | None = None
         self._resumed_at = now  # a join starts with a burst (the cached GOP)
+        # transport-cc (set up by the first feedback; REMB and RR loss then no longer
+        # drive the estimate: the feedback measures delay and loss at the sender)
+        self._delay: twcc.DelayDetector | None = None
+        self.acked_bitrate = 0.0
+        """transport-cc: the rate that reached the viewer, over the last window."""
+        self._acked_bytes = 0
+        self._acked_from_us: int | None = None
+        self._acked_to_us = 0
+        self._reported = 0
+        self._reported_lost = 0
+        self._delay_cut_at = float("-inf")
         self._apply()
 
     # Feedback, as the viewer's RTCP arrives (FanoutSender of its video track).
@@ -106,14 +125,18 @@ class BandwidthEstimate:
         self._measure(now)
         self.remb, self._remb_at = float(bitrate), now
         low = bitrate < REMB_CUT * self.sent_bitrate and bitrate < self.bitrate
-        if self._steady(now) and self.loss > LOSS_HIGH and low:
-            self._cut(bitrate)
-        else:
+        if self._delay is None and self._steady(now) and self.loss > LOSS_HIGH and low:
+            # never below what the link delivered: a receiver's REMB can read far
+            # lower than its link (CPU stalls look like queueing to it)
+            self._cut(max(bitrate, self.sent_bitrate * (1 - self.loss)))
+        elif self._delay is None:
             self._grow(now)
 
     def on_receiver_report(self, fraction_lost: int, now: float) -> None:
         """``fraction_lost`` as in RFC 3550 (0-255)."""
         self._measure(now)
+        if self._delay is not None:
+            return  # transport-cc's own loss count is exact and more recent
         self.loss = fraction_lost / 256
         if self.loss > LOSS_HIGH and self._probe_open and now - self._probed_at < PROBE_FAILED_S:
             self._fail_probe()  # the link dropped the probe: no need to wait for a pause
@@ -126,6 +149,67 @@ class BandwidthEstimate:
             self._grow(now)
         else:
             self._grown_at = now  # hold: no climb for the time spent at this loss
+
+    def on_transport_feedback(self, feedback: twcc.Feedback, log, now: float) -> None:
+        """A transport-cc feedback, matched against ``log`` (the viewer's
+        ``SendLog``): each received packet's send and arrival time go through the
+        delay-based detector; over a window of ``ACKED_WINDOW_S`` of arrivals, the
+        received rate and exact loss. Over-use cuts to ``DELAY_CUT`` x the received
+        rate; loss over ``LOSS_HIGH`` cuts to the received rate (what the link
+        carried, never far below it: random loss of a few percent cuts nothing);
+        neither lets the estimate grow."""
+        self.stats.transport_feedbacks += 1
+        self._measure(now)
+        if self._delay is None:
+            self._delay = twcc.DelayDetector()
+        delay = self._delay
+        sent = log.lookup([seq for seq, _ in feedback.received])
+        state = delay.state
+        for (_, arrival_us), info in zip(feedback.received, sent, strict=True):
+            if info is not None:
+                state = delay.add(info[0], arrival_us, info[1])
+                self._acked_bytes += info[1]
+                if self._acked_from_us is None:
+                    self._acked_from_us = arrival_us
+                self._acked_to_us = max(self._acked_to_us, arrival_us)
+        self._reported += feedback.count
+        self._reported_lost += feedback.lost
+        if (
+            self._acked_from_us is not None
+            and self._acked_to_us - self._acked_from_us >= ACKED_WINDOW_S * 1e6
+        ):
+            span = (self._acked_to_us - self._acked_from_us) / 1e6
+            self.acked_bitrate = self._acked_bytes * 8 / span
+            self.loss = self._reported_lost / max(1, self._reported)
+            self._acked_bytes, self._acked_from_us = 0, None
+            self._reported = self._reported_lost = 0
+            if (
+                self.loss > LOSS_HIGH
+                and self._probe_open
+                and now - self._probed_at < PROBE_FAILED_S
+            ):
+                self._fail_probe()
+            elif self.loss > LOSS_HIGH and self._steady(now):
+                target = max(self.acked_bitrate, self.sent_bitrate * (1 - self.loss))
+                if target < self.bitrate:
+                    self.stats.loss_cuts += 1
+                    self._cut(target)
+        if state is twcc.BandwidthUsage.OVERUSING:
+            if self._probe_open and now - self._probed_at < PROBE_FAILED_S:
+                self._fail_probe()
+            elif (
+                self._steady(now)
+                and self.acked_bitrate
+                and now - self._delay_cut_at >= DELAY_CUT_GAP_S
+                and DELAY_CUT * self.acked_bitrate < self.bitrate
+            ):
+                self._delay_cut_at = now
+                self.stats.delay_cuts += 1
+                self._cut(DELAY_CUT * self.acked_bitrate)
+        elif state is twcc.BandwidthUsage.NORMAL and self.loss <= LOSS_HIGH:
+            self._grow(now)
+        else:
+            self._grown_at = now  # under-use (a queue draining) or heavy loss: hold
 
     def paused(self, paused: bool, now: float) -> None:
         """The viewer's video paused or resumed. A receiver's REMB is at most 1.5 x
