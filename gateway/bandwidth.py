@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 
 from . import twcc
 from .rtpsend import SendBudget
@@ -54,10 +55,10 @@ HEADROOM = 2.0  # never climb beyond this multiple of what was actually sent
 BURST_S = 0.2  # the budget holds this many seconds at the estimated rate
 PROBE_INTERVAL_S = 2.0  # a paused viewer first probes after this long
 PROBE_MAX_S = 8.0  # failed probes double the wait, up to this
-PROBE_STEP = 1.5  # a probe sets the estimate to this x the stream's bitrate
+PROBE_STEP = 1.25  # a probe sets the estimate to this x the stream's bitrate
 PROBE_FAILED_S = 5.0  # a pause this soon after a probe means the probe failed
-PROBE_LOSS = 0.25  # NACKed share of a probe's packets that fails it at once
-PROBE_MIN_PACKETS = 30  # ... once it has sent this many (random loss stays far below)
+PROBE_LOSS = 0.15  # NACKed share of a probe's packets that fails it at once
+PROBE_MIN_PACKETS = 15  # ... once it has sent this many (random loss stays far below)
 DELAY_CUT = 0.85  # over-use (a queue building) cuts to this x the rate that got through
 DELAY_CUT_GAP_S = 0.5  # ... at most this often (the queue needs a round trip to drain)
 ACKED_WINDOW_S = 0.5  # transport-cc: received rate and loss over at least this long
@@ -92,6 +93,9 @@ class BandwidthEstimate:
         self.remb: float | None = None
         self.loss = 0.0
         self.stats = EstimateStats()
+        self.probe_failed = False
+        """Set when a probe fails: the viewer stops the probe's video at once (a link
+        that cannot carry it drops audio too while it flows); the viewer clears it."""
         now = time.monotonic()
         self._remb_at = float("-inf")
         self._grown_at = now
@@ -107,7 +111,7 @@ class BandwidthEstimate:
         self._resumed_at = now  # a join starts with a burst (the cached GOP)
         # transport-cc (set up by the first feedback; REMB and RR loss then no longer
         # drive the estimate: the feedback measures delay and loss at the sender)
-        self._delay: twcc.DelayDetector | None = None
+        self._delay: twcc.DelayTrend | None = None
         self.acked_bitrate = 0.0
         """transport-cc: the rate that reached the viewer, over the last window."""
         self._acked_bytes = 0
@@ -152,8 +156,8 @@ class BandwidthEstimate:
 
     def on_transport_feedback(self, feedback: twcc.Feedback, log, now: float) -> None:
         """A transport-cc feedback, matched against ``log`` (the viewer's
-        ``SendLog``): each received packet's send and arrival time go through the
-        delay-based detector; over a window of ``ACKED_WINDOW_S`` of arrivals, the
+        ``SendLog``): its last packet's send and arrival time go to the delay-based
+        detector (``twcc.DelayTrend``); over a window of ``ACKED_WINDOW_S`` of arrivals, the
         received rate and exact loss. Over-use cuts to ``DELAY_CUT`` x the received
         rate; loss over ``LOSS_HIGH`` cuts to the received rate (what the link
         carried, never far below it: random loss of a few percent cuts nothing);
@@ -161,17 +165,22 @@ class BandwidthEstimate:
         self.stats.transport_feedbacks += 1
         self._measure(now)
         if self._delay is None:
-            self._delay = twcc.DelayDetector()
-        delay = self._delay
-        sent = log.lookup([seq for seq, _ in feedback.received])
-        state = delay.state
-        for (_, arrival_us), info in zip(feedback.received, sent, strict=True):
-            if info is not None:
-                state = delay.add(info[0], arrival_us, info[1])
-                self._acked_bytes += info[1]
-                if self._acked_from_us is None:
-                    self._acked_from_us = arrival_us
-                self._acked_to_us = max(self._acked_to_us, arrival_us)
+            self._delay = twcc.DelayTrend()
+        received = feedback.received
+        if not received:
+            self._reported += feedback.count
+            self._reported_lost += feedback.lost
+            return
+        sent = log.lookup([seq for seq, _ in received])
+        acked = sum(map(itemgetter(1), filter(None, sent)))
+        state = self._delay.state
+        last = sent[-1]
+        if last is not None:
+            state = self._delay.add(last[0], received[-1][1])
+            self._acked_bytes += acked
+            if self._acked_from_us is None:
+                self._acked_from_us = received[0][1]
+            self._acked_to_us = max(self._acked_to_us, received[-1][1])
         self._reported += feedback.count
         self._reported_lost += feedback.lost
         if (
@@ -285,10 +294,15 @@ class BandwidthEstimate:
 
     def _fail_probe(self) -> None:
         """Back to the estimate before the probe; the next one waits twice as long."""
+        self.probe_failed = True
         self._probe_open = False
         self._probe_lost.clear()
         self._probe_interval = min(PROBE_MAX_S, 2 * self._probe_interval)
         self.bitrate = min(self.bitrate, self._before_probe)
+        # The feedback still to come describes the probe, which the estimate has just
+        # undone: it cuts nothing more until the traffic has been steady again (a
+        # receiver report of the probe's loss cut it to a third of the link).
+        self._resumed_at = time.monotonic()
         self._apply()
 
     def _cut(self, bitrate: float) -> None:

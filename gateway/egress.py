@@ -249,6 +249,12 @@ class ViewerSession(PeerSession):
         if frame.track is Track.AUDIO:
             sender.send_frame(prepared)
             return
+        if self.estimate is not None and self.estimate.probe_failed:
+            self.estimate.probe_failed = False
+            if self._paused_at is None:  # the link cannot take the probe: stop it now
+                if self._pacer is not None:
+                    self._pacer.clear()
+                self._drop_to_keyframe()
         if self._skip_to_keyframe:
             if not frame.keyframe:
                 return

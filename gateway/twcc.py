@@ -13,9 +13,9 @@ building on the path) and exact loss, both at the sender.
 - :class:`SendLog`: the pure-Python path's ring of (send time, size) per transport-wide
   sequence number; the native core keeps the same ring (``_fanout.SendLog``) without
   per-packet Python.
-- :class:`DelayDetector`: aiortc's port of libwebrtc's delay-based detector
-  (``aiortc.rate``: inter-arrival groups, Kalman offset estimate, adaptive threshold)
-  fed with send/arrival times from the feedback instead of abs-send-time at a receiver.
+- :class:`DelayTrend`: the delay-based detector: libwebrtc's trendline filter over
+  the one-way delay of each feedback's last packet, judged by aiortc's port of
+  libwebrtc's over-use detector (``aiortc.rate.OveruseDetector``: adaptive threshold).
 
 ``bandwidth.BandwidthEstimate.on_transport_feedback`` combines the detector's verdict
 with the feedback's loss and received rate.
@@ -23,19 +23,14 @@ with the feedback's loss and received rate.
 
 from __future__ import annotations
 
+import collections
+import itertools
+import operator
 import struct
 import time
 from dataclasses import dataclass
 
-from aiortc.rate import (
-    INTER_ARRIVAL_SHIFT,
-    TIMESTAMP_GROUP_LENGTH_MS,
-    TIMESTAMP_TO_MS,
-    BandwidthUsage,
-    InterArrival,
-    OveruseDetector,
-    OveruseEstimator,
-)
+from aiortc.rate import BandwidthUsage, OveruseDetector
 
 URI = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
 FEEDBACK = "transport-cc"  # the rtcp-fb type
@@ -79,42 +74,55 @@ def parse_feedback(fci: bytes) -> Feedback:
     reference = word >> 8
     if reference & 0x800000:  # 24-bit signed
         reference -= 1 << 24
-    symbols: list[int] = []
-    at = 8
-    while len(symbols) < count:
+    runs: list[tuple[int, int]] = []  # (symbol, packets): chunks decoded
+    total, at = 0, 8
+    while total < count:
         if at + 2 > len(fci):
             raise ValueError("transport-cc feedback ends inside its status chunks")
         chunk = (fci[at] << 8) | fci[at + 1]
         at += 2
         if not chunk & 0x8000:  # run length: a symbol repeated
-            symbol, run = (chunk >> 13) & 0x3, chunk & 0x1FFF
+            symbol, run = (chunk >> 13) & 0x3, min(chunk & 0x1FFF, count - total)
             if symbol == 3:
                 raise ValueError("transport-cc feedback has a reserved status")
-            symbols.extend([symbol] * min(run, count - len(symbols)))
-        elif not chunk & 0x4000:  # status vector of 14 one-bit symbols
-            symbols.extend((chunk >> (13 - i)) & 1 for i in range(14))
-        else:  # status vector of 7 two-bit symbols
-            two = [(chunk >> (12 - 2 * i)) & 0x3 for i in range(7)]
-            if 3 in two[: count - len(symbols)]:
-                raise ValueError("transport-cc feedback has a reserved status")
-            symbols.extend(two)
-    del symbols[count:]
-    received = []
-    arrival = reference * REFERENCE_US
-    for i, symbol in enumerate(symbols):
-        if symbol == _SMALL:
-            if at + 1 > len(fci):
-                raise ValueError("transport-cc feedback ends inside its deltas")
-            arrival += fci[at] * DELTA_US
-            at += 1
-        elif symbol == _LARGE:
-            if at + 2 > len(fci):
-                raise ValueError("transport-cc feedback ends inside its deltas")
-            arrival += int.from_bytes(fci[at : at + 2], "big", signed=True) * DELTA_US
-            at += 2
+            runs.append((symbol, run))
+            total += run
         else:
-            continue
-        received.append(((base + i) & 0xFFFF, arrival))
+            if not chunk & 0x4000:  # status vector of 14 one-bit symbols
+                symbols = [(chunk >> (13 - i)) & 1 for i in range(14)]
+            else:  # status vector of 7 two-bit symbols
+                symbols = [(chunk >> (12 - 2 * i)) & 0x3 for i in range(7)]
+            symbols = symbols[: count - total]
+            if 3 in symbols:
+                raise ValueError("transport-cc feedback has a reserved status")
+            runs.extend((symbol, 1) for symbol in symbols)
+            total += len(symbols)
+    received: list[tuple[int, int]] = []
+    arrival = reference * (REFERENCE_US // DELTA_US)  # in receive-delta units
+    seq = base
+    for symbol, n in runs:
+        if symbol == _SMALL:  # the usual case: a run of one-byte deltas, summed in C
+            deltas = fci[at : at + n]
+            if len(deltas) < n:
+                raise ValueError("transport-cc feedback ends inside its deltas")
+            at += n
+            arrivals = list(itertools.accumulate(deltas, initial=arrival))
+            arrival = arrivals[-1]
+            received.extend(
+                zip(
+                    [s & 0xFFFF for s in range(seq, seq + n)],
+                    [a * DELTA_US for a in arrivals[1:]],
+                    strict=True,
+                )
+            )
+        elif symbol == _LARGE:
+            if at + 2 * n > len(fci):
+                raise ValueError("transport-cc feedback ends inside its deltas")
+            for i in range(n):
+                arrival += int.from_bytes(fci[at : at + 2], "big", signed=True)
+                at += 2
+                received.append(((seq + i) & 0xFFFF, arrival * DELTA_US))
+        seq += n
     return Feedback(base, count, word & 0xFF, received)
 
 
@@ -157,38 +165,66 @@ class SendLog:
         return out
 
 
-class DelayDetector:
+class DelayTrend:
     """Whether the path to one viewer is queueing (over-use), draining (under-use) or
-    neither, from each packet's send and arrival time: aiortc's ``rate`` classes,
-    as its ``RemoteBitrateEstimator`` drives them, with the send time in place of
-    abs-send-time."""
+    neither: libwebrtc's trendline filter (the slope of the smoothed one-way delay
+    over the last ``WINDOW`` samples, x ``GAIN``) judged by aiortc's port of
+    libwebrtc's ``OveruseDetector`` (adaptive threshold, over-use only when it
+    persists and grows).
+
+    One sample per feedback message (its last received packet), not per packet
+    group as in libwebrtc: a feedback covers ~100 ms, and per-packet Python work
+    on every viewer's feedback would cost more than the viewer's whole send path
+    (aiortc's per-packet Kalman ``OveruseEstimator`` measured ~2x it; see
+    docs/benchmarks.md). The delay's unknown constant offset (clocks) drops out of
+    the slope."""
+
+    WINDOW = 20  # samples in the regression (~2 s of feedback)
+    SMOOTHING = 0.9  # exponential smoothing of the delay, as libwebrtc's
+    GAIN = 4.0  # libwebrtc's threshold gain
+    FULL = 60  # the detector's count of deltas at which a trend counts in full
 
     def __init__(self) -> None:
-        self._inter_arrival = InterArrival(
-            (TIMESTAMP_GROUP_LENGTH_MS << INTER_ARRIVAL_SHIFT) // 1000, TIMESTAMP_TO_MS
-        )
-        self._estimator = OveruseEstimator()
         self._detector = OveruseDetector()
+        self._xs: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._ys: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._origin: float | None = None
+        self._smoothed: float | None = None
+        self._last_ms: float | None = None
+        self.slope = 0.0
 
     @property
     def state(self) -> BandwidthUsage:
         return self._detector.state()
 
-    def add(self, sent_us: int, arrival_us: int, size: int) -> BandwidthUsage:
-        # aiortc's timestamps: abs-send-time (6.18 s, 24 bits) shifted left by 8.
-        timestamp = ((sent_us << 18) // 1_000_000 << 8) & 0xFFFFFFFF
-        arrival_ms = arrival_us // 1000
-        deltas = self._inter_arrival.compute_deltas(timestamp, arrival_ms, size)
-        if deltas is not None:
-            delta_ms = deltas.timestamp * TIMESTAMP_TO_MS
-            detector = self._detector
-            self._estimator.update(
-                deltas.arrival_time, delta_ms, deltas.size, detector.state(), arrival_ms
-            )
-            detector.detect(
-                self._estimator.offset(), delta_ms, self._estimator.num_of_deltas(), arrival_ms
-            )
-        return self._detector.state()
+    def add(self, sent_us: int, arrival_us: int) -> BandwidthUsage:
+        """One packet's send time (the sender's clock) and arrival time (the viewer's)."""
+        arrival_ms = arrival_us / 1000
+        delay = (arrival_us - sent_us) / 1000
+        last, self._last_ms = self._last_ms, arrival_ms
+        if last is None or arrival_ms <= last:
+            return self._detector.state()  # the first, or out of order: no delta
+        smoothed = self._smoothed
+        smoothed = (
+            delay if smoothed is None else self.SMOOTHING * smoothed + (1 - self.SMOOTHING) * delay
+        )
+        self._smoothed = smoothed
+        xs, ys = self._xs, self._ys
+        if self._origin is None:
+            self._origin = arrival_ms  # small x: the least-squares sums stay exact
+        xs.append(arrival_ms - self._origin)
+        ys.append(smoothed)
+        n = len(xs)
+        if n < 3:
+            return self._detector.state()
+        sum_x, sum_y = sum(xs), sum(ys)
+        den = n * sum(map(operator.mul, xs, xs)) - sum_x * sum_x
+        num = n * sum(map(operator.mul, xs, ys)) - sum_x * sum_y
+        self.slope = num / den if den else 0.0
+        deltas = self.FULL * n // self.WINDOW  # the trend counts in full once the window is
+        return self._detector.detect(
+            self.slope * self.GAIN, arrival_ms - last, deltas, int(arrival_ms)
+        )
 
 
 def stamp_element(ext_id: int) -> bytes:
