@@ -6,10 +6,20 @@ queue and, beyond it, the viewer's video pauses until the next keyframe it can t
 (``egress.ViewerSession``). Inputs, all per viewer and never passed upstream (one slow
 viewer must not lower the publisher's quality for everybody):
 
+- **transport-cc** (``gateway/twcc.py``), where the viewer negotiated it (Chromium):
+  its feedback says when each packet arrived, matched against the send log. A delay
+  trend (over-use: a queue building on the path) cuts the estimate to ``DELAY_CUT`` x
+  the rate that got through, at most every ``DELAY_CUT_GAP_S``; loss over 10 % (exact,
+  counted over ``ACKED_WINDOW_S`` of arrivals) cuts to the rate that got through;
+  otherwise it grows as below. Once feedback arrives, REMB and receiver-report loss no
+  longer drive the estimate (Chromium stops sending REMB under transport-cc anyway).
 - **REMB** (goog-remb; the viewer's delay-based estimate, which needs the
   abs-send-time stamps :class:`~.rtpsend.FanoutSender` writes): while the viewer also
   reports loss over 10 %, a REMB below 90 % of what it was sent cuts the estimate to
-  it at once; it always caps how far the estimate may climb. A REMB alone cuts
+  it at once, but never below 0.85 x what got through (sent x (1 - loss), as
+  transport-cc's delay cut): aiortc viewers on
+  an 800 kbps link with 2 % loss reported REMBs near 200 kbps, which starved them. It
+  always caps how far the estimate may climb. A REMB alone cuts
   nothing: a receiver's REMB lags a rising rate and reads CPU stalls as queueing
   (aiortc viewers on a busy test machine reported half of a lossless 1.5 Mbps
   stream), and neither does one with the few percent a lossy but adequate link drops
@@ -19,15 +29,19 @@ viewer must not lower the publisher's quality for everybody):
   cuts the estimate to the sent rate x (1 - loss / 2); under 2 % lets it grow 8 % a
   second; in between it holds. NACKs are not added: they name the same lost packets
   again, and counting both made 2 % random loss plus a queue's drops read as > 10 %,
-  driving a lossy but adequate link's estimate to the floor.
+  driving a lossy but adequate link's estimate to the floor. Reports that arrive just
+  after a failed probe describe the probe: they cut nothing (a report of a probe's
+  loss once cut the estimate to a third of the link).
 - **Probes**: growth is capped at twice the rate actually sent, so a viewer whose video
   is paused (nothing sent tests the link) cannot climb back by itself. Instead, at a
   keyframe after ``probe_interval`` s of pause, the estimate is set to what the stream
   needs (x ``PROBE_STEP``) and the viewer resumes: a link that carries it keeps the
   estimate; one that does not drops the probe's packets. The viewer's NACKs for over
   ``PROBE_LOSS`` of them, a receiver report over 10 % loss, or a pause within
-  ``PROBE_FAILED_S`` fail the probe: the estimate goes back to its value before it,
-  and the next probe waits twice as long (up to ``PROBE_MAX_S``). While a probe runs,
+  ``PROBE_FAILED_S`` (with transport-cc also over-use) fail the probe: the estimate
+  goes back to its value before it, the probe's video stops at once
+  (``probe_failed``: while a link too slow for it carries it, its queue drops audio
+  too), and the next probe waits twice as long (up to ``PROBE_MAX_S``). While a probe runs,
   a backlog at the gateway is the estimate's doing, not the link's: it rises
   (``raise_probe``) rather than pausing the viewer.
 
@@ -132,7 +146,7 @@ class BandwidthEstimate:
         if self._delay is None and self._steady(now) and self.loss > LOSS_HIGH and low:
             # never below what the link delivered: a receiver's REMB can read far
             # lower than its link (CPU stalls look like queueing to it)
-            self._cut(max(bitrate, self.sent_bitrate * (1 - self.loss)))
+            self._cut(max(bitrate, DELAY_CUT * self.sent_bitrate * (1 - self.loss)))
         elif self._delay is None:
             self._grow(now)
 
