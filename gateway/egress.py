@@ -253,7 +253,7 @@ class ViewerSession(PeerSession):
             self.estimate.probe_failed = False
             if self._paused_at is None:  # the link cannot take the probe: stop it now
                 if self._pacer is not None:
-                    self._pacer.clear()
+                    self._pacer.drop_unstarted()
                 self._drop_to_keyframe()
         if self._skip_to_keyframe:
             if not frame.keyframe:
@@ -333,11 +333,20 @@ class ViewerSession(PeerSession):
 
     def _backlogged(self) -> None:
         """The queue outgrew its bound: the video pauses, unless a probe of the link
-        is under way and the link has not dropped it. Then the probe's estimate, not
-        the link, held the frames back (a stream burstier than its average): the
-        estimate rises and the viewer skips to the next keyframe, still live."""
+        is under way and the link has not dropped it, or the estimate covers the
+        stream and the link's feedback shows it keeping up. Then the estimate, not the
+        link, held the frames back (a stream burstier than its average, a stall of a
+        busy gateway): it rises and the viewer skips to the next keyframe, still live."""
         estimate, fanout = self.estimate, self.fanout
-        if estimate is not None and fanout is not None and estimate.probing(time.monotonic()):
+        now = time.monotonic()
+        if (
+            estimate is not None
+            and fanout is not None
+            and (
+                estimate.probing(now)
+                or (estimate.bitrate >= fanout.video_bitrate and estimate.link_clear(now))
+            )
+        ):
             estimate.raise_probe(fanout.video_bitrate)
             self.stats.keyframe_drops += 1
             self._queue.clear()

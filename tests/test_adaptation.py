@@ -72,7 +72,10 @@ async def test_single_layer_viewer_on_a_slow_link(adapt_server, stream_name, los
             probes_at_settle = slow_session.estimate.stats.probes
             await poll(6)
             estimate = slow_session.estimate
-            assert estimate is not None and estimate.bitrate < 1_000_000, estimate.bitrate
+            # (unless a probe of the link is under way: it sets the estimate above the stream)
+            assert estimate is not None, "no estimate"
+            probing = estimate.probing(time.monotonic())
+            assert estimate.bitrate < 1_000_000 or probing, estimate.bitrate
             assert slow_session.stats.pauses > 0
             assert any(state == "paused" for at, state in states if at >= settled)
             # Audio is never paused: no gap a listener would hear as a dropout.
