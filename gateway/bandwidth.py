@@ -76,7 +76,6 @@ PROBE_MIN_PACKETS = 15  # ... once it has sent this many (random loss stays far 
 DELAY_CUT = 0.85  # over-use (a queue building) cuts to this x the rate that got through
 DELAY_CUT_GAP_S = 0.5  # ... at most this often (the queue needs a round trip to drain)
 ACKED_WINDOW_S = 0.5  # transport-cc: received rate and loss over at least this long
-FEEDBACK_FRESH_S = 2.0  # feedback older than this says nothing about the link now
 
 
 @dataclass(slots=True)
@@ -135,7 +134,6 @@ class BandwidthEstimate:
         self._reported = 0
         self._reported_lost = 0
         self._delay_cut_at = float("-inf")
-        self._feedback_at = float("-inf")
         self._apply()
 
     # Feedback, as the viewer's RTCP arrives (FanoutSender of its video track).
@@ -157,7 +155,6 @@ class BandwidthEstimate:
         self._measure(now)
         if self._delay is not None:
             return  # transport-cc's own loss count is exact and more recent
-        self._feedback_at = now
         self.loss = fraction_lost / 256
         if self.loss > LOSS_HIGH and self._probe_open and now - self._probed_at < PROBE_FAILED_S:
             self._fail_probe()  # the link dropped the probe: no need to wait for a pause
@@ -180,7 +177,6 @@ class BandwidthEstimate:
         carried, never far below it: random loss of a few percent cuts nothing);
         neither lets the estimate grow."""
         self.stats.transport_feedbacks += 1
-        self._feedback_at = now
         self._measure(now)
         if self._delay is None:
             self._delay = twcc.DelayTrend()
@@ -290,16 +286,6 @@ class BandwidthEstimate:
     def probing(self, now: float) -> bool:
         """Whether a probe's video flows and the link has not dropped it yet."""
         return self._probe_open and now - self._probed_at < PROBE_FAILED_S
-
-    def link_clear(self, now: float) -> bool:
-        """Whether the viewer's latest feedback shows its link keeping up: loss under
-        ``LOSS_HIGH`` and, with transport-cc, no queue building. A backlog at the
-        gateway is then the estimate's (or the gateway's busy CPU's) doing, not the
-        link's: a viewer resumed after its link's limit was lifted, its estimate just
-        above the stream, paused again at the first stall of a loaded gateway."""
-        if now - self._feedback_at > FEEDBACK_FRESH_S or self.loss >= LOSS_HIGH:
-            return False
-        return self._delay is None or self._delay.state is not twcc.BandwidthUsage.OVERUSING
 
     def raise_probe(self, need: float) -> None:
         """The probe's estimate, not the link, held the stream back: raise it."""

@@ -333,20 +333,11 @@ class ViewerSession(PeerSession):
 
     def _backlogged(self) -> None:
         """The queue outgrew its bound: the video pauses, unless a probe of the link
-        is under way and the link has not dropped it, or the estimate covers the
-        stream and the link's feedback shows it keeping up. Then the estimate, not the
-        link, held the frames back (a stream burstier than its average, a stall of a
-        busy gateway): it rises and the viewer skips to the next keyframe, still live."""
+        is under way and the link has not dropped it. Then the probe's estimate, not
+        the link, held the frames back (a stream burstier than its average): the
+        estimate rises and the viewer skips to the next keyframe, still live."""
         estimate, fanout = self.estimate, self.fanout
-        now = time.monotonic()
-        if (
-            estimate is not None
-            and fanout is not None
-            and (
-                estimate.probing(now)
-                or (estimate.bitrate >= fanout.video_bitrate and estimate.link_clear(now))
-            )
-        ):
+        if estimate is not None and fanout is not None and estimate.probing(time.monotonic()):
             estimate.raise_probe(fanout.video_bitrate)
             self.stats.keyframe_drops += 1
             self._queue.clear()
