@@ -181,7 +181,8 @@ async def settle_after_recovery(
 ) -> tuple[float | None, float | None, list]:
     """(seconds until the viewer decodes >= 90 % of the source frame rate over 1 s,
     seconds until the gateway says its video is live and keeps it live for 3 s, the
-    gateway's (seconds, video, estimate kbps) every 0.5 s meanwhile)."""
+    gateway's (seconds, video, estimate kbps, frames it sent, frames decoded) every
+    0.5 s meanwhile)."""
     decoding = live_since = None
     states: list = []
     polled = 0.0
@@ -193,7 +194,15 @@ async def settle_after_recovery(
         if now - polled >= 0.5:
             polled = now
             state = await session_state(http, base, viewer)
-            states.append((round(now - since, 1), state.get("video"), state.get("estimate_kbps")))
+            states.append(
+                (
+                    round(now - since, 1),
+                    state.get("video"),
+                    state.get("estimate_kbps"),
+                    state.get("frames_sent"),
+                    len(viewer.frames),
+                )
+            )
             if state.get("video") != "live":
                 live_since = None
             elif live_since is None:
@@ -244,6 +253,7 @@ async def scenario(http, base: str, args) -> dict:
         recovered = {
             "constrained_fps": playback(slow.frames, now - 5, now)["fps"],
             "unconstrained_fps": playback(fast.frames, now - 5, now)["fps"],
+            "constrained_packets": sum(1 for at, _ in link.log if at >= now - 5),
         }
         return {
             "constrained": constrained,

@@ -29,9 +29,11 @@ def max_gap(times: list[float], since: float) -> float:
 
 
 @pytest.mark.xfail(
-    reason="issue 14: recovery after the limit is lifted now works in most runs, but about "
-    "1 run in 4 still fails here (a held probe pauses again, or the slow phase's audio "
-    "gap exceeds 0.5 s); viewer_adapt stays opt-in",
+    reason="issue 14: on a loaded 2-core machine (load 10-16) about one run in two still "
+    "fails one of its bounds: a resumed viewer paused again within 3 s, the test viewer "
+    "decoding < 10 fps after recovery, the unconstrained viewer decoding < 10 fps, or an "
+    "audio gap over 0.8 s (the harness alone shows 0.42 s with no probe); viewer_adapt "
+    "stays opt-in",
     strict=False,
 )
 @pytest.mark.parametrize("loss", [0.0, 0.02], ids=["clean", "loss2pct"])
