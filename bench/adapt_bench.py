@@ -85,6 +85,8 @@ class Viewer:
     location: str = ""
     frames: list = field(default_factory=list)
     tasks: list = field(default_factory=list)
+    ended: str | None = None
+    """Why its video track stopped giving frames, if it did."""
 
 
 async def connect(http: aiohttp.ClientSession, base: str, link: Link | None) -> Viewer:
@@ -127,10 +129,12 @@ async def connect(http: aiohttp.ClientSession, base: str, link: Link | None) -> 
 
 
 async def _consume(viewer: Viewer, track) -> None:
-    with contextlib.suppress(Exception):
+    try:
         while True:
             await track.recv()
             viewer.frames.append(time.monotonic())
+    except Exception as exc:  # the track ended (or broke): say so in the results
+        viewer.ended = f"{type(exc).__name__}: {exc}"
 
 
 async def close(http: aiohttp.ClientSession, base: str, viewer: Viewer) -> None:
@@ -254,6 +258,7 @@ async def scenario(http, base: str, args) -> dict:
             "constrained_fps": playback(slow.frames, now - 5, now)["fps"],
             "unconstrained_fps": playback(fast.frames, now - 5, now)["fps"],
             "constrained_packets": sum(1 for at, _ in link.log if at >= now - 5),
+            "constrained_track_ended": slow.ended,
         }
         return {
             "constrained": constrained,

@@ -134,6 +134,7 @@ class BandwidthEstimate:
         self._reported = 0
         self._reported_lost = 0
         self._delay_cut_at = float("-inf")
+        self._rr_highest: int | None = None  # the last receiver report's highest seq
         self._apply()
 
     # Feedback, as the viewer's RTCP arrives (FanoutSender of its video track).
@@ -150,13 +151,31 @@ class BandwidthEstimate:
         elif self._delay is None:
             self._grow(now)
 
-    def on_receiver_report(self, fraction_lost: int, now: float) -> None:
-        """``fraction_lost`` as in RFC 3550 (0-255)."""
+    def on_receiver_report(
+        self, fraction_lost: int, now: float, highest_seq: int | None = None
+    ) -> None:
+        """``fraction_lost`` as in RFC 3550 (0-255); ``highest_seq``: the report's
+        extended highest sequence number received.
+
+        A report whose interval began before the probe's first packet does not judge
+        the probe: a receiver counts the packets lost at the tail of the last burst
+        before a pause (an earlier probe's keyframe the link dropped) only once newer
+        packets arrive, i.e. in the first report after the next probe starts, which
+        then failed that probe on a link that had become fast."""
         self._measure(now)
         if self._delay is not None:
             return  # transport-cc's own loss count is exact and more recent
         self.loss = fraction_lost / 256
-        if self.loss > LOSS_HIGH and self._probe_open and now - self._probed_at < PROBE_FAILED_S:
+        previous, self._rr_highest = self._rr_highest, highest_seq
+        judges_probe = (
+            previous is None or not 0 < (self._probe_seq - previous - 1) & 0xFFFF < 0x8000
+        )
+        if (
+            self.loss > LOSS_HIGH
+            and self._probe_open
+            and now - self._probed_at < PROBE_FAILED_S
+            and judges_probe
+        ):
             self._fail_probe()  # the link dropped the probe: no need to wait for a pause
         elif self.loss > LOSS_HIGH and self._steady(now):
             target = self.sent_bitrate * (1 - self.loss / 2)

@@ -567,7 +567,9 @@ class FanoutSender(RTCRtpSender):
                         now = (clock.current_ntp_time() >> 16) & 0xFFFFFFFF
                         self.rtt = max(0.0, ((now - report.lsr - report.dlsr) & 0xFFFFFFFF) / 65536)
                     if estimate is not None:
-                        estimate.on_receiver_report(report.fraction_lost, time.monotonic())
+                        estimate.on_receiver_report(
+                            report.fraction_lost, time.monotonic(), report.highest_sequence
+                        )
 
     async def _run_rtcp(self) -> None:
         """Sender reports map RTP time to wall-clock time (players need it for A/V sync).

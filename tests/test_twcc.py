@@ -168,3 +168,21 @@ def test_delay_based_estimate_falls_to_the_link_and_random_loss_cuts_nothing():
             feedback = twcc.Feedback(feedback.base_seq, feedback.count, 0, feedback.received[1:])
         estimate.on_transport_feedback(feedback, log, now)
     assert estimate.stats.congestion_cuts == 0 and estimate.bitrate >= 600_000
+
+
+def test_a_report_of_losses_before_a_probe_does_not_fail_it():
+    """REMB/RR viewers: a receiver counts the lost tail of the last burst before a
+    pause only in the first report after newer packets arrive, i.e. after the next
+    probe starts; that report must not fail the probe, a later one may."""
+    budget = SendBudget(100_000, 100_000)
+    estimate = BandwidthEstimate(budget, floor=100_000, ceiling=5_000_000, initial=700_000)
+    now = 100.0
+    estimate.on_receiver_report(0, now, highest_seq=70_900)  # extended: cycles + seq
+    estimate.paused(True, now)
+    # the burst before the pause went up to 70_950; its last 50 packets were lost
+    assert estimate.probe(1_500_000, now + 3, next_seq=70_951 & 0xFFFF)
+    probed = estimate.bitrate
+    estimate.on_receiver_report(128, now + 3.5, highest_seq=71_010)  # began at 70_901
+    assert estimate.probing(now + 3.5) and estimate.bitrate == probed
+    estimate.on_receiver_report(128, now + 4.5, highest_seq=71_040)  # the probe's own
+    assert not estimate.probing(now + 4.5) and estimate.bitrate == 700_000
