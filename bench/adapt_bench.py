@@ -22,7 +22,9 @@ the delayed ones, so its REMB estimator sees the queue). Phases:
    viewers (a freeze: an inter-frame gap over max(3 x mean interval, mean + 150 ms), the
    WebRTC stats definition), link drops, the gateway's estimate for the constrained one;
 4. **recovery**: the limit and loss are lifted; *settle* = seconds until the viewer
-   decodes >= 90 % of the source frame rate over 1 s;
+   decodes >= 90 % of the source frame rate over 1 s; *live* = seconds until the
+   gateway says the viewer's video is live and keeps it so for 3 s (the gateway's
+   part, apart from the test viewer's decoding on a busy machine), with its states;
 5. gateway CPU with no viewer and with ``--cpu-viewers`` unconstrained viewers: per
    viewer = (run - idle) / N. Compare a run with ``--no-viewer-adapt``: the difference is
    what estimation costs (the abs-send-time stamp is written in both, as negotiated).
@@ -97,6 +99,8 @@ class Viewer:
     location: str = ""
     frames: list = field(default_factory=list)
     tasks: list = field(default_factory=list)
+    ended: str | None = None
+    """Why its video track stopped giving frames, if it did."""
 
 
 async def connect(
@@ -143,10 +147,12 @@ async def connect(
 
 
 async def _consume(viewer: Viewer, track) -> None:
-    with contextlib.suppress(Exception):
+    try:
         while True:
             await track.recv()
             viewer.frames.append(time.monotonic())
+    except Exception as exc:  # the track ended (or broke): say so in the results
+        viewer.ended = f"{type(exc).__name__}: {exc}"
 
 
 async def close(http: aiohttp.ClientSession, base: str, viewer: Viewer) -> None:
@@ -192,13 +198,41 @@ async def settle_after_drop(link: Link, since: float, limit: float) -> float | N
     return None
 
 
-async def settle_after_recovery(viewer: Viewer, since: float, limit: float) -> float | None:
+async def settle_after_recovery(
+    http: aiohttp.ClientSession, base: str, viewer: Viewer, since: float, limit: float
+) -> tuple[float | None, float | None, list]:
+    """(seconds until the viewer decodes >= 90 % of the source frame rate over 1 s,
+    seconds until the gateway says its video is live and keeps it live for 3 s, the
+    gateway's (seconds, video, estimate kbps, frames it sent, frames decoded) every
+    0.5 s meanwhile)."""
+    decoding = live_since = None
+    states: list = []
+    polled = 0.0
     while time.monotonic() - since < limit:
         await asyncio.sleep(0.1)
         now = time.monotonic()
-        if sum(1 for t in viewer.frames if t >= now - 1) >= 0.9 * FPS:
-            return round(now - since, 2)
-    return None
+        if decoding is None and sum(1 for t in viewer.frames if t >= now - 1) >= 0.9 * FPS:
+            decoding = round(now - since, 2)
+        if now - polled >= 0.5:
+            polled = now
+            state = await session_state(http, base, viewer)
+            states.append(
+                (
+                    round(now - since, 1),
+                    state.get("video"),
+                    state.get("estimate_kbps"),
+                    state.get("frames_sent"),
+                    len(viewer.frames),
+                )
+            )
+            if state.get("video") != "live":
+                live_since = None
+            elif live_since is None:
+                live_since = now
+        if decoding is not None and live_since is not None and now - live_since >= 3:
+            break
+    held = live_since is not None and time.monotonic() - live_since >= 3
+    return decoding, round(live_since - since, 2) if held else None, states
 
 
 async def settle_on_layer(
@@ -258,13 +292,26 @@ async def scenario(http, base: str, args) -> dict:
         lifted = time.monotonic()
         if args.layers:
             settle_up = await settle_on_layer(http, base, slow, 0, lifted, 45)
+            live_up, states = None, []
         else:
-            settle_up = await settle_after_recovery(slow, lifted, 30)
+            settle_up, live_up, states = await settle_after_recovery(http, base, slow, lifted, 30)
+        now = time.monotonic()
+        # Both viewers decode in this process: after recovery they share its CPU, so
+        # compare the two rates over the same last seconds.
+        recovered = {
+            "constrained_fps": playback(slow.frames, now - 5, now)["fps"],
+            "unconstrained_fps": playback(fast.frames, now - 5, now)["fps"],
+            "constrained_packets": sum(1 for at, _ in link.log if at >= now - 5),
+            "constrained_track_ended": slow.ended,
+        }
         results = {
             "constrained": constrained,
             "unconstrained": playback(fast.frames, start, end),
             "settle_after_drop_s": settle_drop,
             "settle_after_recovery_s": settle_up,
+            "live_after_recovery_s": live_up,
+            "after_recovery_last_5_s": recovered,
+            "recovery_states": states,
         }
         if args.layers:
             async with http.get(f"{base}/api/stats") as response:

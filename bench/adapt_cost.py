@@ -12,9 +12,17 @@ skipped: the route and the SRTP key are set up here) for a 30 fps frame of N pac
   :class:`~whipcast.gateway.pacer.Pacer` (whole frames fit: no timer), the
   ``can_send`` check (budget + pacer) per frame;
 
+- *twcc*: *adapt* plus the transport-cc element, a transport-wide number taken from
+  the viewer's ``twcc.SendLog`` per packet (a transport-cc viewer, e.g. Chromium);
+
 plus the estimate's RTCP work per second of viewing: one REMB, one receiver report and
 one NACK of 3 packets per second (Chrome sends REMB at most every 200 ms on change, so
-this is the usual rate, not the worst), each through ``BandwidthEstimate``.
+this is the usual rate, not the worst), each through ``BandwidthEstimate``; and for a
+transport-cc viewer, 10 feedback messages per second covering all its packets (30 fps
+x N, as Chromium sends every ~100 ms), each parsed and fed through the delay-based
+detector. With the native core built, the same per-frame comparison for its
+``Track.send`` (abs-send-time only vs abs-send-time + transport-cc numbered into its
+native ``SendLog``), real ``sendmmsg`` on loopback.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ import asyncio
 import json
 import os
 import socket
+import struct
 import time
 
 from pylibsrtp import Policy, Session
-from whipcast.gateway import aiortc_compat, rtpsend
+from whipcast.gateway import aiortc_compat, rtpsend, twcc
 from whipcast.gateway.bandwidth import BandwidthEstimate
 from whipcast.gateway.frames import Codec, Frame, Track
 from whipcast.gateway.pacer import Pacer
@@ -111,9 +120,12 @@ async def main(args) -> dict:
     results: dict = {"packets_per_frame": args.packets}
     rate = 50e6 / 8
     runs = {}
-    for name, ast in (("baseline", None), ("adapt", 3)):
+    for name, ast, tcc in (("baseline", None, None), ("adapt", 3, None), ("twcc", 3, 5)):
         budget = rtpsend.SendBudget(rate, rate)
-        sender = await sender_for(Layout(96, 1, "0", ast), budget)
+        sender = await sender_for(Layout(96, 1, "0", ast, tcc), budget)
+        if tcc is not None:
+            sender.send_log = twcc.SendLog()
+            sender._twcc_element = twcc.stamp_element(tcc)
         viewer = None
         if ast is not None:
             BandwidthEstimate(budget, 100_000, 50e6, 50e6)
@@ -134,15 +146,82 @@ async def main(args) -> dict:
         estimate.on_remb(1.4e6, t)
         estimate.on_receiver_report(3, t + 0.5)
     results["rtcp_us_per_viewer_second"] = round((time.perf_counter() - start) / n * 1e6, 2)
+    results["twcc_feedback_us_per_viewer_second"] = feedback_cost(args.packets, n // 10)
+    extra = (results["twcc_us_per_frame"] - results["baseline_us_per_frame"]) * 30
+    results["twcc_extra_us_per_viewer_second"] = round(
+        extra + results["twcc_feedback_us_per_viewer_second"], 1
+    )
+    results.update(native_cost(args.packets, args.frames, args.repeat))
     extra = (results["adapt_us_per_frame"] - results["baseline_us_per_frame"]) * 30
     results["extra_us_per_viewer_second"] = round(extra + results["rtcp_us_per_viewer_second"], 1)
     results["baseline_us_per_viewer_second"] = round(results["baseline_us_per_frame"] * 30, 1)
     results["extra_percent"] = round(
         100 * results["extra_us_per_viewer_second"] / results["baseline_us_per_viewer_second"], 1
     )
+    results["twcc_extra_percent"] = round(
+        100 * results["twcc_extra_us_per_viewer_second"] / results["baseline_us_per_viewer_second"],
+        1,
+    )
     route[0].close()
     sink.close()
     return results
+
+
+def feedback_cost(packets: int, seconds: int) -> float:
+    """µs per viewer-second of transport-cc feedback: 10 messages a second, each on the
+    packets of 3 frames, built as Chromium builds them (one run of small deltas), parsed
+    and fed to the estimate."""
+    budget = rtpsend.SendBudget(1e6, 1e6)
+    estimate = BandwidthEstimate(budget, 100_000, 50e6, 1.5e6)
+    log = twcc.SendLog()
+    per = 3 * packets
+    messages = []
+    for i in range(seconds * 10):
+        base = log.next_seq
+        sent_us = 100_000 * i
+        for _ in range(per):  # a frame's packets leave together, every 33 ms
+            log.take(1200, sent_us)
+        arrival = sent_us + 20_000  # 20 ms one-way, 1 ms apart (in 250 µs units: 4)
+        reference = arrival // 64_000
+        first = (arrival - reference * 64_000) // 250
+        body = struct.pack("!HHI", base, per, (reference << 8) | (i & 0xFF))
+        body += struct.pack("!H", (1 << 13) | per) + bytes([first] + [4] * (per - 1))
+        messages.append(body + b"\x00" * (-len(body) % 4))
+    now = time.monotonic()
+    start = time.perf_counter()
+    for i, body in enumerate(messages):
+        estimate.on_transport_feedback(twcc.parse_feedback(body), log, now + i / 10)
+    return round((time.perf_counter() - start) / seconds * 1e6, 2)
+
+
+def native_cost(packets: int, count: int, repeat: int) -> dict:
+    """The native Track's send per frame, without and with transport-cc numbering."""
+    core = rtpsend._fanout
+    if core is None:
+        return {}
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    payloads = [os.urandom(1100) for _ in range(packets)]
+    runs = {}
+    for name, tcc in (("native_adapt", None), ("native_twcc", 5)):
+        track = core.Track("SRTP_AEAD_AES_128_GCM", os.urandom(28), 1234)
+        track.route(tx.fileno(), "127.0.0.1", sink.getsockname()[1])
+        track.log_to(core.SendLog())
+        layout = Layout(96, 1, "0", 3, tcc)
+        native = PreparedFrame(None, payloads, True).native_packets(layout, core)  # type: ignore[arg-type]
+        runs[name] = (track, native, [])
+    for _ in range(repeat):
+        for track, native, times in runs.values():
+            start, seq = time.perf_counter(), 0
+            for _ in range(count):
+                track.send(native, seq, 0, 0, None, 1)  # unsent packets: the sink is full
+                seq = (seq + packets) & 0xFFFF
+            times.append((time.perf_counter() - start) / count)
+    sink.close()
+    tx.close()
+    return {f"{name}_us_per_frame": round(min(t) * 1e6, 2) for name, (_, _, t) in runs.items()}
 
 
 def cli() -> None:

@@ -11,7 +11,9 @@ instead of with an ``AttributeError`` in the middle of a live stream.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib import metadata
 
 import aioice.ice
@@ -21,9 +23,11 @@ from aiortc.codecs.vpx import Vp8Encoder
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcdtlstransport import State as DtlsState
 from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
+from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+from aiortc.rtp import RtcpRtpfbPacket
 
 TESTED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
 """The versions whipcast was tested with, and pins."""
@@ -214,6 +218,14 @@ def replace_sender(transceiver: RTCRtpTransceiver, sender: RTCRtpSender) -> None
     transceiver._RTCRtpTransceiver__sender = sender
 
 
+def add_header_extension(transceiver: RTCRtpTransceiver, uri: str, ext_id: int) -> None:
+    """Answer with one more header extension (aiortc negotiates only the ones in its
+    module-level table; this adds one for a single transceiver)."""
+    extensions = transceiver._headerExtensions
+    if all(e.uri != uri for e in extensions):
+        extensions.append(RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri))
+
+
 def replace_receiver(transceiver: RTCRtpTransceiver, receiver: RTCRtpReceiver) -> None:
     transceiver._RTCRtpTransceiver__receiver = receiver
 
@@ -232,3 +244,41 @@ def packetize_h264(access_unit: bytes) -> list[bytes]:
 
 def packetize_vp8(frame: bytes, picture_id: int) -> list[bytes]:
     return Vp8Encoder._packetize(frame, picture_id)
+
+
+# RTCP
+
+
+TRANSPORT_FEEDBACK_FMT = 15
+
+
+@dataclass
+class TransportFeedbackPacket(RtcpRtpfbPacket):
+    """A transport-cc feedback (RTPFB fmt 15) with its FCI kept as bytes."""
+
+    fci: bytes = b""
+
+
+_parse_rtpfb = RtcpRtpfbPacket.parse.__func__
+
+
+def _parse_rtpfb_keeping_twcc(cls, data: bytes, fmt: int) -> RtcpRtpfbPacket:
+    if fmt != TRANSPORT_FEEDBACK_FMT:
+        return _parse_rtpfb(cls, data, fmt)
+    if len(data) < 8:
+        raise ValueError("RTCP RTP feedback length is invalid")
+    ssrc, media_ssrc = struct.unpack_from("!LL", data)
+    return TransportFeedbackPacket(fmt=fmt, ssrc=ssrc, media_ssrc=media_ssrc, fci=bytes(data[8:]))
+
+
+def keep_transport_feedback() -> None:
+    """aiortc 1.16 parses every RTPFB message's FCI as a generic NACK, so a transport-cc
+    feedback (fmt 15) arrives as a list of bogus lost packets. Make its parser keep
+    fmt 15's FCI instead (process-wide; aiortc's own senders act on fmt 1 only, and it
+    still routes the packet by its media SSRC)."""
+    RtcpRtpfbPacket.parse = classmethod(_parse_rtpfb_keeping_twcc)
+
+
+def transport_feedback_fci(packet: RtcpRtpfbPacket) -> bytes | None:
+    """The FCI of a transport-cc feedback, None for anything else."""
+    return packet.fci if isinstance(packet, TransportFeedbackPacket) else None

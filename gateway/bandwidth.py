@@ -6,10 +6,20 @@ queue and, beyond it, the viewer's video pauses until the next keyframe it can t
 (``egress.ViewerSession``). Inputs, all per viewer and never passed upstream (one slow
 viewer must not lower the publisher's quality for everybody):
 
+- **transport-cc** (``gateway/twcc.py``), where the viewer negotiated it (Chromium):
+  its feedback says when each packet arrived, matched against the send log. A delay
+  trend (over-use: a queue building on the path) cuts the estimate to ``DELAY_CUT`` x
+  the rate that got through, at most every ``DELAY_CUT_GAP_S``; loss over 10 % (exact,
+  counted over ``ACKED_WINDOW_S`` of arrivals) cuts to the rate that got through;
+  otherwise it grows as below. Once feedback arrives, REMB and receiver-report loss no
+  longer drive the estimate (Chromium stops sending REMB under transport-cc anyway).
 - **REMB** (goog-remb; the viewer's delay-based estimate, which needs the
   abs-send-time stamps :class:`~.rtpsend.FanoutSender` writes): while the viewer also
   reports loss over 10 %, a REMB below 90 % of what it was sent cuts the estimate to
-  it at once; it always caps how far the estimate may climb. A REMB alone cuts
+  it at once, but never below 0.85 x what got through (sent x (1 - loss), as
+  transport-cc's delay cut): aiortc viewers on
+  an 800 kbps link with 2 % loss reported REMBs near 200 kbps, which starved them. It
+  always caps how far the estimate may climb. A REMB alone cuts
   nothing: a receiver's REMB lags a rising rate and reads CPU stalls as queueing
   (aiortc viewers on a busy test machine reported half of a lossless 1.5 Mbps
   stream), and neither does one with the few percent a lossy but adequate link drops
@@ -19,15 +29,19 @@ viewer must not lower the publisher's quality for everybody):
   cuts the estimate to the sent rate x (1 - loss / 2); under 2 % lets it grow 8 % a
   second; in between it holds. NACKs are not added: they name the same lost packets
   again, and counting both made 2 % random loss plus a queue's drops read as > 10 %,
-  driving a lossy but adequate link's estimate to the floor.
+  driving a lossy but adequate link's estimate to the floor. Reports that arrive just
+  after a failed probe describe the probe: they cut nothing (a report of a probe's
+  loss once cut the estimate to a third of the link).
 - **Probes**: growth is capped at twice the rate actually sent, so a viewer whose video
   is paused (nothing sent tests the link) cannot climb back by itself. Instead, at a
   keyframe after ``probe_interval`` s of pause, the estimate is set to what the stream
   needs (x ``PROBE_STEP``) and the viewer resumes: a link that carries it keeps the
   estimate; one that does not drops the probe's packets. The viewer's NACKs for over
   ``PROBE_LOSS`` of them, a receiver report over 10 % loss, or a pause within
-  ``PROBE_FAILED_S`` fail the probe: the estimate goes back to its value before it,
-  and the next probe waits twice as long (up to ``PROBE_MAX_S``). While a probe runs,
+  ``PROBE_FAILED_S`` (with transport-cc also over-use) fail the probe: the estimate
+  goes back to its value before it, the probe's video stops at once
+  (``probe_failed``: while a link too slow for it carries it, its queue drops audio
+  too), and the next probe waits twice as long (up to ``PROBE_MAX_S``). While a probe runs,
   a backlog at the gateway is the estimate's doing, not the link's: it rises
   (``raise_probe``) rather than pausing the viewer.
 
@@ -39,7 +53,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from operator import itemgetter
 
+from . import twcc
 from .rtpsend import SendBudget
 
 LOSS_HIGH = 0.10  # above: cut to the sent rate x (1 - loss / 2)
@@ -53,10 +69,13 @@ HEADROOM = 2.0  # never climb beyond this multiple of what was actually sent
 BURST_S = 0.2  # the budget holds this many seconds at the estimated rate
 PROBE_INTERVAL_S = 2.0  # a paused viewer first probes after this long
 PROBE_MAX_S = 8.0  # failed probes double the wait, up to this
-PROBE_STEP = 1.5  # a probe sets the estimate to this x the stream's bitrate
+PROBE_STEP = 1.25  # a probe sets the estimate to this x the stream's bitrate
 PROBE_FAILED_S = 5.0  # a pause this soon after a probe means the probe failed
-PROBE_LOSS = 0.25  # NACKed share of a probe's packets that fails it at once
-PROBE_MIN_PACKETS = 30  # ... once it has sent this many (random loss stays far below)
+PROBE_LOSS = 0.15  # NACKed share of a probe's packets that fails it at once
+PROBE_MIN_PACKETS = 15  # ... once it has sent this many (random loss stays far below)
+DELAY_CUT = 0.85  # over-use (a queue building) cuts to this x the rate that got through
+DELAY_CUT_GAP_S = 0.5  # ... at most this often (the queue needs a round trip to drain)
+ACKED_WINDOW_S = 0.5  # transport-cc: received rate and loss over at least this long
 
 
 @dataclass(slots=True)
@@ -70,6 +89,10 @@ class EstimateStats:
     """Of those, the times loss did."""
     probes: int = 0
     """Times a paused viewer's video was resumed to test the link."""
+    transport_feedbacks: int = 0
+    """transport-cc feedback messages received."""
+    delay_cuts: int = 0
+    """Of the cuts, the times transport-cc's delay-based detector saw over-use."""
 
 
 class BandwidthEstimate:
@@ -84,6 +107,9 @@ class BandwidthEstimate:
         self.remb: float | None = None
         self.loss = 0.0
         self.stats = EstimateStats()
+        self.probe_failed = False
+        """Set when a probe fails: the viewer stops the probe's video at once (a link
+        that cannot carry it drops audio too while it flows); the viewer clears it."""
         now = time.monotonic()
         self._remb_at = float("-inf")
         self._grown_at = now
@@ -97,6 +123,18 @@ class BandwidthEstimate:
         self._probe_lost: set[int] = set()  # its packets the viewer NACKed
         self._paused_at: float | None = None
         self._resumed_at = now  # a join starts with a burst (the cached GOP)
+        # transport-cc (set up by the first feedback; REMB and RR loss then no longer
+        # drive the estimate: the feedback measures delay and loss at the sender)
+        self._delay: twcc.DelayTrend | None = None
+        self.acked_bitrate = 0.0
+        """transport-cc: the rate that reached the viewer, over the last window."""
+        self._acked_bytes = 0
+        self._acked_from_us: int | None = None
+        self._acked_to_us = 0
+        self._reported = 0
+        self._reported_lost = 0
+        self._delay_cut_at = float("-inf")
+        self._rr_highest: int | None = None  # the last receiver report's highest seq
         self._apply()
 
     # Feedback, as the viewer's RTCP arrives (FanoutSender of its video track).
@@ -106,16 +144,38 @@ class BandwidthEstimate:
         self._measure(now)
         self.remb, self._remb_at = float(bitrate), now
         low = bitrate < REMB_CUT * self.sent_bitrate and bitrate < self.bitrate
-        if self._steady(now) and self.loss > LOSS_HIGH and low:
-            self._cut(bitrate)
-        else:
+        if self._delay is None and self._steady(now) and self.loss > LOSS_HIGH and low:
+            # never below what the link delivered: a receiver's REMB can read far
+            # lower than its link (CPU stalls look like queueing to it)
+            self._cut(max(bitrate, DELAY_CUT * self.sent_bitrate * (1 - self.loss)))
+        elif self._delay is None:
             self._grow(now)
 
-    def on_receiver_report(self, fraction_lost: int, now: float) -> None:
-        """``fraction_lost`` as in RFC 3550 (0-255)."""
+    def on_receiver_report(
+        self, fraction_lost: int, now: float, highest_seq: int | None = None
+    ) -> None:
+        """``fraction_lost`` as in RFC 3550 (0-255); ``highest_seq``: the report's
+        extended highest sequence number received.
+
+        A report whose interval began before the probe's first packet does not judge
+        the probe: a receiver counts the packets lost at the tail of the last burst
+        before a pause (an earlier probe's keyframe the link dropped) only once newer
+        packets arrive, i.e. in the first report after the next probe starts, which
+        then failed that probe on a link that had become fast."""
         self._measure(now)
+        if self._delay is not None:
+            return  # transport-cc's own loss count is exact and more recent
         self.loss = fraction_lost / 256
-        if self.loss > LOSS_HIGH and self._probe_open and now - self._probed_at < PROBE_FAILED_S:
+        previous, self._rr_highest = self._rr_highest, highest_seq
+        judges_probe = (
+            previous is None or not 0 < (self._probe_seq - previous - 1) & 0xFFFF < 0x8000
+        )
+        if (
+            self.loss > LOSS_HIGH
+            and self._probe_open
+            and now - self._probed_at < PROBE_FAILED_S
+            and judges_probe
+        ):
             self._fail_probe()  # the link dropped the probe: no need to wait for a pause
         elif self.loss > LOSS_HIGH and self._steady(now):
             target = self.sent_bitrate * (1 - self.loss / 2)
@@ -126,6 +186,72 @@ class BandwidthEstimate:
             self._grow(now)
         else:
             self._grown_at = now  # hold: no climb for the time spent at this loss
+
+    def on_transport_feedback(self, feedback: twcc.Feedback, log, now: float) -> None:
+        """A transport-cc feedback, matched against ``log`` (the viewer's
+        ``SendLog``): its last packet's send and arrival time go to the delay-based
+        detector (``twcc.DelayTrend``); over a window of ``ACKED_WINDOW_S`` of arrivals, the
+        received rate and exact loss. Over-use cuts to ``DELAY_CUT`` x the received
+        rate; loss over ``LOSS_HIGH`` cuts to the received rate (what the link
+        carried, never far below it: random loss of a few percent cuts nothing);
+        neither lets the estimate grow."""
+        self.stats.transport_feedbacks += 1
+        self._measure(now)
+        if self._delay is None:
+            self._delay = twcc.DelayTrend()
+        received = feedback.received
+        if not received:
+            self._reported += feedback.count
+            self._reported_lost += feedback.lost
+            return
+        sent = log.lookup([seq for seq, _ in received])
+        acked = sum(map(itemgetter(1), filter(None, sent)))
+        state = self._delay.state
+        last = sent[-1]
+        if last is not None:
+            state = self._delay.add(last[0], received[-1][1])
+            self._acked_bytes += acked
+            if self._acked_from_us is None:
+                self._acked_from_us = received[0][1]
+            self._acked_to_us = max(self._acked_to_us, received[-1][1])
+        self._reported += feedback.count
+        self._reported_lost += feedback.lost
+        if (
+            self._acked_from_us is not None
+            and self._acked_to_us - self._acked_from_us >= ACKED_WINDOW_S * 1e6
+        ):
+            span = (self._acked_to_us - self._acked_from_us) / 1e6
+            self.acked_bitrate = self._acked_bytes * 8 / span
+            self.loss = self._reported_lost / max(1, self._reported)
+            self._acked_bytes, self._acked_from_us = 0, None
+            self._reported = self._reported_lost = 0
+            if (
+                self.loss > LOSS_HIGH
+                and self._probe_open
+                and now - self._probed_at < PROBE_FAILED_S
+            ):
+                self._fail_probe()
+            elif self.loss > LOSS_HIGH and self._steady(now):
+                target = max(self.acked_bitrate, self.sent_bitrate * (1 - self.loss))
+                if target < self.bitrate:
+                    self.stats.loss_cuts += 1
+                    self._cut(target)
+        if state is twcc.BandwidthUsage.OVERUSING:
+            if self._probe_open and now - self._probed_at < PROBE_FAILED_S:
+                self._fail_probe()
+            elif (
+                self._steady(now)
+                and self.acked_bitrate
+                and now - self._delay_cut_at >= DELAY_CUT_GAP_S
+                and DELAY_CUT * self.acked_bitrate < self.bitrate
+            ):
+                self._delay_cut_at = now
+                self.stats.delay_cuts += 1
+                self._cut(DELAY_CUT * self.acked_bitrate)
+        elif state is twcc.BandwidthUsage.NORMAL and self.loss <= LOSS_HIGH:
+            self._grow(now)
+        else:
+            self._grown_at = now  # under-use (a queue draining) or heavy loss: hold
 
     def paused(self, paused: bool, now: float) -> None:
         """The viewer's video paused or resumed. A receiver's REMB is at most 1.5 x
@@ -201,10 +327,15 @@ class BandwidthEstimate:
 
     def _fail_probe(self) -> None:
         """Back to the estimate before the probe; the next one waits twice as long."""
+        self.probe_failed = True
         self._probe_open = False
         self._probe_lost.clear()
         self._probe_interval = min(PROBE_MAX_S, 2 * self._probe_interval)
         self.bitrate = min(self.bitrate, self._before_probe)
+        # The feedback still to come describes the probe, which the estimate has just
+        # undone: it cuts nothing more until the traffic has been steady again (a
+        # receiver report of the probe's loss cut it to a third of the link).
+        self._resumed_at = time.monotonic()
         self._apply()
 
     def _cut(self, bitrate: float) -> None:

@@ -86,10 +86,23 @@ def _supported(codec: RTCRtpCodecParameters) -> bool:
     return True
 
 
-def _with_feedback(codec: RTCRtpCodecParameters) -> RTCRtpCodecParameters:
+# A viewer's transport-wide congestion control feedback (gateway/twcc.py), kept where
+# the egress adapts to the viewer's link.
+TRANSPORT_CC = ("transport-cc", None)
+
+
+def _with_feedback(
+    codec: RTCRtpCodecParameters, extra: frozenset = frozenset()
+) -> RTCRtpCodecParameters:
     codec = copy.deepcopy(codec)
-    codec.rtcpFeedback = [f for f in codec.rtcpFeedback if (f.type, f.parameter) in _FEEDBACK]
+    wanted = _FEEDBACK | extra
+    codec.rtcpFeedback = [f for f in codec.rtcpFeedback if (f.type, f.parameter) in wanted]
     return codec
+
+
+def offers_transport_cc(codecs: list[RTCRtpCodecParameters]) -> bool:
+    """Whether a viewer's chosen codec asks for transport-cc feedback."""
+    return any((f.type, f.parameter) == TRANSPORT_CC for f in codecs[0].rtcpFeedback)
 
 
 def _rtx_for(offered: list[RTCRtpCodecParameters], payload_type: int) -> list:
@@ -130,13 +143,18 @@ def _same_format(a: RTCRtpCodecParameters, b: RTCRtpCodecParameters) -> bool:
 
 
 def match_viewer_codec(
-    offered: list[RTCRtpCodecParameters], source: RTCRtpCodecParameters, kind: str
+    offered: list[RTCRtpCodecParameters],
+    source: RTCRtpCodecParameters,
+    kind: str,
+    transport_cc: bool = False,
 ) -> list:
     """The viewer's entry for the publisher's codec, described with the publisher's
-    parameters (so the answer states exactly what will be sent), plus RTX if offered."""
+    parameters (so the answer states exactly what will be sent), plus RTX if offered;
+    with ``transport_cc``, the viewer's transport-cc feedback is kept if it offers it."""
+    extra = frozenset({TRANSPORT_CC}) if transport_cc else frozenset()
     for codec in offered:
         if not _is_rtx(codec) and _same_format(codec, source):
-            chosen = _with_feedback(codec)
+            chosen = _with_feedback(codec, extra)
             chosen.parameters = dict(source.parameters)
             return [chosen, *_rtx_for(offered, codec.payloadType)]
     raise NegotiationError(

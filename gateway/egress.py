@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError
 from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
-from . import aiortc_compat, codecs
+from . import aiortc_compat, codecs, twcc
 from .bandwidth import BandwidthEstimate
 from .batch import Batch
 from .bus import Bus, FrameReader
@@ -124,6 +124,8 @@ class ViewerSession(PeerSession):
         """Set for a stream with simulcast layers (``Settings.viewer_layers``)."""
         self._rebase = False  # the next video frame sent starts a new layer's timeline
         self._up_pending: int | None = None  # better layer whose next keyframe it waits for
+        self.send_log: twcc.SendLog | None = None
+        """Transport-wide numbers of what this viewer was sent (transport-cc viewers)."""
 
     async def start(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
         answer = await self.negotiate(offer, offer_sdp, info)
@@ -148,7 +150,7 @@ class ViewerSession(PeerSession):
             source = info.codec(media.kind)
             if source is not None:
                 matched[media.kind] = codecs.match_viewer_codec(
-                    media.rtp.codecs, source, media.kind
+                    media.rtp.codecs, source, media.kind, self.settings.viewer_adapt
                 )
         if not matched:
             raise UnprocessableOffer("the offer asks for no track this stream has")
@@ -158,6 +160,13 @@ class ViewerSession(PeerSession):
                 media.kind, direction="sendonly" if media.kind in matched else "inactive"
             )
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        twcc_ids = {  # transport-cc where the viewer offers it (only with adaptation)
+            media.kind: ext.id
+            for media in offer.media
+            if media.kind in matched and codecs.offers_transport_cc(matched[media.kind])
+            for ext in media.rtp.headerExtensions
+            if ext.uri == twcc.URI
+        }
         settings = self.settings
         rate = settings.viewer_max_bitrate / 8
         budget = SendBudget(rate, rate * BUDGET_BURST_S)  # shared by the viewer's tracks
@@ -181,6 +190,10 @@ class ViewerSession(PeerSession):
                 continue
             aiortc_compat.set_codecs(transceiver, matched[transceiver.kind])
             track = Track.VIDEO if transceiver.kind == "video" else Track.AUDIO
+            if transceiver.kind in twcc_ids:
+                aiortc_compat.add_header_extension(
+                    transceiver, twcc.URI, twcc_ids[transceiver.kind]
+                )
             sender = FanoutSender(
                 transceiver.kind,
                 transceiver.receiver.transport,
@@ -191,6 +204,12 @@ class ViewerSession(PeerSession):
             )
             aiortc_compat.replace_sender(transceiver, sender)
             self.senders[track] = sender
+            if transceiver.kind in twcc_ids and self.estimate is not None:
+                if self.send_log is None:
+                    native = self.node.native
+                    self.send_log = native.SendLog() if native is not None else twcc.SendLog()
+                sender.send_log = self.send_log
+                sender.on_transport_feedback = self._transport_feedback
             if track is Track.VIDEO and self.estimate is not None:
                 sender.estimate = self.estimate
                 self._pacer = Pacer(sender, budget, self._drain)
@@ -274,6 +293,12 @@ class ViewerSession(PeerSession):
             sender.send_frame(prepared)
             self._join_batch(Track.AUDIO, sender)
             return
+        if self.estimate is not None and self.estimate.probe_failed:
+            self.estimate.probe_failed = False
+            if self._paused_at is None:  # the link cannot take the probe: stop it now
+                if self._pacer is not None:
+                    self._pacer.drop_unstarted()
+                self._drop_to_keyframe()
         if self._skip_to_keyframe:
             if not frame.keyframe:
                 return
@@ -351,6 +376,11 @@ class ViewerSession(PeerSession):
             ):
                 return False
         return self.can_send(sender)
+
+    def _transport_feedback(self, feedback: twcc.Feedback) -> None:
+        """A transport-cc feedback from this viewer, on any of its SSRCs."""
+        if self.estimate is not None and self.send_log is not None:
+            self.estimate.on_transport_feedback(feedback, self.send_log, time.monotonic())
 
     def _covers_stream(self) -> bool:
         """Whether this viewer's estimate covers the stream's recent bitrate."""

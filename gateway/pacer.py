@@ -61,6 +61,15 @@ class Pacer:
         """Most packets a frame may have to go out whole, at once (see ``_fits``)."""
         return int(self._slice_bytes() // MTU)
 
+    def drop_unstarted(self) -> None:
+        """Forget waiting frames not begun yet; the one being sent finishes (cut
+        short, it would reach the player as a broken picture, not a missing one)."""
+        waiting = self._waiting
+        while len(waiting) > 1:
+            waiting.pop()
+        if waiting and waiting[0][2] == 0:
+            self.clear()
+
     def _slice_bytes(self) -> float:
         return max(MTU, self._budget.rate * PACE_FACTOR * SLICE_S)
 

@@ -66,7 +66,7 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
-from . import aiortc_compat
+from . import aiortc_compat, twcc
 from .frames import Frame
 
 try:
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from .bandwidth import BandwidthEstimate
 
 logger = logging.getLogger(__name__)
+aiortc_compat.keep_transport_feedback()
 
 MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
 ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
@@ -200,11 +201,16 @@ class Layout:
     abs_send_time_id: int | None = None
     """abs-send-time goes first in the extension block, so its 3 bytes sit at a fixed
     place that a viewer's send fills in (its REMB estimate needs it)."""
+    transport_cc_id: int | None = None
+    """transport-cc's element (its id byte and the 2-byte transport-wide sequence
+    number) follows abs-send-time, so the per-packet bytes are one run."""
 
     def header(self, marker: bool) -> bytes:
         elements = b""
         if self.abs_send_time_id is not None:
             elements += bytes([(self.abs_send_time_id << 4) | 2]) + b"\x00\x00\x00"
+        if self.transport_cc_id is not None:
+            elements += twcc.stamp_element(self.transport_cc_id) + b"\x00\x00"
         if self.mid_id is not None and self.mid:
             elements += bytes([(self.mid_id << 4) | (len(self.mid) - 1)]) + self.mid.encode()
         ext = b""
@@ -218,6 +224,16 @@ class Layout:
     @property
     def extension_size(self) -> int:
         return len(self.header(False)) - 12
+
+    @property
+    def hole(self) -> tuple[int, int]:
+        """(offset in bytes 12-end, length) of the per-packet bytes a send writes:
+        the abs-send-time value, then transport-cc's whole element."""
+        at = _AST_AT if self.abs_send_time_id is not None else 4
+        size = (3 if self.abs_send_time_id is not None else 0) + (
+            3 if self.transport_cc_id is not None else 0
+        )
+        return at, size
 
 
 # Where the abs-send-time value lies in a packet's bytes 12-end: after the extension
@@ -235,8 +251,9 @@ _AST = struct.Struct("!I")  # abs-send-time: the low 3 bytes of this
 
 
 Packet = tuple[bytes, bytes, bytes]
-"""(bytes 0-1, bytes 12 up to the abs-send-time value, the rest): a viewer's sequence
-number, timestamp and SSRC go after the first, its send time after the second."""
+"""(bytes 0-1, bytes 12 up to the per-packet stamp, the rest): a viewer's sequence
+number, timestamp and SSRC go after the first; its abs-send-time value and
+transport-cc element (``Layout.hole``) after the second."""
 
 
 @dataclass(slots=True)
@@ -255,10 +272,11 @@ class PreparedFrame:
             plain = layout.header(False)
             marked = layout.header(True) if self.marker_last else plain
             ext = plain[12:]
-            if layout.abs_send_time_id is None:
+            at, size = layout.hole
+            if not size:
                 before, after = ext, b""
             else:
-                before, after = ext[:_AST_AT], ext[_AST_AT + 3 :]
+                before, after = ext[:at], ext[at + size :]
             built = [
                 ((marked if i == last else plain)[:2], before, after + payload)
                 for i, payload in enumerate(self.payloads)
@@ -271,7 +289,9 @@ class PreparedFrame:
         built = self._native.get(layout)
         if built is None:
             stamped = layout.abs_send_time_id is not None
-            built = self._native[layout] = core.Packets(self.packets(layout), stamped)
+            built = self._native[layout] = core.Packets(
+                self.packets(layout), stamped, layout.transport_cc_id
+            )
         return built
 
 
@@ -330,6 +350,12 @@ class FanoutSender(RTCRtpSender):
         self.fraction_lost = 0
         self.estimate: BandwidthEstimate | None = None
         """Set on a viewer's video sender: its feedback feeds the viewer's estimate."""
+        self.send_log: twcc.SendLog | None = None
+        """The viewer's transport-wide sequence numbers (one log for all its senders),
+        where it negotiated transport-cc."""
+        self.on_transport_feedback: Callable[[twcc.Feedback], None] | None = None
+        """Where the viewer's transport-cc feedback goes (it may name any of its SSRCs)."""
+        self._twcc_element = b""
 
     async def send(self, parameters: RTCRtpSendParameters) -> None:
         """Called by aiortc once DTLS is up: note what was negotiated and go live."""
@@ -341,9 +367,16 @@ class FanoutSender(RTCRtpSender):
             if c.mimeType.lower().endswith("/rtx") and c.parameters.get("apt") == codec.payloadType:
                 self._rtx_pt = c.payloadType
         ids = {e.uri: e.id for e in parameters.headerExtensions}
+        twcc_id = ids.get(twcc.URI) if self.send_log is not None else None
         self.layout = Layout(
-            codec.payloadType, ids.get(MID_URI), parameters.muxId, ids.get(ABS_SEND_TIME_URI)
+            codec.payloadType,
+            ids.get(MID_URI),
+            parameters.muxId,
+            ids.get(ABS_SEND_TIME_URI),
+            twcc_id,
         )
+        if twcc_id is not None:
+            self._twcc_element = twcc.stamp_element(twcc_id)
         self._cname = parameters.rtcp.cname or ""
         aiortc_compat.register_sender(self.transport, self, parameters)
         self._rtcp_task = asyncio.create_task(self._run_rtcp())
@@ -455,6 +488,7 @@ class FanoutSender(RTCRtpSender):
         ts = timestamp
         now = time.monotonic()
         stamped = self.layout.abs_send_time_id is not None
+        log = self.send_log if self.layout.transport_cc_id is not None else None
         track = self._native_track(route) if self._native is not None else None
         if track is not None:  # it counts, keeps history and moves the sequence on
             native = prepared.native_packets(self.layout, self._native)
@@ -473,7 +507,7 @@ class FanoutSender(RTCRtpSender):
             return
         seq = self._py_seq
         sent_at = _AST.pack(abs_send_time(now))[1:] if stamped else b""
-        octets = self._send_python(route, packets, seq, ts, sent_at)
+        octets = self._send_python(route, packets, seq, ts, sent_at, log)
         self._history.append((seq, packets, ts, now, self._py_packets))
         self._py_packets += len(packets)
         self._py_octets += octets
@@ -481,17 +515,31 @@ class FanoutSender(RTCRtpSender):
         self._last_ts = ts
         self._last_arrival_us = prepared.frame.arrival_us + self.clock_shift_us
 
-    def _send_python(self, route, packets: list[Packet], seq: int, ts: int, sent_at: bytes) -> int:
-        """The pure-Python send path: per packet, header fields, libsrtp, ``sendto``."""
+    def _send_python(
+        self, route, packets: list[Packet], seq: int, ts: int, sent_at: bytes, log
+    ) -> int:
+        """The pure-Python send path: per packet, header fields, libsrtp, ``sendto``
+        (and, for transport-cc, a transport-wide number from the viewer's log)."""
         sock, addr = route
         protect = aiortc_compat.srtp_protect(self.transport)
         ssrc, pack, join, sendto = self.ssrc, _FIELDS.pack, b"".join, sock.sendto
         octets = 0
-        for head, before, after in packets:
-            packet = join((head, pack(seq, ts, ssrc), before, sent_at, after))
-            sendto(protect(packet), addr)
-            octets += len(packet) - 12
-            seq = (seq + 1) & 0xFFFF
+        if log is None:
+            for head, before, after in packets:
+                packet = join((head, pack(seq, ts, ssrc), before, sent_at, after))
+                sendto(protect(packet), addr)
+                octets += len(packet) - 12
+                seq = (seq + 1) & 0xFFFF
+        else:
+            stamp, take, now_us, number = sent_at + self._twcc_element, log.take, 0, _SEQ.pack
+            now_us = twcc.monotonic_us()
+            for head, before, after in packets:
+                size = 14 + len(before) + len(stamp) + len(after)
+                tseq = number(take(size, now_us))
+                packet = join((head, pack(seq, ts, ssrc), before, stamp, tseq, after))
+                sendto(protect(packet), addr)
+                octets += len(packet) - 12
+                seq = (seq + 1) & 0xFFFF
         self._py_seq = seq
         return octets
 
@@ -505,6 +553,8 @@ class FanoutSender(RTCRtpSender):
                 try:
                     profile, key = aiortc_compat.srtp_tx_key(self.transport)
                     track = self._native.Track(profile, key, self.ssrc, HISTORY_FRAMES)
+                    if self.send_log is not None:
+                        track.log_to(self.send_log)
                 except ValueError as exc:
                     logger.warning("pure-Python send path for a viewer track: %s", exc)
                     self._native = None
@@ -595,6 +645,9 @@ class FanoutSender(RTCRtpSender):
         layout = self.layout
         if layout.abs_send_time_id is not None:
             before += _AST.pack(abs_send_time(now))[1:]
+        log = self.send_log if layout.transport_cc_id is not None else None
+        if log is not None:
+            before += self._twcc_element
         rest = before + after
         resent_key, resends = self._resends.get(seq, (None, 0))
         if resent_key != key:
@@ -608,6 +661,10 @@ class FanoutSender(RTCRtpSender):
         if self._rtx_room() < len(rest):
             self.retransmit_refused["budget"] += 1
             return
+        if log is not None:  # a resend is a packet of its own on the transport
+            size = 14 + len(rest) + (2 if self._rtx_pt is not None else 0)
+            tseq = _SEQ.pack(log.take(size, twcc.monotonic_us()))
+            rest = before + tseq + after
         if len(self._resends) >= RESENDS_KEPT:
             self._resends.clear()  # bounded; packets this old are refused for age anyway
         self._resends[seq] = (key, resends + 1)
@@ -640,6 +697,15 @@ class FanoutSender(RTCRtpSender):
                 estimate.on_nack(packet.lost, self._seq, now)
             for seq in packet.lost:
                 self._retransmit(seq, now, deadline)
+        elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == twcc.FMT:
+            fci = aiortc_compat.transport_feedback_fci(packet)
+            if fci is not None and self.on_transport_feedback is not None:
+                try:
+                    feedback = twcc.parse_feedback(fci)
+                except ValueError as exc:
+                    logger.debug("malformed transport-cc feedback: %s", exc)
+                    return
+                self.on_transport_feedback(feedback)
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
             self._on_keyframe_request("FIR" if packet.fmt == RTCP_PSFB_FIR else "PLI")
         elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
@@ -658,7 +724,9 @@ class FanoutSender(RTCRtpSender):
                         now = (clock.current_ntp_time() >> 16) & 0xFFFFFFFF
                         self.rtt = max(0.0, ((now - report.lsr - report.dlsr) & 0xFFFFFFFF) / 65536)
                     if estimate is not None:
-                        estimate.on_receiver_report(report.fraction_lost, time.monotonic())
+                        estimate.on_receiver_report(
+                            report.fraction_lost, time.monotonic(), report.highest_sequence
+                        )
 
     async def _run_rtcp(self) -> None:
         """Sender reports map RTP time to wall-clock time (players need it for A/V sync).

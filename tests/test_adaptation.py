@@ -29,9 +29,11 @@ def max_gap(times: list[float], since: float) -> float:
 
 
 @pytest.mark.xfail(
-    reason="issue 14: recovery after the limit is lifted now works in most runs, but about "
-    "1 run in 4 still fails here (a held probe pauses again, or the slow phase's audio "
-    "gap exceeds 0.5 s); viewer_adapt stays opt-in",
+    reason="issue 14: on a loaded 2-core machine (load 10-16) about one run in two still "
+    "fails one of its bounds: a resumed viewer paused again within 3 s, the test viewer "
+    "decoding < 10 fps after recovery, the unconstrained viewer decoding < 10 fps, or an "
+    "audio gap over 0.8 s (the harness alone shows 0.42 s with no probe); viewer_adapt "
+    "stays opt-in",
     strict=False,
 )
 @pytest.mark.parametrize("loss", [0.0, 0.02], ids=["clean", "loss2pct"])
@@ -72,11 +74,17 @@ async def test_single_layer_viewer_on_a_slow_link(adapt_server, stream_name, los
             probes_at_settle = slow_session.estimate.stats.probes
             await poll(6)
             estimate = slow_session.estimate
-            assert estimate is not None and estimate.bitrate < 1_000_000, estimate.bitrate
+            # (unless a probe of the link is under way: it sets the estimate above the stream)
+            assert estimate is not None, "no estimate"
+            probing = estimate.probing(time.monotonic())
+            assert estimate.bitrate < 1_000_000 or probing, estimate.bitrate
             assert slow_session.stats.pauses > 0
             assert any(state == "paused" for at, state in states if at >= settled)
-            # Audio is never paused: no gap a listener would hear as a dropout.
-            assert max_gap(slow.audio_times, settled) < 0.5
+            # Audio is never paused: no gap a listener would hear as a dropout. (0.8 s:
+            # this harness alone shows gaps up to 0.42 s on a loaded 2-core machine with
+            # the video paused and no probe at all; audio paused with the video would
+            # leave gaps of seconds.)
+            assert max_gap(slow.audio_times, settled) < 0.8
             # What the slow viewer shows is whole frames, in order, never garbage.
             shown = [c for at, c, _ in slow.frames if at >= settled]
             assert shown == sorted(shown), "the slow viewer decoded broken frames"
@@ -112,7 +120,9 @@ async def test_single_layer_viewer_on_a_slow_link(adapt_server, stream_name, los
             assert fast_session.stats.pauses == 0
         # Keyframe requests reaching the publisher stay within the rate limit.
         gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
-        assert all(g >= server.settings.keyframe_request_interval * 0.9 for g in gaps), gaps
+        # (0.75: the publisher sees them after an asyncio hop on a loaded machine,
+        # which brought two sent 0.5 s apart to 0.45 s in one run)
+        assert all(g >= server.settings.keyframe_request_interval * 0.75 for g in gaps), gaps
         await slow.close()
         await fast.close()
     finally:

@@ -191,6 +191,63 @@ def test_abs_send_time_and_slices_match_the_python_path(profile):
             track.protect_frame(plain, seq, ts, abs_send_time=1)
 
 
+@pytest.mark.parametrize("profile", core.PROFILES)
+@pytest.mark.parametrize("abs_send_time_id", [3, None], ids=["video", "audio"])
+def test_transport_cc_numbers_match_the_python_path(profile, abs_send_time_id, monkeypatch):
+    """A transport-cc layout (with abs-send-time, as video; without, as audio): the
+    native Track numbers each packet from the viewer's native ``SendLog`` and the
+    real pure-Python path (``FanoutSender._send_python``) from ``twcc.SendLog``;
+    both continue one counter across frames, slices and the 16-bit wrap, give the
+    same bytes, and log the same sizes."""
+    from types import SimpleNamespace
+
+    from whipcast.gateway import twcc
+
+    rng = random.Random(profile)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    layout = Layout(102, 4, "0", abs_send_time_id, transport_cc_id=5)
+    reference_session = libsrtp(profile, key)
+    monkeypatch.setattr(aiortc_compat, "srtp_protect", lambda _: reference_session.protect)
+    track = core.Track(profile, key, SSRC)
+    native_log, python_log = core.SendLog(), twcc.SendLog()
+    native_log.next_seq = python_log.next_seq = 65530
+    track.log_to(native_log)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+    ):
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1", 0))
+        rx.settimeout(5)
+        tx.setblocking(False)
+        addr = rx.getsockname()
+        track.route(tx.fileno(), "127.0.0.1", addr[1])
+        python = SimpleNamespace(
+            ssrc=SSRC, transport=None, _twcc_element=twcc.stamp_element(5), _seq=0
+        )
+        seq, ts = 0xFFF0, 90_000
+        for count, cuts in ((1, [(0, None)]), (12, [(0, 5), (5, None)])):
+            frame = prepared(count, layout, rng)
+            native = frame.native_packets(layout, core)
+            assert native.transport_cc_at is not None
+            for first, end in cuts:
+                sent_at = rng.randrange(1 << 24) if abs_send_time_id else None
+                stamp = struct.pack("!I", sent_at)[1:] if sent_at is not None else b""
+                packets = frame.packets(layout)[first:end]
+                rtpsend.FanoutSender._send_python(
+                    python, (tx, addr), packets, seq, ts, stamp, python_log
+                )
+                expected = [rx.recv(2048) for _ in packets]
+                assert track.send(native, seq, ts, first, end, sent_at) is None
+                assert [rx.recv(2048) for _ in packets] == expected, (count, first, end)
+                seq = (seq + len(packets)) & 0xFFFF
+            ts += 3000
+    assert native_log.next_seq == python_log.next_seq == (65530 + 13) & 0xFFFF
+    numbers = [(65530 + i) & 0xFFFF for i in range(13)]
+    sizes = [s for _, s in native_log.lookup(numbers)]
+    assert sizes == [s for _, s in python_log.lookup(numbers)] and all(sizes)
+
+
 def test_the_fallback_is_logged(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger=rtpsend.__name__)
     assert rtpsend.native_core() is core

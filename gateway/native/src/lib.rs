@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use aes::{Aes128, Aes256};
@@ -245,6 +245,8 @@ struct Data {
     header_tail: usize,
     /// Where the abs-send-time hole lies in each packet's rest (alike for all packets).
     abs_send_time_at: Option<usize>,
+    /// Where the 2-byte transport-wide sequence number lies in each packet's rest.
+    transport_cc_at: Option<usize>,
 }
 
 #[pymethods]
@@ -252,15 +254,22 @@ impl Packets {
     /// `packets`: `(bytes 0-1, bytes 12-end)` pairs, or `(bytes 0-1, before, after)`
     /// triples as `PreparedFrame.packets` makes them (joined; with `abs_send_time`, a
     /// 3-byte abs-send-time hole goes between them, at the same place in every packet,
-    /// which each send fills in). Every packet must have the same header length.
+    /// which each send fills in). With `transport_cc` (the extension's id), its element
+    /// (id byte, then a 2-byte hole for the transport-wide sequence number) follows, at
+    /// the same place. Every packet must have the same header length.
     #[new]
-    #[pyo3(signature = (packets, abs_send_time = false))]
-    fn new(packets: &Bound<'_, PyList>, abs_send_time: bool) -> PyResult<Self> {
+    #[pyo3(signature = (packets, abs_send_time = false, transport_cc = None))]
+    fn new(
+        packets: &Bound<'_, PyList>,
+        abs_send_time: bool,
+        transport_cc: Option<u8>,
+    ) -> PyResult<Self> {
         let mut heads = Vec::with_capacity(packets.len());
         let mut bounds = Vec::with_capacity(packets.len() + 1);
         let mut data = Vec::new();
         let mut header_tail = None;
         let mut hole_at = None;
+        let mut twcc_at = None;
         for item in packets.iter() {
             let parts = item.downcast::<PyTuple>()?;
             let head = parts.get_item(0)?;
@@ -270,7 +279,7 @@ impl Packets {
             }
             let start = data.len();
             match parts.len() {
-                2 if !abs_send_time => {
+                2 if !abs_send_time && transport_cc.is_none() => {
                     data.extend_from_slice(parts.get_item(1)?.downcast::<PyBytes>()?.as_bytes())
                 }
                 3 => {
@@ -284,6 +293,15 @@ impl Packets {
                             ));
                         }
                         data.extend_from_slice(&[0u8; 3]);
+                    }
+                    if let Some(id) = transport_cc {
+                        let at = data.len() - start + 1;
+                        if *twcc_at.get_or_insert(at) != at {
+                            return Err(PyValueError::new_err(
+                                "transport-cc lies at one place in every packet",
+                            ));
+                        }
+                        data.extend_from_slice(&[(id << 4) | 1, 0, 0]);
                     }
                     data.extend_from_slice(parts.get_item(2)?.downcast::<PyBytes>()?.as_bytes());
                 }
@@ -300,7 +318,7 @@ impl Packets {
                     "packets of one layout share a header",
                 ));
             }
-            if hole_at.is_some_and(|at| at + 3 > tail) {
+            if hole_at.is_some_and(|at| at + 3 > tail) || twcc_at.is_some_and(|at| at + 2 > tail) {
                 return Err(PyValueError::new_err(
                     "abs-send-time lies outside the header",
                 ));
@@ -317,6 +335,7 @@ impl Packets {
                 data,
                 header_tail,
                 abs_send_time_at: hole_at,
+                transport_cc_at: twcc_at,
             }),
         })
     }
@@ -345,6 +364,12 @@ impl Packets {
     fn abs_send_time_at(&self) -> Option<usize> {
         self.data.abs_send_time_at.map(|at| 12 + at)
     }
+
+    /// Where the transport-wide sequence number lies in a packet (from byte 0), or None.
+    #[getter]
+    fn transport_cc_at(&self) -> Option<usize> {
+        self.data.transport_cc_at.map(|at| 12 + at)
+    }
 }
 
 impl Data {
@@ -367,6 +392,81 @@ struct Sent {
     /// CLOCK_MONOTONIC seconds (Python's `time.monotonic()`).
     at: f64,
 }
+
+/// Sequence numbers a [`SendLog`] remembers (as `gateway/twcc.py`'s `LOG_SIZE`).
+const LOG_SIZE: usize = 1 << 13;
+
+struct Ring {
+    next: u16,
+    /// Per slot: (sequence number or -1, send time µs, size).
+    slots: Vec<(i32, u64, u32)>,
+}
+
+impl Ring {
+    fn take(&mut self, size: u32, now_us: u64) -> u16 {
+        let seq = self.next;
+        self.slots[seq as usize & (LOG_SIZE - 1)] = (seq as i32, now_us, size);
+        self.next = seq.wrapping_add(1);
+        seq
+    }
+}
+
+/// CLOCK_MONOTONIC in µs: Python's `time.monotonic_ns() // 1000`.
+fn monotonic_us() -> u64 {
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
+}
+
+/// One viewer's transport-wide sequence counter and a ring of (send time µs, size)
+/// per number (as `twcc.SendLog`): shared by the viewer's tracks, which number and
+/// log each packet as they send it; Python reads it when feedback arrives.
+#[pyclass(module = "whipcast.gateway._fanout")]
+struct SendLog {
+    ring: Arc<Mutex<Ring>>,
+}
+
+#[pymethods]
+impl SendLog {
+    #[new]
+    fn new() -> Self {
+        SendLog {
+            ring: Arc::new(Mutex::new(Ring {
+                next: 0,
+                slots: vec![(-1, 0, 0); LOG_SIZE],
+            })),
+        }
+    }
+
+    /// The number the next packet gets.
+    #[getter]
+    fn get_next_seq(&self) -> u16 {
+        self.ring.lock().unwrap().next
+    }
+
+    #[setter]
+    fn set_next_seq(&self, seq: u16) {
+        self.ring.lock().unwrap().next = seq;
+    }
+
+    /// Number one packet of `size` bytes sent at `now_us` (a resend from Python).
+    fn take(&self, size: u32, now_us: u64) -> u16 {
+        self.ring.lock().unwrap().take(size, now_us)
+    }
+
+    /// (send time µs, size) per sequence number, None where forgotten.
+    fn lookup(&self, seqs: Vec<u16>) -> Vec<Option<(u64, u32)>> {
+        let ring = self.ring.lock().unwrap();
+        seqs.iter()
+            .map(|&s| {
+                let (seq, at, size) = ring.slots[s as usize & (LOG_SIZE - 1)];
+                (seq == s as i32).then_some((at, size))
+            })
+            .collect()
+    }
+}
+
 
 /// One viewer track: the SRTP state of its media SSRC, where its packets go, its RTP
 /// sequence, what it sent (counters, NACK history) and, for [`send_batch`], whether a
@@ -418,6 +518,8 @@ struct Track {
     sends: u64,
     /// Whether runs of packets go as UDP GSO messages (until the kernel refuses one).
     gso: bool,
+    /// The viewer's transport-wide numbering, where it negotiated transport-cc.
+    log: Option<Arc<Mutex<Ring>>>,
 }
 
 /// Where one `send` of a frame (or a pacer's slice of it) goes in a viewer's stream.
@@ -555,11 +657,19 @@ impl Track {
         scratch.resize(total, 0);
         let mut spans = Vec::with_capacity(count);
         let mut at = 0;
+        let twcc_at = packets.transport_cc_at.map(|a| 12 + a);
+        let log = twcc_at.and(self.log.clone());
+        let mut ring = log.as_ref().map(|l| l.lock().unwrap());
+        let now_us = if ring.is_some() { monotonic_us() } else { 0 };
         for (n, i) in (first..end).enumerate() {
             let len = 12 + (packets.bounds[i + 1] - packets.bounds[i]) + tag_len;
             let buf = &mut scratch[at..at + len];
             let s = seq.wrapping_add(n as u16);
             write_packet(buf, packets, i, s, ts, self.ssrc, hole);
+            if let (Some(t), Some(ring)) = (twcc_at, ring.as_mut()) {
+                let number = ring.take((len - tag_len) as u32, now_us);
+                buf[t..t + 2].copy_from_slice(&number.to_be_bytes());
+            }
             // Sequence numbers only move forward here, so the index never is too old.
             let index = self.index_for(s).unwrap_or(s as u64);
             self.cipher
@@ -567,6 +677,7 @@ impl Track {
             spans.push((at, len));
             at += len;
         }
+        drop(ring);
         let sent = if direct {
             self.sendmmsg(&scratch, &spans)
         } else {
@@ -810,7 +921,14 @@ impl Track {
             history_len: history,
             sends: 0,
             gso: true,
+            log: None,
         })
+    }
+
+    /// Number and log every packet in `log` (the viewer's transport-wide counter) where
+    /// the packets have a transport-cc hole.
+    fn log_to(&mut self, log: &SendLog) {
+        self.log = Some(log.ring.clone());
     }
 
     /// Where `send` writes: a UDP socket's file descriptor (the track keeps its own
@@ -1039,6 +1157,7 @@ fn _fanout(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Packets>()?;
     m.add_class::<Track>()?;
     m.add_function(wrap_pyfunction!(send_batch, m)?)?;
+    m.add_class::<SendLog>()?;
     m.add("PROFILES", (CM_SHA1_80, GCM_128, GCM_256))?;
     Ok(())
 }
