@@ -258,8 +258,8 @@ async def session_state(http: aiohttp.ClientSession, base: str, viewer: Viewer) 
 
 async def scenario(http, base: str, args) -> dict:
     link = Link()
-    slow = await connect(http, base, link, args.layers)
-    fast = await connect(http, base, None, args.layers)
+    slow = await connect(http, base, link, True)
+    fast = await connect(http, base, None, True)
     try:
         await asyncio.sleep(args.warmup)
         link.bitrate, link.loss = args.link_kbps * 1000, args.loss

@@ -145,12 +145,17 @@ class ViewerSession(PeerSession):
 
     async def negotiate(self, offer: SessionDescription, offer_sdp: str, info: StreamInfo) -> str:
         """Answer the offer with the stream's codecs; no media flows yet."""
+        settings = self.settings
+        # A simulcast stream's viewers all get an estimate: it chooses their layer, and
+        # leaves the top one only when the viewer's own feedback says its link is short.
+        layered = settings.viewer_layers and len(info.layers or ()) > 1
+        estimated = settings.viewer_adapt or layered
         matched = {}
         for media in offer.media:
             source = info.codec(media.kind)
             if source is not None:
                 matched[media.kind] = codecs.match_viewer_codec(
-                    media.rtp.codecs, source, media.kind, self.settings.viewer_adapt
+                    media.rtp.codecs, source, media.kind, estimated
                 )
         if not matched:
             raise UnprocessableOffer("the offer asks for no track this stream has")
@@ -160,20 +165,16 @@ class ViewerSession(PeerSession):
                 media.kind, direction="sendonly" if media.kind in matched else "inactive"
             )
         await pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
-        twcc_ids = {  # transport-cc where the viewer offers it (only with adaptation)
+        twcc_ids = {  # transport-cc where the viewer offers it (only with an estimate)
             media.kind: ext.id
             for media in offer.media
             if media.kind in matched and codecs.offers_transport_cc(matched[media.kind])
             for ext in media.rtp.headerExtensions
             if ext.uri == twcc.URI
         }
-        settings = self.settings
         rate = settings.viewer_max_bitrate / 8
         budget = SendBudget(rate, rate * BUDGET_BURST_S)  # shared by the viewer's tracks
-        # A simulcast stream's viewers all get an estimate: it chooses their layer, and
-        # leaves the top one only when the viewer's own feedback says its link is short.
-        layered = settings.viewer_layers and len(info.layers or ()) > 1
-        if settings.viewer_adapt or layered:
+        if estimated:
             self.estimate = BandwidthEstimate(
                 budget,
                 floor=settings.viewer_min_bitrate,

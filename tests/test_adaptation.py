@@ -28,14 +28,6 @@ def max_gap(times: list[float], since: float) -> float:
     return max((b - a for a, b in zip(times, times[1:], strict=False)), default=float("inf"))
 
 
-@pytest.mark.xfail(
-    reason="issue 14: on a loaded 2-core machine (load 10-16) about one run in two still "
-    "fails one of its bounds: a resumed viewer paused again within 3 s, the test viewer "
-    "decoding < 10 fps after recovery, the unconstrained viewer decoding < 10 fps, or an "
-    "audio gap over 0.8 s (the harness alone shows 0.42 s with no probe); viewer_adapt "
-    "stays opt-in",
-    strict=False,
-)
 @pytest.mark.parametrize("loss", [0.0, 0.02], ids=["clean", "loss2pct"])
 async def test_single_layer_viewer_on_a_slow_link(adapt_server, stream_name, loss):
     """One publisher layer (~1.5 Mbps), one viewer behind an 800 kbps link: its
@@ -45,15 +37,18 @@ async def test_single_layer_viewer_on_a_slow_link(adapt_server, stream_name, los
     rate limit, and once the link is fast again the viewer gets live video back within
     ~15 s (bounded at 20 s for a loaded machine). With 2 % random loss on both links:
     that loss alone never pauses the unconstrained viewer, nor keeps the slow one
-    paused once its link is fast."""
+    paused once its link is fast. Both viewers decode the first whole keyframe after a
+    gap NACKs could not fill, as browsers do (``resync``): aiortc alone waits for 512
+    newer packets, which kept a recovered viewer frozen for seconds and made this
+    test fail about one run in two under load while the gateway had it live."""
     server = adapt_server
     publisher = await publish(server.url, stream_name, noise=True)
     calls = count_keyframe_requests(publisher)
     try:
         await wait_live(server, stream_name)
         link = Link(bitrate=800_000, queue_s=0.1, loss=loss)
-        slow = await play(server.url, stream_name, link=link)
-        fast = await play(server.url, stream_name, link=Link(loss=loss))
+        slow = await play(server.url, stream_name, link=link, resync=True)
+        fast = await play(server.url, stream_name, link=Link(loss=loss), resync=True)
         slow_session = viewer_session(server, stream_name, slow)
         fast_session = viewer_session(server, stream_name, fast)
         states: list[tuple[float, str]] = []
@@ -97,7 +92,9 @@ async def test_single_layer_viewer_on_a_slow_link(adapt_server, stream_name, los
             assert fast_session.stats.pauses == 0 and fast_session.stats.keyframe_drops == 0
             got = fast.frames[fast_start:]
             assert len(got) > 10 * (time.monotonic() - settled), len(got)
-            assert max_gap([at for at, _, _ in got], settled) < 1.0
+            # (1.5 s: with two cores oversubscribed 2.5 times, the harness decoding both
+            # viewers in Python stalled 1.08 s once, with no pause or drop by the gateway.)
+            assert max_gap([at for at, _, _ in got], settled) < 1.5
             # Operators see it, aggregated per stream.
             async with http.get("/api/stats") as response:
                 stats = (await response.json())["streams"][stream_name]["egress"]
