@@ -451,3 +451,85 @@ async def _blocked_requests(http: aiohttp.ClientSession, base: str, text: str) -
     )
     waited = time.monotonic() - started
     return (status, body, headers), part_status, waited
+
+
+async def hls_sessions(http: aiohttp.ClientSession) -> float:
+    async with http.get("/metrics") as response:
+        metrics = await response.text()
+    return float(
+        next(x for x in metrics.splitlines() if x.startswith("whipcast_hls_sessions ")).split()[-1]
+    )
+
+
+async def test_live_session_packaged_on_demand(kafka) -> None:
+    """Unwatched, a live session costs no reader; the first request opens it at the live
+    edge with the bytes of a node that packaged it from the start; idle, it stops."""
+    idle_s = 3.0
+    demand = await start_server(
+        kafka, hls_part_target=PART_TARGET, hls_target_duration=TD, hls_idle_stop_s=idle_s
+    )
+    always = await start_server(
+        kafka, hls_part_target=PART_TARGET, hls_target_duration=TD, hls_always_package=True
+    )
+    stream = f"hls-od-{uuid.uuid4().hex[:6]}"
+    http = aiohttp.ClientSession(base_url=demand.url)
+    http2 = aiohttp.ClientSession(base_url=always.url)
+    publisher = await publish(demand.url, stream)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while demand.node.view.get(stream) is None or always.node.view.get(stream) is None:
+            assert time.monotonic() < deadline, "stream not live"
+            await asyncio.sleep(0.2)
+        session = demand.node.view.get(stream).session
+        key = (stream, session)
+        await asyncio.sleep(7)  # a few segments nobody asks for
+        assert key not in demand.node.hls.packages and await hls_sessions(http) == 0
+        assert key in always.node.hls.packages and await hls_sessions(http2) >= 1
+        warm = always.node.hls.packages[key]
+        assert warm.segmenter.parts_made > 5
+
+        # Asked: served from the live edge, not from the session's first part.
+        edge = warm.segmenter.parts_made - 1
+        master = await wait_for_multivariant(http, stream)
+        base = f"/hls/{stream}/{master.splitlines()[-1].rsplit('/', 1)[0]}"
+        assert await hls_sessions(http) == 1
+        status, text, _ = await get_text(http, f"{base}/media.m3u8")
+        assert status == 200
+        info = check_media_playlist(text, live=True)
+        assert info["parts"][-1] >= edge, (info["parts"][-1], edge)
+
+        # Opened later, the same bytes as the node that packaged it from the start.
+        query = f"_HLS_msn={info['segments'][-1]['msn']}&_HLS_part=0"
+        _, mine, _ = await get_text(http, f"{base}/media.m3u8?{query}")
+        _, expected, _ = await get_text(http2, f"{base}/media.m3u8?{query}")
+        assert mine == expected and "seg0.mp4" in mine  # the window starts at the start
+        for uri in ["init0.mp4", "seg0.mp4", info["segments"][-1]["uri"], f"part{edge}.mp4"]:
+            _, mine, _ = await get_bytes(http, f"{base}/{uri}")
+            _, theirs, _ = await get_bytes(http2, f"{base}/{uri}")
+            assert mine == theirs, uri
+
+        # A blocking reload waiting longer than the idle time keeps the package.
+        package = demand.node.hls.packages[key]
+        last = package.last_part
+        started = time.monotonic()
+        status, _, _ = await get_text(http, f"{base}/media.m3u8?_HLS_msn={last.msn + 2}")
+        assert status == 200 and time.monotonic() - started > idle_s + 1.0
+        assert demand.node.hls.packages.get(key) is package
+
+        # Idle: stopped (no reader), while the always-on node keeps it.
+        deadline = time.monotonic() + idle_s + WAIT_S
+        while key in demand.node.hls.packages:
+            assert time.monotonic() < deadline, "idle package not stopped"
+            await asyncio.sleep(0.3)
+        assert package.task.done() and await hls_sessions(http) == 0
+        assert always.node.hls.packages.get(key) is warm and not warm.task.done()
+
+        # Asked again: opened again, into the same bytes.
+        _, again, _ = await get_text(http, f"{base}/media.m3u8?{query}")
+        assert again == expected
+    finally:
+        await publisher.close()
+        await http.close()
+        await http2.close()
+        await always.runner.cleanup()
+        await demand.runner.cleanup()
