@@ -65,6 +65,7 @@ class SessionPackage:
         self.timing = timing(settings)
         self._bus = bus
         self._finder = finder
+        self._search_ms = settings.rewind_search_s * 1000
         self._is_live = lambda: True
         self.segmenter = Segmenter(
             part_target_s=settings.hls_part_target,
@@ -157,7 +158,7 @@ class SessionPackage:
         start = await self._finder.find(self.stream, self.session, target_ms)
         if start is None:
             start = await self._finder.oldest_keyframe(self.stream, self.session)
-            if start is not None:
+            if start is not None and start.keyframe_ms > target_ms + 2 * self._search_ms:
                 logger.warning(
                     "hls: the start of %s/%08x left Kafka; packaging from %.0f s in",
                     self.stream, self.session, start.keyframe_ms / 1000 - self.info.started_at,
