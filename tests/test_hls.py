@@ -482,21 +482,21 @@ async def test_live_session_packaged_on_demand(kafka) -> None:
             await asyncio.sleep(0.2)
         session = demand.node.view.get(stream).session
         key = (stream, session)
-        await asyncio.sleep(7)  # a few segments nobody asks for
+        await asyncio.sleep(12)  # segments nobody asks for: more than one Kafka fetch
         assert key not in demand.node.hls.packages and await hls_sessions(http) == 0
         assert key in always.node.hls.packages and await hls_sessions(http2) >= 1
         warm = always.node.hls.packages[key]
         assert warm.segmenter.parts_made > 5
 
-        # Asked: served from the live edge, not from the session's first part.
+        # Asked: served from the live edge, not from the session's first parts.
         edge = warm.segmenter.parts_made - 1
-        master = await wait_for_multivariant(http, stream)
-        base = f"/hls/{stream}/{master.splitlines()[-1].rsplit('/', 1)[0]}"
-        assert await hls_sessions(http) == 1
+        base = f"/hls/{stream}/{session:08x}"
         status, text, _ = await get_text(http, f"{base}/media.m3u8")
-        assert status == 200
+        assert status == 200 and await hls_sessions(http) == 1
         info = check_media_playlist(text, live=True)
         assert info["parts"][-1] >= edge, (info["parts"][-1], edge)
+        master = await wait_for_multivariant(http, stream)
+        assert master.splitlines()[-1] == f"{session:08x}/media.m3u8"
 
         # Opened later, the same bytes as the node that packaged it from the start.
         query = f"_HLS_msn={info['segments'][-1]['msn']}&_HLS_part=0"
