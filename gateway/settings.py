@@ -198,6 +198,7 @@ class Settings:
     hls_url_secret: str | None = field(default=None, repr=False)
     """If set, every ``/hls/`` request needs ``exp`` and ``sig`` (HMAC-SHA256 of
     ``{stream}:{exp}``), so a CDN can sit in front of private streams."""
+
     # LL-HLS on demand (gateway/hls/packager.py)
     hls_always_package: bool = False
     """Package every live H.264 session from its start, asked for or not (CDN origins
