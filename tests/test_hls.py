@@ -13,6 +13,9 @@ import uuid
 import aiohttp
 import av
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.records_to_delete import RecordsToDelete
 from whipcast.gateway.hls import playlist
 from whipcast.gateway.hls.segmenter import Part, Segment
 from whipcast.signaling.hls_api import sign
@@ -533,3 +536,48 @@ async def test_live_session_packaged_on_demand(kafka) -> None:
         await http2.close()
         await always.runner.cleanup()
         await demand.runner.cleanup()
+
+
+async def test_start_left_kafka_packages_from_oldest_keyframe(hls_servers, kafka, caplog) -> None:
+    """A session whose first records were deleted (as retention does) before anyone
+    asked: packaged from its oldest retained keyframe, the same on every node so opened."""
+    server, other = hls_servers
+    stream = f"hls-old-{uuid.uuid4().hex[:6]}"
+    publisher = await publish(server.url, stream)
+    try:
+        await asyncio.sleep(16)  # GOPs nobody asks for
+        topic = server.node.bus.stream_topic(stream)
+        partitions = [TopicPartition(topic, p) for p in (0, 1)]
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets(partitions)
+        finally:
+            await consumer.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_records({tp: RecordsToDelete(ends[tp] // 2) for tp in partitions})
+        finally:
+            await admin.close()
+        session = server.node.view.get(stream).session
+        base = f"/hls/{stream}/{session:08x}"
+        async with aiohttp.ClientSession(base_url=server.url) as http:
+            status, text, _ = await get_text(http, f"{base}/media.m3u8")
+            assert status == 200, text
+            info = check_media_playlist(text, live=True)
+            assert info["segments"][0]["msn"] == 0  # numbered from the oldest keyframe
+            assert "left Kafka" in caplog.text
+            query = f"_HLS_msn={info['segments'][-1]['msn']}&_HLS_part=0"
+            _, mine, _ = await get_text(http, f"{base}/media.m3u8?{query}")
+            _, first, _ = await get_bytes(http, f"{base}/seg0.mp4")
+        async with aiohttp.ClientSession(base_url=other.url) as http2:
+            _, theirs, _ = await get_text(http2, f"{base}/media.m3u8?{query}")
+            _, their_first, _ = await get_bytes(http2, f"{base}/seg0.mp4")
+        assert mine == theirs and first == their_first
+        # About the first 8 s are gone (more than the finder searches past the start).
+        started_at = server.node.view.get(stream).started_at
+        first_part = server.node.hls.packages[(stream, session)].segmenter.segments[0].parts[0]
+        assert first_part.last_arrival_us / 1e6 - started_at > 6.0
+    finally:
+        await publisher.close()
