@@ -108,12 +108,14 @@ class KeyframeFinder:
             return None if found is None else await self._seek_point(audio, *found)
 
     async def _seek_point(self, audio: TopicPartition, offset: int, keyframe: Frame) -> SeekPoint:
+        """The keyframe and the first audio record appended at or after its arrival. The
+        audio end is read first: with no such record yet, the next one appended is it
+        (read after, a record appended in between would be skipped, and nodes would
+        start their audio one frame apart)."""
         keyframe_ms = keyframe.arrival_us / 1000
+        end = (await self._consumer.end_offsets([audio]))[audio]
         at = (await self._consumer.offsets_for_times({audio: int(keyframe_ms)}))[audio]
-        audio_offset = (
-            at.offset if at is not None else (await self._consumer.end_offsets([audio]))[audio]
-        )
-        return SeekPoint(offset, audio_offset, keyframe_ms)
+        return SeekPoint(offset, end if at is None else at.offset, keyframe_ms)
 
     async def newest_keyframe(self, stream: str, session: int, after_ms: float) -> Frame | None:
         """The newest keyframe of ``session`` appended after ``after_ms`` and within the

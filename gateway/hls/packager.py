@@ -83,6 +83,7 @@ class SessionPackage:
         self.caught_up = False
         """Read up to what Kafka held a moment ago: a first answer is live, not history."""
         self.bytes_in = 0
+        self._audio_unpushed = 0
         self.task: asyncio.Task | None = None
 
     def start(self, is_live) -> None:
@@ -144,7 +145,9 @@ class SessionPackage:
                 session=self.session,
             )
             await reader.start()
-            self.segmenter.audio_behind = lambda: reader.behind(Track.AUDIO)
+            self.segmenter.audio_behind = lambda: (
+                self._audio_unpushed > 0 or reader.behind(Track.AUDIO)
+            )
             try:
                 await self._follow(reader)
             finally:
@@ -174,22 +177,24 @@ class SessionPackage:
                 if done:
                     before = self.segmenter.parts_made
                     # Both tracks in arrival order: a batch holds each partition's
-                    # records one after the other, and audio read but not yet pushed
-                    # must not look missing to the segmenter.
+                    # records one after the other. Audio read but not yet pushed counts
+                    # as unread (a reader catching up reads many seconds at once).
                     batch = sorted(pending.result(), key=lambda r: r.frame.arrival_us)
+                    self._audio_unpushed = sum(r.frame.track is Track.AUDIO for r in batch)
                     for read in batch:
                         self.bytes_in += len(read.frame.payload)
+                        self._audio_unpushed -= read.frame.track is Track.AUDIO
                         self.segmenter.push(read.frame)
                     if Track.VIDEO in reader.finished:
                         break
                     pending = asyncio.ensure_future(anext(frames))
-                    caught_up = not self.caught_up and not reader.behind(Track.VIDEO)
+                    caught_up = not self.caught_up and not any(map(reader.behind, Track))
                     self.caught_up |= caught_up
                     if self.segmenter.parts_made != before or caught_up:
                         await self._notify()
                 elif not self._is_live() and await reader.at_end():
                     break
-                elif not self.caught_up:  # nothing came for a while: read to the end
+                elif not self.caught_up and await reader.at_end():  # a quiet stream
                     self.caught_up = True
                     await self._notify()
         finally:
