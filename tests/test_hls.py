@@ -1,6 +1,7 @@
 """LL-HLS from the log: a real aiortc publisher through the real broker to playlists,
 parts and segments that obey draft-pantos-hls-rfc8216bis and decode to the
-publisher's frames in order; two packager nodes agree byte for byte."""
+publisher's frames in order; two packager nodes agree byte for byte, whenever each
+opened the session (live sessions are packaged on demand, or always with the flag)."""
 
 from __future__ import annotations
 
