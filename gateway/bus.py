@@ -382,6 +382,7 @@ class FrameReader:
         if self._start is not None:
             for tp in partitions:
                 self._live_from[tp.partition] = 0
+                self._read_to[tp.partition] = self._start[Track(tp.partition)]
                 self._consumer.seek(tp, self._start[Track(tp.partition)])
             self.caught_up.set()
             return
@@ -438,10 +439,11 @@ class FrameReader:
                 yield out
 
     def behind(self, track: Track) -> bool:
-        """Whether the broker reported records of ``track`` that are not read yet."""
+        """Whether the broker reported records of ``track`` that are not read yet (or has
+        not answered for it yet: a reader catching up must not take unknown for none)."""
         tp = TopicPartition(self.topic, track)
         highwater = self._consumer.highwater(tp)
-        return highwater is not None and highwater > self._read_to.get(track, 0)
+        return highwater is None or highwater > self._read_to.get(track, 0)
 
     async def at_end(self) -> bool:
         """Whether every partition has been read up to the newest record in Kafka."""

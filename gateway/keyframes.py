@@ -96,15 +96,26 @@ class KeyframeFinder:
                 found = await self._scan(
                     video, end, session, target_ms, target_ms + self._bound_ms, first=True
                 )
-            if found is None:
-                return None
-            offset, keyframe = found
-            keyframe_ms = keyframe.arrival_us / 1000
-            at = (await self._consumer.offsets_for_times({audio: int(keyframe_ms)}))[audio]
-            audio_offset = (
-                at.offset if at is not None else (await self._consumer.end_offsets([audio]))[audio]
-            )
-            return SeekPoint(offset, audio_offset, keyframe_ms)
+            return None if found is None else await self._seek_point(audio, *found)
+
+    async def oldest_keyframe(self, stream: str, session: int) -> SeekPoint | None:
+        """The oldest keyframe of ``session`` still in Kafka (its first ones may have left
+        with retention); ``None`` if none is found within one lookup's reads."""
+        async with self._lock:
+            video, audio = await self._assign(stream)
+            end = (await self._consumer.end_offsets([video]))[video]
+            found = await self._scan(video, end, session, 0, math.inf, first=True)
+            return None if found is None else await self._seek_point(audio, *found)
+
+    async def _seek_point(self, audio: TopicPartition, offset: int, keyframe: Frame) -> SeekPoint:
+        """The keyframe and the first audio record appended at or after its arrival. The
+        audio end is read first: with no such record yet, the next one appended is it
+        (read after, a record appended in between would be skipped, and nodes would
+        start their audio one frame apart)."""
+        keyframe_ms = keyframe.arrival_us / 1000
+        end = (await self._consumer.end_offsets([audio]))[audio]
+        at = (await self._consumer.offsets_for_times({audio: int(keyframe_ms)}))[audio]
+        return SeekPoint(offset, end if at is None else at.offset, keyframe_ms)
 
     async def newest_keyframe(self, stream: str, session: int, after_ms: float) -> Frame | None:
         """The newest keyframe of ``session`` appended after ``after_ms`` and within the

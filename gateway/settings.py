@@ -210,6 +210,14 @@ class Settings:
     """If set, every ``/hls/`` request needs ``exp`` and ``sig`` (HMAC-SHA256 of
     ``{stream}:{exp}``), so a CDN can sit in front of private streams."""
 
+    # LL-HLS on demand (gateway/hls/packager.py)
+    hls_always_package: bool = False
+    """Package every live H.264 session from its start, asked for or not (CDN origins
+    that want every node warm); by default a live session is packaged from the first
+    request for it and stopped after ``hls_idle_stop_s`` without one, as MediaMTX does."""
+    hls_idle_stop_s: float = 30.0
+    """A live session's package stops after this long without a request (on demand)."""
+
     # Kafka
     kafka_bootstrap: str | None = None
     """Existing cluster to use; ``None`` in dev mode starts an embedded broker."""

@@ -85,6 +85,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="seconds per LL-HLS part (hls role; default 0.5)")  # fmt: skip
     parser.add_argument("--hls-window", type=float, dest="hls_window_s",
                         help="seconds of DVR window in HLS playlists (default 60)")  # fmt: skip
+    parser.add_argument("--hls-always-package", action="store_true", default=None,
+                        help="package every live H.264 stream as HLS from its start, even "
+                        "unwatched (default: from a player's first request)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=["human", "json"], default="human",
                         help="human-readable lines or JSON lines")  # fmt: skip
@@ -232,6 +235,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         record_max_seconds=getattr(args, "record_max_seconds", None),
         hls_part_target=getattr(args, "hls_part_target", None),
         hls_window_s=getattr(args, "hls_window_s", None),
+        hls_always_package=getattr(args, "hls_always_package", None),
         log_level=getattr(args, "log_level", None),
     )  # fmt: skip
 

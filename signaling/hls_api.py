@@ -31,7 +31,8 @@ LIVE_PLAYLIST = "public, max-age=1"
 BLOCKED_PLAYLIST = "public, max-age=60"
 ENDED_PLAYLIST = "public, max-age=3600"
 READ_ENDED_TIMEOUT_S = 20.0
-"""How long a request waits for an ended session to be read from Kafka (at disk speed)."""
+"""How long a request waits for a session to be read from Kafka (at disk speed): an
+ended one to its end, a live one opened on this request up to the live edge."""
 _FILE = re.compile(r"^(init|seg|part)(\d{1,9})\.mp4$")
 
 
@@ -94,10 +95,15 @@ def _text(request: web.Request, text: str, cache: str) -> web.Response:
 
 
 async def _first_part(package: SessionPackage) -> Part:
-    """The newest part, once there is one; for a session that has ended, once it is read
-    to its end (a node packaging a replay on first request answers its whole playlist)."""
+    """The newest part, once there is one and the package has caught up with the log (a
+    live session packaged on its first request answers from the live edge); for a
+    session that has ended, once it is read to its end (its whole playlist)."""
+    last = package.last_part
+    if last is not None and (package.ended or (package.live and package.caught_up)):
+        return last
     timeout = 3 * package.timing.target_duration_s
     if package.live:
+        await package.wait_for(lambda: package.caught_up, READ_ENDED_TIMEOUT_S)
         await package.wait_for(lambda: package.last_part is not None, timeout)
     else:
         await package.wait_for(lambda: package.ended, READ_ENDED_TIMEOUT_S)
@@ -194,9 +200,8 @@ def add_routes(app: web.Application, packager: HlsPackager, settings: Settings) 
         kind, number = found.group(1), int(found.group(2))
         package = packager.package(stream, _session(request))
         segmenter = package.segmenter
+        await _first_part(package)  # a node asked first for media opens the session here
         if kind == "init":
-            if number == 0:
-                await _first_part(package)
             if number >= len(segmenter.inits):
                 raise web.HTTPNotFound(reason=f"no init segment {number}")
             data = segmenter.inits[number]

@@ -427,7 +427,9 @@ HLS_PATHS: dict = {
             "tags": ["HLS"], "summary": "LL-HLS multivariant playlist of the stream",
             "description": "Names the live publish session's media playlist (else the latest "
                            "ended one still in Kafka). H.264 video with Opus audio in CMAF; a "
-                           "VP8 stream gets 415. Served by nodes with the `hls` role.",
+                           "VP8 stream gets 415. Served by nodes with the `hls` role; "
+                           "the first request for a session waits until it is packaged "
+                           "up to the live edge.",
             "responses": {"200": {"description": "Playlist", "content": _M3U8},
                           **_errors(400, 403, 404, 415, 503)},
         },

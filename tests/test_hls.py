@@ -1,6 +1,7 @@
 """LL-HLS from the log: a real aiortc publisher through the real broker to playlists,
 parts and segments that obey draft-pantos-hls-rfc8216bis and decode to the
-publisher's frames in order; two packager nodes agree byte for byte."""
+publisher's frames in order; two packager nodes agree byte for byte, whenever each
+opened the session (live sessions are packaged on demand, or always with the flag)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import uuid
 import aiohttp
 import av
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.records_to_delete import RecordsToDelete
 from whipcast.gateway.hls import playlist
 from whipcast.gateway.hls.segmenter import Part, Segment
 from whipcast.signaling.hls_api import sign
@@ -451,3 +455,132 @@ async def _blocked_requests(http: aiohttp.ClientSession, base: str, text: str) -
     )
     waited = time.monotonic() - started
     return (status, body, headers), part_status, waited
+
+
+async def hls_sessions(http: aiohttp.ClientSession) -> float:
+    async with http.get("/metrics") as response:
+        metrics = await response.text()
+    return float(
+        next(x for x in metrics.splitlines() if x.startswith("whipcast_hls_sessions ")).split()[-1]
+    )
+
+
+async def test_live_session_packaged_on_demand(kafka) -> None:
+    """Unwatched, a live session costs no reader; the first request opens it at the live
+    edge with the bytes of a node that packaged it from the start; idle, it stops."""
+    idle_s = 3.0
+    demand = await start_server(
+        kafka, hls_part_target=PART_TARGET, hls_target_duration=TD, hls_idle_stop_s=idle_s
+    )
+    always = await start_server(
+        kafka, hls_part_target=PART_TARGET, hls_target_duration=TD, hls_always_package=True
+    )
+    stream = f"hls-od-{uuid.uuid4().hex[:6]}"
+    http = aiohttp.ClientSession(base_url=demand.url)
+    http2 = aiohttp.ClientSession(base_url=always.url)
+    publisher = await publish(demand.url, stream)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while demand.node.view.get(stream) is None or always.node.view.get(stream) is None:
+            assert time.monotonic() < deadline, "stream not live"
+            await asyncio.sleep(0.2)
+        session = demand.node.view.get(stream).session
+        key = (stream, session)
+        await asyncio.sleep(12)  # segments nobody asks for: more than one Kafka fetch
+        assert key not in demand.node.hls.packages and await hls_sessions(http) == 0
+        assert key in always.node.hls.packages and await hls_sessions(http2) >= 1
+        warm = always.node.hls.packages[key]
+        assert warm.segmenter.parts_made > 5
+
+        # Asked: served from the live edge, not from the session's first parts.
+        edge = warm.segmenter.parts_made - 1
+        base = f"/hls/{stream}/{session:08x}"
+        status, text, _ = await get_text(http, f"{base}/media.m3u8")
+        assert status == 200 and await hls_sessions(http) == 1
+        info = check_media_playlist(text, live=True)
+        assert info["parts"][-1] >= edge, (info["parts"][-1], edge)
+        master = await wait_for_multivariant(http, stream)
+        assert master.splitlines()[-1] == f"{session:08x}/media.m3u8"
+
+        # Opened later, the same bytes as the node that packaged it from the start.
+        query = f"_HLS_msn={info['segments'][-1]['msn']}&_HLS_part=0"
+        _, mine, _ = await get_text(http, f"{base}/media.m3u8?{query}")
+        _, expected, _ = await get_text(http2, f"{base}/media.m3u8?{query}")
+        assert mine == expected and "seg0.mp4" in mine  # the window starts at the start
+        uris = ["init0.mp4", *(s["uri"] for s in info["segments"])]
+        uris += [f"part{n}.mp4" for n in info["parts"]]
+        for uri in uris:  # every byte of the window, cut while catching up or live
+            _, mine, _ = await get_bytes(http, f"{base}/{uri}")
+            _, theirs, _ = await get_bytes(http2, f"{base}/{uri}")
+            assert mine == theirs, uri
+
+        # A blocking reload waiting longer than the idle time keeps the package.
+        package = demand.node.hls.packages[key]
+        last = package.last_part
+        started = time.monotonic()
+        status, _, _ = await get_text(http, f"{base}/media.m3u8?_HLS_msn={last.msn + 2}")
+        assert status == 200 and time.monotonic() - started > idle_s + 1.0
+        assert demand.node.hls.packages.get(key) is package
+
+        # Idle: stopped (no reader), while the always-on node keeps it.
+        deadline = time.monotonic() + idle_s + WAIT_S
+        while key in demand.node.hls.packages:
+            assert time.monotonic() < deadline, "idle package not stopped"
+            await asyncio.sleep(0.3)
+        assert package.task.done() and await hls_sessions(http) == 0
+        assert always.node.hls.packages.get(key) is warm and not warm.task.done()
+
+        # Asked again: opened again, into the same bytes.
+        _, again, _ = await get_text(http, f"{base}/media.m3u8?{query}")
+        assert again == expected
+    finally:
+        await publisher.close()
+        await http.close()
+        await http2.close()
+        await always.runner.cleanup()
+        await demand.runner.cleanup()
+
+
+async def test_start_left_kafka_packages_from_oldest_keyframe(hls_servers, kafka, caplog) -> None:
+    """A session whose first records were deleted (as retention does) before anyone
+    asked: packaged from its oldest retained keyframe, the same on every node so opened."""
+    server, other = hls_servers
+    stream = f"hls-old-{uuid.uuid4().hex[:6]}"
+    publisher = await publish(server.url, stream)
+    try:
+        await asyncio.sleep(16)  # GOPs nobody asks for
+        topic = server.node.bus.stream_topic(stream)
+        partitions = [TopicPartition(topic, p) for p in (0, 1)]
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets(partitions)
+        finally:
+            await consumer.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_records({tp: RecordsToDelete(ends[tp] // 2) for tp in partitions})
+        finally:
+            await admin.close()
+        session = server.node.view.get(stream).session
+        base = f"/hls/{stream}/{session:08x}"
+        async with aiohttp.ClientSession(base_url=server.url) as http:
+            status, text, _ = await get_text(http, f"{base}/media.m3u8")
+            assert status == 200, text
+            info = check_media_playlist(text, live=True)
+            assert info["segments"][0]["msn"] == 0  # numbered from the oldest keyframe
+            assert "left Kafka" in caplog.text
+            query = f"_HLS_msn={info['segments'][-1]['msn']}&_HLS_part=0"
+            _, mine, _ = await get_text(http, f"{base}/media.m3u8?{query}")
+            _, first, _ = await get_bytes(http, f"{base}/seg0.mp4")
+        async with aiohttp.ClientSession(base_url=other.url) as http2:
+            _, theirs, _ = await get_text(http2, f"{base}/media.m3u8?{query}")
+            _, their_first, _ = await get_bytes(http2, f"{base}/seg0.mp4")
+        assert mine == theirs and first == their_first
+        # About the first 8 s are gone (more than the finder searches past the start).
+        started_at = server.node.view.get(stream).started_at
+        first_part = server.node.hls.packages[(stream, session)].segmenter.segments[0].parts[0]
+        assert first_part.last_arrival_us / 1e6 - started_at > 6.0
+    finally:
+        await publisher.close()

@@ -1,14 +1,18 @@
-"""The ``hls`` role: every publish session packaged as LL-HLS, from Kafka.
+"""The ``hls`` role: publish sessions packaged as LL-HLS, from Kafka, when asked for.
 
-A reader of the log beside egress, never on the live path. For each live stream (and,
-on request, an ended session still in Kafka) a :class:`SessionPackage` finds the
-session's first keyframe (:class:`~whipcast.gateway.keyframes.KeyframeFinder`), reads
-the session from there with its own :class:`~whipcast.gateway.bus.FrameReader` and
-feeds a :class:`~.segmenter.Segmenter`. Because every node starts at the same record
-and cuts only by what the records say, any number of nodes serve byte-identical
-playlists, parts and segments for a session (a load balancer or CDN may send each
-request anywhere). A session whose first keyframe has already left Kafka is read from
-its oldest retained keyframe instead, and then only nodes that started alike agree.
+A reader of the log beside egress, never on the live path. For a session someone asks
+for (live or ended, still in Kafka) a :class:`SessionPackage` finds the session's first
+keyframe (:class:`~whipcast.gateway.keyframes.KeyframeFinder`), reads the session from
+there with its own :class:`~whipcast.gateway.bus.FrameReader` and feeds a
+:class:`~.segmenter.Segmenter`; the first answer waits until it has caught up with the
+log. Because every node starts at the same record and cuts only by what the records
+say, any number of nodes serve byte-identical playlists, parts and segments for a
+session (a load balancer or CDN may send each request anywhere), whenever each opened
+it. A live package nobody asks for stops after ``hls_idle_stop_s`` (a waiting blocking
+request counts as asking), so an unwatched stream costs no reader; with
+``hls_always_package`` every live H.264 session is packaged from its start instead.
+A session whose first keyframe has already left Kafka is read from its oldest retained
+keyframe instead, and then only nodes that opened it alike agree.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from ..bus import Bus, FrameReader
 from ..errors import NotLive, SessionError
 from ..frames import Codec, Track
-from ..keyframes import KeyframeFinder
+from ..keyframes import KeyframeFinder, SeekPoint
 from ..registry import RegistryView, StreamInfo
 from ..sessions import SessionsView
 from ..settings import Settings
@@ -61,6 +65,7 @@ class SessionPackage:
         self.timing = timing(settings)
         self._bus = bus
         self._finder = finder
+        self._search_ms = settings.rewind_search_s * 1000
         self._is_live = lambda: True
         self.segmenter = Segmenter(
             part_target_s=settings.hls_part_target,
@@ -73,7 +78,12 @@ class SessionPackage:
         self.discontinuities_before = 0
         self.changed = asyncio.Condition()
         self.used = time.monotonic()
+        self.waiters = 0
+        """Requests waiting in :meth:`wait_for` (blocking reloads): in use while any."""
+        self.caught_up = False
+        """Read up to what Kafka held a moment ago: a first answer is live, not history."""
         self.bytes_in = 0
+        self._audio_unpushed = 0
         self.task: asyncio.Task | None = None
 
     def start(self, is_live) -> None:
@@ -93,6 +103,10 @@ class SessionPackage:
     def live(self) -> bool:
         """Still the stream's live session (else it is being read to its end)."""
         return self._is_live()
+
+    def idle_s(self, now: float) -> float:
+        """Seconds since the last request, 0 while one is waiting."""
+        return 0.0 if self.waiters else now - self.used
 
     @property
     def last_part(self) -> Part | None:
@@ -115,11 +129,11 @@ class SessionPackage:
 
     async def _run(self) -> None:
         try:
-            target_ms = self.info.started_at * 1000 - 1000
-            start = await self._finder.find(self.stream, self.session, target_ms)
+            start = await self._find_start()
             while start is None and self._is_live():  # its first frames are on their way
+                self.caught_up = True  # nothing to catch up with yet
                 await asyncio.sleep(FIND_RETRY_S)
-                start = await self._finder.find(self.stream, self.session, target_ms)
+                start = await self._find_start()
             if start is None:
                 logger.warning("hls: no keyframe of %s/%08x in Kafka", self.stream, self.session)
                 self.segmenter.finish()
@@ -131,13 +145,28 @@ class SessionPackage:
                 session=self.session,
             )
             await reader.start()
-            self.segmenter.audio_behind = lambda: reader.behind(Track.AUDIO)
+            self.segmenter.audio_behind = lambda: (
+                self._audio_unpushed > 0 or reader.behind(Track.AUDIO)
+            )
             try:
                 await self._follow(reader)
             finally:
                 await reader.stop()
         finally:
             await self._notify()
+
+    async def _find_start(self) -> SeekPoint | None:
+        """The session's first keyframe, else (it left with retention) its oldest one."""
+        target_ms = self.info.started_at * 1000 - 1000
+        start = await self._finder.find(self.stream, self.session, target_ms)
+        if start is None:
+            start = await self._finder.oldest_keyframe(self.stream, self.session)
+            if start is not None and start.keyframe_ms > target_ms + 2 * self._search_ms:
+                logger.warning(
+                    "hls: the start of %s/%08x left Kafka; packaging from %.0f s in",
+                    self.stream, self.session, start.keyframe_ms / 1000 - self.info.started_at,
+                )  # fmt: skip
+        return start
 
     async def _follow(self, reader: FrameReader) -> None:
         frames = reader.read()
@@ -148,19 +177,26 @@ class SessionPackage:
                 if done:
                     before = self.segmenter.parts_made
                     # Both tracks in arrival order: a batch holds each partition's
-                    # records one after the other, and audio read but not yet pushed
-                    # must not look missing to the segmenter.
+                    # records one after the other. Audio read but not yet pushed counts
+                    # as unread (a reader catching up reads many seconds at once).
                     batch = sorted(pending.result(), key=lambda r: r.frame.arrival_us)
+                    self._audio_unpushed = sum(r.frame.track is Track.AUDIO for r in batch)
                     for read in batch:
                         self.bytes_in += len(read.frame.payload)
+                        self._audio_unpushed -= read.frame.track is Track.AUDIO
                         self.segmenter.push(read.frame)
                     if Track.VIDEO in reader.finished:
                         break
                     pending = asyncio.ensure_future(anext(frames))
-                    if self.segmenter.parts_made != before:
+                    caught_up = not self.caught_up and not any(map(reader.behind, Track))
+                    self.caught_up |= caught_up
+                    if self.segmenter.parts_made != before or caught_up:
                         await self._notify()
                 elif not self._is_live() and await reader.at_end():
                     break
+                elif not self.caught_up and await reader.at_end():  # a quiet stream
+                    self.caught_up = True
+                    await self._notify()
         finally:
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
@@ -181,11 +217,15 @@ class SessionPackage:
 
     async def wait_for(self, ready, timeout: float) -> bool:
         """Wait until ``ready()`` or the session ends; False after ``timeout``."""
+        self.waiters += 1
         try:
             async with asyncio.timeout(timeout), self.changed:
                 await self.changed.wait_for(lambda: ready() or self.ended)
         except TimeoutError:
             return False
+        finally:
+            self.waiters -= 1
+            self.used = time.monotonic()
         return ready()
 
 
@@ -198,7 +238,7 @@ def timing(settings: Settings) -> Timing:
 
 
 class HlsPackager:
-    """The ``hls`` role: a package per live session, and per ended one asked for."""
+    """The ``hls`` role: a package per session asked for (per live one, if always)."""
 
     def __init__(
         self, settings: Settings, bus: Bus, view: RegistryView, sessions: SessionsView
@@ -223,16 +263,27 @@ class HlsPackager:
         await self.finder.stop()
 
     async def _run(self) -> None:
-        """Package every live H.264 session as it starts; forget idle ended ones."""
+        """Stop packages nobody asks for (or, if always, package live sessions as they
+        start and stop only ended ones)."""
+        always = self.settings.hls_always_package
         while True:
-            for info in self._view.live_streams():
-                if packageable(info) is None and (info.stream, info.session) not in self.packages:
-                    self._open(info)
+            if always:
+                for info in self._view.live_streams():
+                    key = (info.stream, info.session)
+                    if packageable(info) is None and key not in self.packages:
+                        self._open(info)
             now = time.monotonic()
             for key, package in list(self.packages.items()):
-                if package.ended and now - package.used > IDLE_EVICT_S:
+                if package.ended:
+                    limit = IDLE_EVICT_S
+                elif always and package.live:
+                    continue
+                else:
+                    limit = self.settings.hls_idle_stop_s
+                if package.idle_s(now) > limit:
                     del self.packages[key]
                     await package.stop()
+                    logger.info("hls: stopped packaging %s/%08x (not asked for)", *key)
             await asyncio.sleep(FOLLOW_INTERVAL_S)
 
     def _open(self, info: StreamInfo) -> SessionPackage:
@@ -244,6 +295,7 @@ class HlsPackager:
             return live is not None and live.session == info.session
 
         package.start(is_live)
+        logger.info("hls: packaging %s/%08x", info.stream, info.session)
         return package
 
     def resolve(self, stream: str) -> StreamInfo:
