@@ -7,12 +7,14 @@ either path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import shutil
 import socket
 import struct
+from collections.abc import Iterator
 
 import pytest
 from pylibsrtp import Policy, Session
@@ -109,15 +111,10 @@ def test_protect_refuses_what_it_must():
         core.Packets([(b"\x90\x60", b"\xbe\xde")])
 
 
-@pytest.mark.parametrize("profile", core.PROFILES)
-def test_send_matches_the_python_path(profile):
-    """Whole frames through ``Track.send`` (``sendmmsg`` on a real loopback socket, more
-    packets than one call takes) and ``protect_frame`` equal the Python path's bytes."""
-    rng = random.Random(profile)
-    key = rng.randbytes(LIBSRTP[profile][1])
-    layout = Layout(102, 4, "0")
-    reference_session = libsrtp(profile, key)
-    track = core.Track(profile, key, SSRC)
+@contextlib.contextmanager
+def routed(track) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A loopback receiver (large buffer, 5 s timeout) and a non-blocking sender whose
+    descriptor ``track`` sends on, addressed to the receiver."""
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
@@ -127,6 +124,19 @@ def test_send_matches_the_python_path(profile):
         rx.settimeout(5)
         tx.setblocking(False)
         track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+        yield rx, tx
+
+
+@pytest.mark.parametrize("profile", core.PROFILES)
+def test_send_matches_the_python_path(profile):
+    """Whole frames through ``Track.send`` (``sendmmsg`` on a real loopback socket, more
+    packets than one call takes) and ``protect_frame`` equal the Python path's bytes."""
+    rng = random.Random(profile)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    layout = Layout(102, 4, "0")
+    reference_session = libsrtp(profile, key)
+    track = core.Track(profile, key, SSRC)
+    with routed(track) as (rx, tx):
         seq, ts = 0xFFC0, 3_000_000
         for count in (1, 7, 150, 3):  # 150: three sendmmsg calls; crosses seq 0xFFFF -> 0
             frame = prepared(count, layout, rng)
@@ -154,15 +164,7 @@ def test_abs_send_time_and_slices_match_the_python_path(profile):
     layout = Layout(102, 4, "0", abs_send_time_id=3)
     reference_session = libsrtp(profile, key)
     track = core.Track(profile, key, SSRC)
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
-    ):
-        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        rx.bind(("127.0.0.1", 0))
-        rx.settimeout(5)
-        tx.setblocking(False)
-        track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    with routed(track) as (rx, tx):
         seq, ts = 0xFFF0, 90_000
         for count, cuts in ((1, [(0, None)]), (40, [(0, 7), (7, 7), (7, 30), (30, None)])):
             frame = prepared(count, layout, rng)
@@ -212,16 +214,8 @@ def test_transport_cc_numbers_match_the_python_path(profile, abs_send_time_id, m
     native_log, python_log = core.SendLog(), twcc.SendLog()
     native_log.next_seq = python_log.next_seq = 65530
     track.log_to(native_log)
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
-    ):
-        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        rx.bind(("127.0.0.1", 0))
-        rx.settimeout(5)
-        tx.setblocking(False)
+    with routed(track) as (rx, tx):
         addr = rx.getsockname()
-        track.route(tx.fileno(), "127.0.0.1", addr[1])
         python = SimpleNamespace(
             ssrc=SSRC, transport=None, _twcc_element=twcc.stamp_element(5), _seq=0
         )
@@ -542,15 +536,7 @@ def test_runs_of_equal_packets_arrive_as_the_same_datagrams():
     layout = Layout(102, 4, "0")
     reference_session = libsrtp(profile, key)
     track = core.Track(profile, key, SSRC)
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
-    ):
-        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        rx.bind(("127.0.0.1", 0))
-        rx.settimeout(5)
-        tx.setblocking(False)
-        track.route(tx.fileno(), "127.0.0.1", rx.getsockname()[1])
+    with routed(track) as (rx, tx):
         seq, ts = 0xFFF0, 0
         shapes = ([1001] * 3 + [1000] * 4, [1200] * 70 + [300], [500, 500, 900, 900, 100], [7])
         for sizes in shapes:  # 70 + 1: more than one GSO message takes
