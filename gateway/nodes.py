@@ -11,10 +11,11 @@ only store.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from aiokafka.errors import KafkaError
@@ -30,6 +31,14 @@ CPU_SMOOTHING = 0.15  # per heartbeat: about 3 s to follow a change
 MEDIA_ROLES = frozenset({"ingest", "egress"})
 """Roles that take WebRTC sessions: readers of the log (thumbnails, hls, record) and
 signaling do not, so they are not media nodes."""
+
+
+def rendezvous(key: str, members: Iterable[str]) -> str | None:
+    """The member that owns ``key``: the highest hash of (key, member).
+
+    Every node computes the same answer from the same member list, and a member joining
+    or leaving moves only the keys it gains or had."""
+    return max(members, key=lambda m: hashlib.sha256(f"{key}\0{m}".encode()).digest(), default=None)
 
 
 @dataclass

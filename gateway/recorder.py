@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import fnmatch
-import hashlib
 import heapq
 import logging
 import os
@@ -55,6 +54,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from .bus import MAX_RECORD_BYTES, Bus
 from .frames import Codec, Frame, FrameFormatError, Track
 from .mux import Muxer, MuxError
+from .nodes import rendezvous
 from .recordings import PartNote, next_part, part_name
 from .registry import RegistryView
 from .sessions import SessionsView
@@ -102,8 +102,7 @@ class TopicAssignor(AbstractPartitionAssignor):
             candidates = [m for m, meta in members.items() if topic in meta.subscription]
             if not partitions or not candidates:
                 continue
-            owner = max(candidates, key=lambda m: hashlib.sha256(f"{topic}\0{m}".encode()).digest())
-            assignment[owner][topic] = sorted(partitions)
+            assignment[rendezvous(topic, candidates)][topic] = sorted(partitions)
         return {
             member: ConsumerProtocolMemberAssignment(cls.version, sorted(topics.items()), b"")
             for member, topics in assignment.items()

@@ -1,7 +1,9 @@
 """Thumbnails: the latest picture of every live stream, for the directory and replays.
 
 A reader of the log beside egress, never on the live path. Every
-``thumbnail_interval`` seconds it looks up each live stream's newest video keyframe in
+``thumbnail_interval`` seconds it looks up each live stream it owns (:func:`rendezvous`
+over the nodes running this role, so a cluster decodes each keyframe once, and a node
+that goes down hands its streams to the others within seconds) for its newest video keyframe in
 Kafka (:class:`~whipcast.gateway.keyframes.KeyframeFinder`: the time index, then a
 short read of the video partition since the last picture), decodes it if it has not
 been pictured yet, scales it to ``thumbnail_width`` pixels wide and writes it as a JPEG
@@ -30,6 +32,7 @@ from aiokafka.errors import KafkaError
 from .bus import Bus
 from .frames import Codec, Frame
 from .keyframes import KeyframeFinder
+from .nodes import NodeView, rendezvous
 from .registry import RegistryView
 from .settings import Settings
 
@@ -109,10 +112,11 @@ def picture(frame: Frame, width: int) -> Thumbnail:
 class ThumbnailMaker:
     """The ``thumbnails`` role: one picture per live stream and interval."""
 
-    def __init__(self, settings: Settings, bus: Bus, view: RegistryView) -> None:
+    def __init__(self, settings: Settings, bus: Bus, view: RegistryView, nodes: NodeView) -> None:
         self.settings = settings
         self._bus = bus
         self._view = view
+        self._nodes = nodes
         self.topic = thumbnails_topic(settings.topic_prefix)
         self._finder = KeyframeFinder(bus, settings.rewind_search_s * 1000)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="thumbnails")
@@ -138,7 +142,11 @@ class ThumbnailMaker:
     async def _run(self) -> None:
         while True:
             started = time.monotonic()
-            live = {info.stream: info.session for info in self._view.live_streams()}
+            live = {
+                info.stream: info.session
+                for info in self._view.live_streams()
+                if self.owns(info.stream)
+            }
             # A stream that ended since the last round gets its last keyframe pictured.
             for stream, session in {**self._live, **live}.items():
                 await self._picture(stream, session)
@@ -147,6 +155,13 @@ class ThumbnailMaker:
             self._live = live
             elapsed = time.monotonic() - started
             await asyncio.sleep(max(0.5, self.settings.thumbnail_interval - elapsed))
+
+    def owns(self, stream: str) -> bool:
+        """Whether this node pictures ``stream``. Before its own heartbeat is back, a
+        node counts itself in: two nodes picturing a stream for a round is harmless."""
+        makers = {node.node for node in self._nodes.alive("thumbnails")}
+        makers.add(self.settings.node_id)
+        return rendezvous(stream, makers) == self.settings.node_id
 
     async def _picture(self, stream: str, session: int) -> None:
         pictured_us = self._pictured.get(stream, 0)

@@ -101,7 +101,7 @@ class Node:
             self.qa = QAService(self.settings, self.bus, self.view, self.state_log, self.metrics)
             self.thumbnails = Thumbnails(self.settings, self.bus, self.state_log)
         if "thumbnails" in self.roles:
-            self.thumbnail_maker = ThumbnailMaker(self.settings, self.bus, self.view)
+            self.thumbnail_maker = ThumbnailMaker(self.settings, self.bus, self.view, self.nodes)
         if "record" in self.roles:
             assert self.settings.record_dir is not None
             self.recorder = Recorder(self.settings, self.bus, self.view, self.sessions)

@@ -18,12 +18,19 @@ from .conftest import start_server
 from .peers import HEIGHT, WIDTH, draw_counter, publish, read_counter
 
 THUMBNAIL_WIDTH = 160
+OTHER_WIDTH = 96
 WAIT_S = 30  # the role pictures every 0.5 s here; Kafka and a busy machine add seconds
 
 
 @pytest.fixture(scope="module")
 async def thumbnail_server(kafka):
-    server = await start_server(kafka, thumbnail_interval=0.5, thumbnail_width=THUMBNAIL_WIDTH)
+    # Its own topics: the session's shared node would otherwise own some streams.
+    server = await start_server(
+        kafka,
+        thumbnail_interval=0.5,
+        thumbnail_width=THUMBNAIL_WIDTH,
+        topic_prefix=f"thumbs{uuid.uuid4().hex[:6]}",
+    )
     yield server
     await server.runner.cleanup()
 
@@ -94,6 +101,48 @@ async def test_live_stream_gets_a_thumbnail_that_outlives_it(thumbnail_server, c
             line for line in metrics.splitlines() if line.startswith("whipcast_thumbnails_written")
         ]
         assert written and float(written[0].split()[-1]) >= 2, written
+
+
+async def test_nodes_share_the_streams_and_take_over(kafka, thumbnail_server) -> None:
+    """Each stream is pictured by one node of the role; when it stops, another takes over."""
+    maker = thumbnail_server.node.thumbnail_maker
+    other = await start_server(
+        kafka,
+        thumbnail_interval=0.5,
+        thumbnail_width=OTHER_WIDTH,
+        topic_prefix=thumbnail_server.settings.topic_prefix,
+    )
+    other_maker = other.node.thumbnail_maker
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while len({n.node for n in thumbnail_server.node.nodes.alive("thumbnails")}) < 2:
+            assert time.monotonic() < deadline, "the nodes never saw each other"
+            await asyncio.sleep(0.1)
+        names = [f"share-{i}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+        owned = [name for name in names if other_maker.owns(name)]
+        assert all(maker.owns(name) != other_maker.owns(name) for name in names)
+        assert 5 < len(owned) < 35, "streams are spread over the nodes"
+
+        pictures_before = maker.pictures
+        path = f"/api/streams/{owned[0]}/thumbnail"
+        publisher = await publish(thumbnail_server.url, owned[0])
+        try:
+            async with aiohttp.ClientSession(base_url=thumbnail_server.url) as http:
+                _, data = await wait_for_picture(http, path)
+                assert decode_jpeg(data).width == OTHER_WIDTH, "pictured by its owner"
+                assert maker.pictures == pictures_before, "and by no other node"
+                await other.runner.cleanup()  # the owner leaves (its tombstone says so)
+                deadline = time.monotonic() + WAIT_S
+                while True:
+                    _, data = await wait_for_picture(http, path)
+                    if decode_jpeg(data).width == THUMBNAIL_WIDTH:
+                        break
+                    assert time.monotonic() < deadline, "no other node took the stream over"
+                    await asyncio.sleep(0.5)
+        finally:
+            await publisher.close()
+    finally:
+        await other.runner.cleanup()
 
 
 async def test_bad_names_and_broken_keyframes(thumbnail_server) -> None:
