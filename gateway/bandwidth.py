@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from operator import itemgetter
 
 from . import twcc
 from .rtpsend import SendBudget
@@ -187,9 +186,10 @@ class BandwidthEstimate:
         else:
             self._grown_at = now  # hold: no climb for the time spent at this loss
 
-    def on_transport_feedback(self, feedback: twcc.Feedback, log, now: float) -> None:
-        """A transport-cc feedback, matched against ``log`` (the viewer's
-        ``SendLog``): its last packet's send and arrival time go to the delay-based
+    def on_transport_feedback(self, feedback: twcc.Summary, now: float) -> None:
+        """A transport-cc feedback, matched against the viewer's send log
+        (``SendLog.summarize``; the native log hands over a plain tuple of the same
+        fields): its last packet's send and arrival time go to the delay-based
         detector (``twcc.DelayTrend``); over a window of ``ACKED_WINDOW_S`` of arrivals, the
         received rate and exact loss. Over-use cuts to ``DELAY_CUT`` x the received
         rate; loss over ``LOSS_HIGH`` cuts to the received rate (what the link
@@ -199,23 +199,20 @@ class BandwidthEstimate:
         self._measure(now)
         if self._delay is None:
             self._delay = twcc.DelayTrend()
-        received = feedback.received
-        if not received:
-            self._reported += feedback.count
-            self._reported_lost += feedback.lost
+        count, lost, acked, first_us, last_us, last_sent_us = feedback
+        if last_us is None:
+            self._reported += count
+            self._reported_lost += lost
             return
-        sent = log.lookup([seq for seq, _ in received])
-        acked = sum(map(itemgetter(1), filter(None, sent)))
         state = self._delay.state
-        last = sent[-1]
-        if last is not None:
-            state = self._delay.add(last[0], received[-1][1])
+        if last_sent_us is not None:
+            state = self._delay.add(last_sent_us, last_us)
             self._acked_bytes += acked
             if self._acked_from_us is None:
-                self._acked_from_us = received[0][1]
-            self._acked_to_us = max(self._acked_to_us, received[-1][1])
-        self._reported += feedback.count
-        self._reported_lost += feedback.lost
+                self._acked_from_us = first_us
+            self._acked_to_us = max(self._acked_to_us, last_us)
+        self._reported += count
+        self._reported_lost += lost
         if (
             self._acked_from_us is not None
             and self._acked_to_us - self._acked_from_us >= ACKED_WINDOW_S * 1e6

@@ -378,10 +378,11 @@ class ViewerSession(PeerSession):
                 return False
         return self.can_send(sender)
 
-    def _transport_feedback(self, feedback: twcc.Feedback) -> None:
-        """A transport-cc feedback from this viewer, on any of its SSRCs."""
-        if self.estimate is not None and self.send_log is not None:
-            self.estimate.on_transport_feedback(feedback, self.send_log, time.monotonic())
+    def _transport_feedback(self, feedback: twcc.Summary) -> None:
+        """A transport-cc feedback from this viewer, on any of its SSRCs, matched
+        against its send log."""
+        if self.estimate is not None:
+            self.estimate.on_transport_feedback(feedback, time.monotonic())
 
     def _covers_stream(self) -> bool:
         """Whether this viewer's estimate covers the stream's recent bitrate."""
