@@ -44,7 +44,7 @@ from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, Unavailable, UnprocessableOffer
 from .frames import MAX_VIDEO_LAYERS, Codec, Track
-from .layers import FAST_SWITCH_S, PROBE_OK_S, LayerRate, LayerSelector
+from .layers import FAST_SWITCH_S, PROBE_OK_S, LayerRate, LayerSelector, add_layer_metrics
 from .metrics import StreamSeries
 from .pacer import Pacer
 from .peer import PeerSession, answer_offer, parse_offer
@@ -1078,6 +1078,15 @@ class EgressNode:
                 name,
                 lag_ms / 1000,
             )
+            if fanout.layer_count > 1:
+                add_layer_metrics(
+                    series,
+                    name,
+                    fanout.viewers_per_layer(),
+                    totals.layer_switches_up,
+                    totals.layer_switches_down,
+                    totals.layer_failed_ups,
+                )
 
     def forget(self, viewer: ViewerSession) -> None:
         if self.viewers.pop(viewer.resource_id, None) is not None:
