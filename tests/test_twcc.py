@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 
 import pytest
 from aiortc.rtp import RtcpPacket
 from whipcast.gateway import aiortc_compat, rtpsend, twcc
 from whipcast.gateway.bandwidth import BandwidthEstimate
+from whipcast.gateway.layers import LayerSelector
 from whipcast.gateway.rtpsend import SendBudget
 
 LOGS = [twcc.SendLog] + ([rtpsend._fanout.SendLog] if rtpsend._fanout is not None else [])
@@ -276,3 +278,59 @@ def test_native_summary_matches_python_value_for_value():
                 assert native.summarize(body) == expected, body.hex()
                 outcomes["summary"] += 1
     assert outcomes["summary"] > 800 and outcomes["refused"] > 400, outcomes
+
+
+TOP = [1_600_000, 430_000, 130_000]  # a simulcast stream's layers (bits/s)
+
+
+def watch_top_layer(report, seconds: list[tuple[float, float | None]]):
+    """An unconstrained viewer of ``TOP`` (sent the top layer's 1.6 Mbps) for one
+    second per entry of ``seconds``: its layer asked every 0.25 s as the fan-out asks,
+    then ``report(estimate, loss, now)`` once. Returns the estimate and the selector."""
+    budget = SendBudget(250_000, 250_000)
+    estimate = BandwidthEstimate(budget, floor=100_000, ceiling=5_000_000, initial=2_000_000)
+    now = time.monotonic()
+    estimate._resumed_at = now - 10  # steady: video has flowed for a while
+    selector = LayerSelector(10.0, 40.0, now)
+    for loss, remb in seconds:
+        for _ in range(4):
+            now += 0.25
+            budget.spend(50_000)
+            selector.switched(selector.choose(estimate.bitrate, TOP, [True] * 3, now), now)
+        report(estimate, loss, remb, now)
+    return estimate, selector
+
+
+def receiver_report(estimate: BandwidthEstimate, loss: float, remb: float | None, now: float):
+    estimate.on_receiver_report(int(loss * 256), now)
+    if remb is not None:  # after the report: its loss lets a low REMB cut
+        estimate.on_remb(remb, now)
+
+
+def transport_feedback(estimate: BandwidthEstimate, loss, remb: float | None, now: float):
+    """A second of transport-cc feedback: 10 messages of 13 packets (1.6 Mbps) at a
+    constant one-way delay (no over-use), a share ``loss`` of each one's packets lost
+    (a float, or one per message)."""
+    losses = loss if isinstance(loss, tuple) else (loss,) * 10
+    for i, share in enumerate(losses):
+        at = now - 1 + (i + 1) / 10
+        sent_us, lost = int(at * 1e6), round(13 * share)
+        summary = (13, lost, 1538 * (13 - lost), sent_us + 5000, sent_us + 20_000, sent_us)
+        estimate.on_transport_feedback(summary, at)
+
+
+@pytest.mark.parametrize("report", [receiver_report, transport_feedback])
+def test_one_lossy_report_moves_no_layer_two_in_a_row_do(report):
+    """A busy receiver's CPU stall loses a burst once: one report (or transport-cc
+    window) of 30 % loss, with a REMB that reads low too, cuts nothing, and the
+    unconstrained viewer keeps the top layer. The same loss in two reports in a row is
+    congestion: the estimate is cut and the viewer goes down a layer within seconds."""
+    clean, stall = (0.0, 3_000_000), (0.3, 700_000)
+    if report is transport_feedback:  # 0.3 s of it: over 10 % in one 0.5 s window only
+        stall = ((0.3,) * 3 + (0.0,) * 7, None)
+    estimate, selector = watch_top_layer(report, [clean] * 5 + [stall] + [clean] * 12)
+    assert estimate.stats.congestion_cuts == 0 and estimate.bitrate >= TOP[0]
+    assert selector.layer == 0 and selector.switches_down == 0
+    lossy = (0.3, 700_000) if report is receiver_report else (0.3, None)
+    estimate, selector = watch_top_layer(report, [clean] * 5 + [lossy] * 2 + [clean] * 3)
+    assert estimate.stats.loss_cuts >= 1 and selector.switches_down >= 1
