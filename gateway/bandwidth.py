@@ -10,7 +10,8 @@ viewer must not lower the publisher's quality for everybody):
   its feedback says when each packet arrived, matched against the send log. A delay
   trend (over-use: a queue building on the path) cuts the estimate to ``DELAY_CUT`` x
   the rate that got through, at most every ``DELAY_CUT_GAP_S``; loss over 10 % (exact,
-  counted over ``ACKED_WINDOW_S`` of arrivals) cuts to the rate that got through;
+  counted over ``ACKED_WINDOW_S`` of arrivals) in two windows in a row cuts to the rate
+  that got through;
   otherwise it grows as below. Once feedback arrives, REMB and receiver-report loss no
   longer drive the estimate (Chromium stops sending REMB under transport-cc anyway).
 - **REMB** (goog-remb; the viewer's delay-based estimate, which needs the

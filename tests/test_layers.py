@@ -263,7 +263,11 @@ async def test_simulcast_publish_through_ingest_to_a_slow_viewer(layers_server, 
             slow_session.status(),
             layers,
         )
-        assert fast_session.layer == 0
+        assert fast_session.layer == 0, (
+            fast_session.estimate.stats,
+            fast_session.estimate.bitrate,
+            fast_session.fanout.layer_state(),
+        )
         assert fast.video_sizes[-1] == (layers[0]["width"], layers[0]["height"])
         await slow.close()
         await fast.close()
