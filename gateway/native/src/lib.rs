@@ -421,7 +421,8 @@ fn monotonic_us() -> u64 {
 
 /// One viewer's transport-wide sequence counter and a ring of (send time µs, size)
 /// per number (as `twcc.SendLog`): shared by the viewer's tracks, which number and
-/// log each packet as they send it; Python reads it when feedback arrives.
+/// log each packet as they send it; a feedback message is parsed and matched against it
+/// in one call ([`SendLog::summarize`]), so feedback costs Python no per-packet work.
 #[pyclass(module = "whipcast.gateway._fanout")]
 struct SendLog {
     ring: Arc<Mutex<Ring>>,
