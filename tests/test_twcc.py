@@ -259,6 +259,8 @@ def test_native_summary_matches_python_value_for_value():
         fci(0, 2, 0, 0, [two_bit_vector([1, 0, 3])], b"\x01"),  # reserved, but past count
         fci(0, 0, 0, 0, [], b""),
         fci(0, 5, 0, 0, [0, (1 << 13) | 5], bytes(5)),  # an empty run first
+        fci(9, 65535, 0, 0, [(1 << 13) | 8191] * 8 + [(2 << 13) | 7], bytes(65535)),
+        fci(9, 65535, 0, 0, [(1 << 13) | 8191] * 8 + [(1 << 13) | 7], bytes(65535)),  # the most
     ]  # fmt: skip
     outcomes = {"summary": 0, "refused": 0}
     for round_ in range(40):
