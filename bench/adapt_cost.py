@@ -19,10 +19,11 @@ plus the estimate's RTCP work per second of viewing: one REMB, one receiver repo
 one NACK of 3 packets per second (Chrome sends REMB at most every 200 ms on change, so
 this is the usual rate, not the worst), each through ``BandwidthEstimate``; and for a
 transport-cc viewer, 10 feedback messages per second covering all its packets (30 fps
-x N, as Chromium sends every ~100 ms), each parsed and fed through the delay-based
-detector. With the native core built, the same per-frame comparison for its
-``Track.send`` (abs-send-time only vs abs-send-time + transport-cc numbered into its
-native ``SendLog``), real ``sendmmsg`` on loopback.
+x N, as Chromium sends every ~100 ms), each summarized by the viewer's send log (parsed
+and matched: ``SendLog.summarize``, in Python and, where built, in the native core)
+and fed through the delay-based detector. With the native core built, the same
+per-frame comparison for its ``Track.send`` (abs-send-time only vs abs-send-time +
+transport-cc numbered into its native ``SendLog``), real ``sendmmsg`` on loopback.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ async def main(args) -> dict:
         estimate.on_remb(1.4e6, t)
         estimate.on_receiver_report(3, t + 0.5)
     results["rtcp_us_per_viewer_second"] = round((time.perf_counter() - start) / n * 1e6, 2)
-    results["twcc_feedback_us_per_viewer_second"] = feedback_cost(args.packets, n // 10)
+    results.update(feedback_cost(args.packets, n // 10, args.repeat))
     extra = (results["twcc_us_per_frame"] - results["baseline_us_per_frame"]) * 30
     results["twcc_extra_us_per_viewer_second"] = round(
         extra + results["twcc_feedback_us_per_viewer_second"], 1
@@ -162,18 +163,22 @@ async def main(args) -> dict:
         100 * results["twcc_extra_us_per_viewer_second"] / results["baseline_us_per_viewer_second"],
         1,
     )
+    if "native_twcc_feedback_us_per_viewer_second" in results:  # against a native viewer's send
+        results["native_twcc_feedback_percent"] = round(
+            100
+            * results["native_twcc_feedback_us_per_viewer_second"]
+            / (results["native_twcc_us_per_frame"] * 30),
+            1,
+        )
     route[0].close()
     sink.close()
     return results
 
 
-def feedback_cost(packets: int, seconds: int) -> float:
-    """µs per viewer-second of transport-cc feedback: 10 messages a second, each on the
-    packets of 3 frames, built as Chromium builds them (one run of small deltas), parsed
-    and fed to the estimate."""
-    budget = rtpsend.SendBudget(1e6, 1e6)
-    estimate = BandwidthEstimate(budget, 100_000, 50e6, 1.5e6)
-    log = twcc.SendLog()
+def feedback_messages(log, packets: int, seconds: int) -> list[bytes]:
+    """10 feedback messages a second for ``seconds``, each on the packets of 3 frames,
+    built as Chromium builds them (one run of small deltas), the packets numbered in
+    ``log`` as they are sent."""
     per = 3 * packets
     messages = []
     for i in range(seconds * 10):
@@ -187,11 +192,40 @@ def feedback_cost(packets: int, seconds: int) -> float:
         body = struct.pack("!HHI", base, per, (reference << 8) | (i & 0xFF))
         body += struct.pack("!H", (1 << 13) | per) + bytes([first] + [4] * (per - 1))
         messages.append(body + b"\x00" * (-len(body) % 4))
-    now = time.monotonic()
-    start = time.perf_counter()
-    for i, body in enumerate(messages):
-        estimate.on_transport_feedback(twcc.parse_feedback(body), log, now + i / 10)
-    return round((time.perf_counter() - start) / seconds * 1e6, 2)
+    return messages
+
+
+def feedback_cost(packets: int, seconds: int, repeat: int) -> dict:
+    """µs per viewer-second of transport-cc feedback (10 messages a second), best of
+    ``repeat`` interleaved runs, through the pure-Python send log and, where built, the
+    native one: in all (summarized and fed to the estimate), and the summary alone
+    (parse + match against the log: what the native core took over)."""
+    logs = {"python": twcc.SendLog}
+    if rtpsend._fanout is not None:
+        logs["native"] = rtpsend._fanout.SendLog
+    runs = {}
+    for name, make in logs.items():
+        log = make()
+        runs[name] = (log, feedback_messages(log, packets, seconds), [], [])
+    for _ in range(repeat):
+        for log, messages, whole, alone in runs.values():
+            budget = rtpsend.SendBudget(1e6, 1e6)
+            estimate = BandwidthEstimate(budget, 100_000, 50e6, 1.5e6)
+            summarize, feed, now = log.summarize, estimate.on_transport_feedback, time.monotonic()
+            start = time.perf_counter()
+            for i, body in enumerate(messages):
+                feed(summarize(body), now + i / 10)
+            whole.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for body in messages:
+                summarize(body)
+            alone.append(time.perf_counter() - start)
+    results = {}
+    for name, (_, _, whole, alone) in runs.items():
+        prefix = "twcc_feedback" if name == "python" else "native_twcc_feedback"
+        results[f"{prefix}_us_per_viewer_second"] = round(min(whole) / seconds * 1e6, 2)
+        results[f"{prefix}_summary_us_per_viewer_second"] = round(min(alone) / seconds * 1e6, 2)
+    return results
 
 
 def native_cost(packets: int, count: int, repeat: int) -> dict:

@@ -10,7 +10,8 @@ viewer must not lower the publisher's quality for everybody):
   its feedback says when each packet arrived, matched against the send log. A delay
   trend (over-use: a queue building on the path) cuts the estimate to ``DELAY_CUT`` x
   the rate that got through, at most every ``DELAY_CUT_GAP_S``; loss over 10 % (exact,
-  counted over ``ACKED_WINDOW_S`` of arrivals) cuts to the rate that got through;
+  counted over ``ACKED_WINDOW_S`` of arrivals) in two windows in a row cuts to the rate
+  that got through;
   otherwise it grows as below. Once feedback arrives, REMB and receiver-report loss no
   longer drive the estimate (Chromium stops sending REMB under transport-cc anyway).
 - **REMB** (goog-remb; the viewer's delay-based estimate, which needs the
@@ -26,8 +27,12 @@ viewer must not lower the publisher's quality for everybody):
   at random (viewers on a 2 % loss link reported 2-6 % in single reports and REMBs
   of 0.6 of their rate, which paused them when 2 % loss let the REMB cut).
 - **Loss**: the receiver reports' fraction lost, alone (GCC's loss rule): over 10 %
-  cuts the estimate to the sent rate x (1 - loss / 2); under 2 % lets it grow 8 % a
-  second; in between it holds. NACKs are not added: they name the same lost packets
+  in ``LOSS_CONFIRM`` (2) reports in a row cuts the estimate to the sent rate x
+  (1 - loss / 2); under 2 % lets it grow 8 % a second; in between, or over 10 % in one
+  report only, it holds (one report is no trend: a busy receiver's CPU stall loses a
+  burst once, which cut an unconstrained viewer a simulcast layer down for 10 s).
+  The same two reports in a row are needed before loss lets a REMB cut, and for
+  transport-cc's loss cut (two windows). NACKs are not added: they name the same lost packets
   again, and counting both made 2 % random loss plus a queue's drops read as > 10 %,
   driving a lossy but adequate link's estimate to the floor. Reports that arrive just
   after a failed probe describe the probe: they cut nothing (a report of a probe's
@@ -53,13 +58,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from operator import itemgetter
 
 from . import twcc
 from .rtpsend import SendBudget
 
 LOSS_HIGH = 0.10  # above: cut to the sent rate x (1 - loss / 2)
 LOSS_LOW = 0.02  # below: the estimate may grow
+LOSS_CONFIRM = 2  # loss cuts only once this many reports in a row were over LOSS_HIGH
 GROWTH_PER_S = 1.08  # multiplicative climb per second without congestion
 REMB_CUT = 0.9  # with loss, a REMB below this share of the sent rate means congestion
 REMB_SETTLE_S = 2.0  # after a pause, neither REMB nor loss cuts for this long
@@ -135,6 +140,7 @@ class BandwidthEstimate:
         self._reported_lost = 0
         self._delay_cut_at = float("-inf")
         self._rr_highest: int | None = None  # the last receiver report's highest seq
+        self._lossy = 0  # reports in a row (or transport-cc windows) over LOSS_HIGH
         self._apply()
 
     # Feedback, as the viewer's RTCP arrives (FanoutSender of its video track).
@@ -144,7 +150,7 @@ class BandwidthEstimate:
         self._measure(now)
         self.remb, self._remb_at = float(bitrate), now
         low = bitrate < REMB_CUT * self.sent_bitrate and bitrate < self.bitrate
-        if self._delay is None and self._steady(now) and self.loss > LOSS_HIGH and low:
+        if self._delay is None and self._steady(now) and self._loss_persists() and low:
             # never below what the link delivered: a receiver's REMB can read far
             # lower than its link (CPU stalls look like queueing to it)
             self._cut(max(bitrate, DELAY_CUT * self.sent_bitrate * (1 - self.loss)))
@@ -165,7 +171,7 @@ class BandwidthEstimate:
         self._measure(now)
         if self._delay is not None:
             return  # transport-cc's own loss count is exact and more recent
-        self.loss = fraction_lost / 256
+        self._count_loss(fraction_lost / 256)
         previous, self._rr_highest = self._rr_highest, highest_seq
         judges_probe = (
             previous is None or not 0 < (self._probe_seq - previous - 1) & 0xFFFF < 0x8000
@@ -177,7 +183,7 @@ class BandwidthEstimate:
             and judges_probe
         ):
             self._fail_probe()  # the link dropped the probe: no need to wait for a pause
-        elif self.loss > LOSS_HIGH and self._steady(now):
+        elif self._loss_persists() and self._steady(now):
             target = self.sent_bitrate * (1 - self.loss / 2)
             if target < self.bitrate:
                 self.stats.loss_cuts += 1
@@ -187,9 +193,10 @@ class BandwidthEstimate:
         else:
             self._grown_at = now  # hold: no climb for the time spent at this loss
 
-    def on_transport_feedback(self, feedback: twcc.Feedback, log, now: float) -> None:
-        """A transport-cc feedback, matched against ``log`` (the viewer's
-        ``SendLog``): its last packet's send and arrival time go to the delay-based
+    def on_transport_feedback(self, feedback: twcc.Summary, now: float) -> None:
+        """A transport-cc feedback, matched against the viewer's send log
+        (``SendLog.summarize``; the native log hands over a plain tuple of the same
+        fields): its last packet's send and arrival time go to the delay-based
         detector (``twcc.DelayTrend``); over a window of ``ACKED_WINDOW_S`` of arrivals, the
         received rate and exact loss. Over-use cuts to ``DELAY_CUT`` x the received
         rate; loss over ``LOSS_HIGH`` cuts to the received rate (what the link
@@ -199,30 +206,27 @@ class BandwidthEstimate:
         self._measure(now)
         if self._delay is None:
             self._delay = twcc.DelayTrend()
-        received = feedback.received
-        if not received:
-            self._reported += feedback.count
-            self._reported_lost += feedback.lost
+        count, lost, acked, first_us, last_us, last_sent_us = feedback
+        if last_us is None:
+            self._reported += count
+            self._reported_lost += lost
             return
-        sent = log.lookup([seq for seq, _ in received])
-        acked = sum(map(itemgetter(1), filter(None, sent)))
         state = self._delay.state
-        last = sent[-1]
-        if last is not None:
-            state = self._delay.add(last[0], received[-1][1])
+        if last_sent_us is not None:
+            state = self._delay.add(last_sent_us, last_us)
             self._acked_bytes += acked
             if self._acked_from_us is None:
-                self._acked_from_us = received[0][1]
-            self._acked_to_us = max(self._acked_to_us, received[-1][1])
-        self._reported += feedback.count
-        self._reported_lost += feedback.lost
+                self._acked_from_us = first_us
+            self._acked_to_us = max(self._acked_to_us, last_us)
+        self._reported += count
+        self._reported_lost += lost
         if (
             self._acked_from_us is not None
             and self._acked_to_us - self._acked_from_us >= ACKED_WINDOW_S * 1e6
         ):
             span = (self._acked_to_us - self._acked_from_us) / 1e6
             self.acked_bitrate = self._acked_bytes * 8 / span
-            self.loss = self._reported_lost / max(1, self._reported)
+            self._count_loss(self._reported_lost / max(1, self._reported))
             self._acked_bytes, self._acked_from_us = 0, None
             self._reported = self._reported_lost = 0
             if (
@@ -231,7 +235,7 @@ class BandwidthEstimate:
                 and now - self._probed_at < PROBE_FAILED_S
             ):
                 self._fail_probe()
-            elif self.loss > LOSS_HIGH and self._steady(now):
+            elif self._loss_persists() and self._steady(now):
                 target = max(self.acked_bitrate, self.sent_bitrate * (1 - self.loss))
                 if target < self.bitrate:
                     self.stats.loss_cuts += 1
@@ -337,6 +341,18 @@ class BandwidthEstimate:
         # receiver report of the probe's loss cut it to a third of the link).
         self._resumed_at = time.monotonic()
         self._apply()
+
+    def _count_loss(self, loss: float) -> None:
+        """One report's (or transport-cc window's) loss, 0-1."""
+        self.loss = loss
+        self._lossy = self._lossy + 1 if loss > LOSS_HIGH else 0
+
+    def _loss_persists(self) -> bool:
+        """Loss over ``LOSS_HIGH`` in ``LOSS_CONFIRM`` reports in a row: congestion.
+        One report is no trend: a busy receiver's CPU stall overflows its socket
+        buffer once (its REMB then reads low too), and a cut to 3/4 of the rate took an
+        unconstrained viewer down a simulcast layer for the 10 s hold."""
+        return self.loss > LOSS_HIGH and self._lossy >= LOSS_CONFIRM
 
     def _cut(self, bitrate: float) -> None:
         self.stats.congestion_cuts += 1

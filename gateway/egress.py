@@ -44,7 +44,7 @@ from .bus import Bus, FrameReader
 from .control import KeyframeRequester
 from .errors import NotLive, Unavailable, UnprocessableOffer
 from .frames import MAX_VIDEO_LAYERS, Codec, Track
-from .layers import FAST_SWITCH_S, PROBE_OK_S, LayerRate, LayerSelector
+from .layers import FAST_SWITCH_S, PROBE_OK_S, LayerRate, LayerSelector, add_layer_metrics
 from .metrics import StreamSeries
 from .pacer import Pacer
 from .peer import PeerSession, answer_offer, parse_offer
@@ -378,10 +378,11 @@ class ViewerSession(PeerSession):
                 return False
         return self.can_send(sender)
 
-    def _transport_feedback(self, feedback: twcc.Feedback) -> None:
-        """A transport-cc feedback from this viewer, on any of its SSRCs."""
-        if self.estimate is not None and self.send_log is not None:
-            self.estimate.on_transport_feedback(feedback, self.send_log, time.monotonic())
+    def _transport_feedback(self, feedback: twcc.Summary) -> None:
+        """A transport-cc feedback from this viewer, on any of its SSRCs, matched
+        against its send log."""
+        if self.estimate is not None:
+            self.estimate.on_transport_feedback(feedback, time.monotonic())
 
     def _covers_stream(self) -> bool:
         """Whether this viewer's estimate covers the stream's recent bitrate."""
@@ -1077,6 +1078,15 @@ class EgressNode:
                 name,
                 lag_ms / 1000,
             )
+            if fanout.layer_count > 1:
+                add_layer_metrics(
+                    series,
+                    name,
+                    fanout.viewers_per_layer(),
+                    totals.layer_switches_up,
+                    totals.layer_switches_down,
+                    totals.layer_failed_ups,
+                )
 
     def forget(self, viewer: ViewerSession) -> None:
         if self.viewers.pop(viewer.resource_id, None) is not None:

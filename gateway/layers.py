@@ -34,6 +34,10 @@ The rules follow production SFUs (mediasoup, OvenMediaEngine; see
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .metrics import StreamSeries
 
 DOWN_AT = 1.0  # an estimate below this x the layer's bitrate leaves it ...
 DOWN_CONFIRM_S = 1.0  # ... once it has stayed there this long (one report is no trend)
@@ -158,3 +162,40 @@ class LayerSelector:
         """A switch up could not be tried (the estimate refused a probe so soon): the
         hold starts over."""
         self._room_since = None
+
+
+def add_layer_metrics(
+    series: StreamSeries,
+    stream: str,
+    viewers_per_layer: Sequence[int],
+    switches_up: int,
+    switches_down: int,
+    failed_ups: int,
+) -> None:
+    """One stream's layer moves for a metrics scrape (``/metrics``): its viewers on each
+    layer and their switches, summed over its viewers (no per-viewer labels)."""
+    for layer, viewers in enumerate(viewers_per_layer):
+        series.add(
+            "gauge",
+            "whipcast_egress_layer_viewers",
+            "Viewers of a simulcast stream on each layer (0: the best)",
+            stream,
+            viewers,
+            layer=str(layer),
+        )
+    for direction, value in (("up", switches_up), ("down", switches_down)):
+        series.add(
+            "counter",
+            "whipcast_egress_layer_switches",
+            "Simulcast layer switches of viewers, up (a better layer) or down",
+            stream,
+            value,
+            direction=direction,
+        )
+    series.add(
+        "counter",
+        "whipcast_egress_layer_failed_ups",
+        "Switches up undone within seconds: the viewer's link could not carry them",
+        stream,
+        failed_ups,
+    )

@@ -353,7 +353,7 @@ class FanoutSender(RTCRtpSender):
         self.send_log: twcc.SendLog | None = None
         """The viewer's transport-wide sequence numbers (one log for all its senders),
         where it negotiated transport-cc."""
-        self.on_transport_feedback: Callable[[twcc.Feedback], None] | None = None
+        self.on_transport_feedback: Callable[[twcc.Summary], None] | None = None
         """Where the viewer's transport-cc feedback goes (it may name any of its SSRCs)."""
         self._twcc_element = b""
 
@@ -699,9 +699,10 @@ class FanoutSender(RTCRtpSender):
                 self._retransmit(seq, now, deadline)
         elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == twcc.FMT:
             fci = aiortc_compat.transport_feedback_fci(packet)
-            if fci is not None and self.on_transport_feedback is not None:
+            log = self.send_log
+            if fci is not None and log is not None and self.on_transport_feedback is not None:
                 try:
-                    feedback = twcc.parse_feedback(fci)
+                    feedback = log.summarize(fci)  # native where the log is: one call
                 except ValueError as exc:
                     logger.debug("malformed transport-cc feedback: %s", exc)
                     return

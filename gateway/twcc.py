@@ -12,7 +12,9 @@ building on the path) and exact loss, both at the sender.
   extensions-01 section 3.1): run-length and status-vector chunks, receive deltas.
 - :class:`SendLog`: the pure-Python path's ring of (send time, size) per transport-wide
   sequence number; the native core keeps the same ring (``_fanout.SendLog``) without
-  per-packet Python.
+  per-packet Python. ``SendLog.summarize`` parses a feedback and matches it against the
+  ring into a :class:`Summary`, the little the estimator needs; the native log does the
+  same in one call (no per-packet Python on feedback either).
 - :class:`DelayTrend`: the delay-based detector: libwebrtc's trendline filter over
   the one-way delay of each feedback's last packet, judged by aiortc's port of
   libwebrtc's over-use detector (``aiortc.rate.OveruseDetector``: adaptive threshold).
@@ -29,6 +31,7 @@ import operator
 import struct
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiortc.rate import BandwidthUsage, OveruseDetector
 
@@ -163,6 +166,49 @@ class SendLog:
             slot = seq & (LOG_SIZE - 1)
             out.append((self._times[slot], self._sizes[slot]) if self._seqs[slot] == seq else None)
         return out
+
+    def summarize(self, fci: bytes) -> Summary:
+        """A feedback's FCI parsed and matched against this log (``parse_feedback``,
+        then :func:`summarize`): what the native ``_fanout.SendLog.summarize`` does in
+        one call, value for value (as a plain tuple)."""
+        return summarize(parse_feedback(fci), self)
+
+
+class Summary(NamedTuple):
+    """What the estimator takes from one feedback message, matched against the viewer's
+    send log: the native core hands it over as a plain tuple of the same fields, so a
+    feedback costs Python one call and no per-packet objects."""
+
+    count: int
+    """Packets the feedback reports on (received or not)."""
+    lost: int
+    acked_bytes: int
+    """Bytes of the received packets the log still remembers."""
+    first_arrival_us: int | None
+    """Arrival time of the first and last packet received (the viewer's clock), None
+    when none was."""
+    last_arrival_us: int | None
+    last_sent_us: int | None
+    """Send time of the last packet received (the log's clock), None where the log
+    forgot it or none was received."""
+
+
+def summarize(feedback: Feedback, log) -> Summary:
+    """``feedback`` matched against ``log`` (either send log's ``lookup``)."""
+    received = feedback.received
+    if not received:
+        return Summary(feedback.count, feedback.lost, 0, None, None, None)
+    sent = log.lookup([seq for seq, _ in received])
+    acked = sum(map(operator.itemgetter(1), filter(None, sent)))
+    last = sent[-1]
+    return Summary(
+        feedback.count,
+        feedback.lost,
+        acked,
+        received[0][1],
+        received[-1][1],
+        None if last is None else last[0],
+    )
 
 
 class DelayTrend:

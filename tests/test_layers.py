@@ -17,6 +17,7 @@ from .layered_source import LAYERS, LayeredSource
 from .peers import Link, play, publish_simulcast
 from .test_adaptation import max_gap
 from .test_feedback import viewer_session, wait_live
+from .test_observability import scrape, value
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,16 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
                 stats = (await response.json())["streams"][stream_name]["egress"]
             assert stats["layer_switches_down"] >= 1, stats
             assert stats["viewers_per_layer"][0] == 1 and sum(stats["viewers_per_layer"]) == 2
+            # ... and in Prometheus (per stream, no per-viewer labels).
+            samples = await scrape(server.url)
+            on_layer = [
+                value(samples, "whipcast_egress_layer_viewers", stream=stream_name, layer=str(k))
+                for k in range(3)
+            ]
+            assert on_layer[0] == 1 and sum(on_layer) == 2, on_layer
+            down = {"stream": stream_name, "direction": "down"}
+            switched = value(samples, "whipcast_egress_layer_switches_total", **down)
+            assert switched >= 1, switched
 
             # Still slow: the viewer tries the top layer once the hold is over, the link
             # drops the try, and the viewer is back on the layer it came from at once.
@@ -118,6 +129,10 @@ async def test_each_viewer_gets_the_layer_its_link_carries(layers_server, stream
             assert slow_session.layer == 1, slow_session.layer
             await asyncio.sleep(2)
             assert slow_session.layer == 1 and selector.failed_ups == 1
+            samples = await scrape(server.url)
+            assert value(samples, "whipcast_egress_layer_failed_ups_total", stream=stream_name) >= 1
+            up = {"stream": stream_name, "direction": "up"}
+            assert value(samples, "whipcast_egress_layer_switches_total", **up) >= 1
             times = [at for at, _, _ in slow.frames]
             # The try costs a short freeze (about 1 s: the top layer's keyframe does not
             # get through whole, and the old layer's keyframe is asked for again), then
@@ -242,13 +257,23 @@ async def test_simulcast_publish_through_ingest_to_a_slow_viewer(layers_server, 
         assert await until(lambda: slow_session.layer > 0, 20), (layers, link.bitrate)
         await asyncio.sleep(3)
         assert slow_session.layer > 0, "went back up on a slow link"
-        recent = slow.video_sizes[-15:]
-        assert recent and all(size[0] < layers[0]["width"] for size in recent), (
-            recent,
+
+        def lower_pictures() -> bool:  # a loaded machine decodes the new layer late
+            recent = slow.video_sizes[-15:]
+            return len(recent) == 15 and all(size[0] < layers[0]["width"] for size in recent)
+
+        assert await until(lower_pictures, 10), (
+            slow.video_sizes[-15:],
             slow_session.status(),
             layers,
         )
-        assert fast_session.layer == 0
+        assert slow_session.layer > 0, "went back up on a slow link"
+        assert fast_session.layer == 0, (
+            fast_session.selector.switches_down,
+            fast_session.estimate.stats,
+            fast_session.estimate.bitrate,
+            fast_session.fanout.layer_state(),
+        )
         assert fast.video_sizes[-1] == (layers[0]["width"], layers[0]["height"])
         await slow.close()
         await fast.close()

@@ -421,7 +421,8 @@ fn monotonic_us() -> u64 {
 
 /// One viewer's transport-wide sequence counter and a ring of (send time µs, size)
 /// per number (as `twcc.SendLog`): shared by the viewer's tracks, which number and
-/// log each packet as they send it; Python reads it when feedback arrives.
+/// log each packet as they send it; a feedback message is parsed and matched against it
+/// in one call ([`SendLog::summarize`]), so feedback costs Python no per-packet work.
 #[pyclass(module = "whipcast.gateway._fanout")]
 struct SendLog {
     ring: Arc<Mutex<Ring>>,
@@ -465,8 +466,114 @@ impl SendLog {
             })
             .collect()
     }
+
+    /// Parse a transport-cc feedback's FCI (the bytes after its two SSRCs) and match
+    /// it against the log, in one call: what `twcc.SendLog.summarize` returns, value
+    /// for value, as a tuple `(count, lost, acked_bytes, first_arrival_us,
+    /// last_arrival_us, last_sent_us)`. Raises ValueError for anything malformed, with
+    /// `twcc.parse_feedback`'s reasons.
+    #[allow(clippy::type_complexity)]
+    fn summarize(
+        &self,
+        fci: &[u8],
+    ) -> PyResult<(u32, u32, u64, Option<i64>, Option<i64>, Option<u64>)> {
+        let ring = self.ring.lock().unwrap();
+        summarize(fci, &ring).map_err(PyValueError::new_err)
+    }
 }
 
+/// Receive deltas count quarter milliseconds; the reference time counts 64 ms.
+const DELTA_US: i64 = 250;
+const REFERENCE_DELTAS: i64 = 64_000 / DELTA_US;
+
+/// [`SendLog::summarize`] (draft-holmer-rmcat-transport-wide-cc-extensions-01
+/// section 3.1): the status chunks into runs of one symbol, then the receive deltas of
+/// the received packets, each matched against `ring` as it is read.
+#[allow(clippy::type_complexity)]
+fn summarize(
+    fci: &[u8],
+    ring: &Ring,
+) -> Result<(u32, u32, u64, Option<i64>, Option<i64>, Option<u64>), &'static str> {
+    if fci.len() < 8 {
+        return Err("transport-cc feedback shorter than its header");
+    }
+    let base = u16::from_be_bytes([fci[0], fci[1]]);
+    let count = u16::from_be_bytes([fci[2], fci[3]]) as usize;
+    // 24-bit signed reference time, in 64 ms
+    let reference = i32::from_be_bytes([fci[4], fci[5], fci[6], 0]) as i64 >> 8;
+    let mut runs: Vec<(u8, usize)> = Vec::with_capacity(8); // (symbol, packets)
+    let (mut total, mut at) = (0usize, 8usize);
+    while total < count {
+        let Some(bytes) = fci.get(at..at + 2) else {
+            return Err("transport-cc feedback ends inside its status chunks");
+        };
+        let chunk = u16::from_be_bytes([bytes[0], bytes[1]]);
+        at += 2;
+        if chunk & 0x8000 == 0 {
+            let symbol = ((chunk >> 13) & 0x3) as u8;
+            let run = ((chunk & 0x1FFF) as usize).min(count - total);
+            if symbol == 3 {
+                return Err("transport-cc feedback has a reserved status");
+            }
+            runs.push((symbol, run));
+            total += run;
+        } else {
+            let two_bit = chunk & 0x4000 != 0;
+            let n = (if two_bit { 7 } else { 14 }).min(count - total);
+            for i in 0..n {
+                let symbol = if two_bit {
+                    ((chunk >> (12 - 2 * i)) & 0x3) as u8
+                } else {
+                    ((chunk >> (13 - i)) & 0x1) as u8
+                };
+                if symbol == 3 {
+                    return Err("transport-cc feedback has a reserved status");
+                }
+                runs.push((symbol, 1));
+            }
+            total += n;
+        }
+    }
+    let mut arrival = reference * REFERENCE_DELTAS; // in receive-delta units
+    let (mut received, mut acked) = (0u32, 0u64);
+    let (mut first, mut last, mut last_sent) = (None, None, None);
+    let mut seq = base;
+    for &(symbol, n) in &runs {
+        if symbol != 0 {
+            let width = symbol as usize; // 1: one-byte deltas, 2: two-byte signed ones
+            let Some(deltas) = fci.get(at..at + width * n) else {
+                return Err("transport-cc feedback ends inside its deltas");
+            };
+            at += width * n;
+            for i in 0..n {
+                arrival += if width == 1 {
+                    deltas[i] as i64
+                } else {
+                    i16::from_be_bytes([deltas[2 * i], deltas[2 * i + 1]]) as i64
+                };
+                let s = seq.wrapping_add(i as u16);
+                let (logged, sent_us, size) = ring.slots[s as usize & (LOG_SIZE - 1)];
+                let sent = (logged == s as i32).then_some(sent_us);
+                if sent.is_some() {
+                    acked += size as u64;
+                }
+                first.get_or_insert(arrival * DELTA_US);
+                last = Some(arrival * DELTA_US);
+                last_sent = sent;
+            }
+            received += n as u32;
+        }
+        seq = seq.wrapping_add(n as u16);
+    }
+    Ok((
+        count as u32,
+        count as u32 - received,
+        acked,
+        first,
+        last,
+        last_sent,
+    ))
+}
 
 /// One viewer track: the SRTP state of its media SSRC, where its packets go, its RTP
 /// sequence, what it sent (counters, NACK history) and, for [`send_batch`], whether a
