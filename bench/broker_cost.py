@@ -1,6 +1,6 @@
 """The embedded broker's CPU per request, variant against variant, in one run.
 
-    python -m bench.broker_cost --variants base c2 --repeat 3 --age 15 --seconds 20
+    python -m bench.broker_cost --variants base c1 c2 --repeat 3 --age 15 --seconds 20
 
 A cell starts a fresh embedded broker (``gateway/broker.py``) with one variant's JVM
 flags and broker settings, drives the Kafka traffic of one ``whipcast dev`` stream with
@@ -46,25 +46,28 @@ except ImportError:
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# name -> (JVM options replacing broker.JVM_OPTIONS's flags, extra broker settings,
-# producer options)
+C1 = "-XX:TieredStopAtLevel=1"
+CTS = "-XX:CompileThresholdScaling=0.3"
+# name -> (JVM flags replacing gateway/broker.py's JIT flags (None: as shipped; the
+# serial GC and the log configuration stay), extra broker settings, traffic options:
+# producer options, ``readers`` idle readers, ``produce`` or not, ``frame_readers``).
 VARIANTS: dict[str, tuple[tuple[str, ...] | None, dict[str, str], dict]] = {
-    "base": (None, {}, {}),
-    "c2": ((), {}, {}),
-    "c2cc2": (("-XX:CICompilerCount=2",), {}, {}),
-    "noperf": (("-XX:TieredStopAtLevel=1", "-XX:-UsePerfData"), {}, {}),
+    "base": (None, {}, {}),  # as shipped: C1 only, CompileThresholdScaling=0.3
+    "c1": ((C1,), {}, {}),  # C1 only at the default thresholds (before h-broker)
+    "c2": ((), {}, {}),  # tiered C1 + C2, the JVM's default
+    "cts0.3": ((C1, CTS), {}, {}),
+    "cts0.1": ((C1, "-XX:CompileThresholdScaling=0.1"), {}, {}),
+    "cts0.03": ((C1, "-XX:CompileThresholdScaling=0.03"), {}, {}),
+    "noperf": ((C1, CTS, "-XX:-UsePerfData"), {}, {}),
     "nojmx": (None, {"metric.reporters": ""}, {}),
     "acks0": (None, {}, {"acks": 0}),
     # The traffic's parts apart: the stream's produce requests only, the idle readers only.
     "produce": (None, {}, {"readers": 0}),
-    # For ``perf record -g`` with Java frames (and ``jcmd PID Compiler.perfmap``).
-    "base-fp": (("-XX:TieredStopAtLevel=1", "-XX:+PreserveFramePointer"), {}, {}),
     "readers": (None, {}, {"produce": False}),
     # A viewer's egress node: one frame reader of the stream (500 ms wait) on top.
     "viewer": (None, {}, {"frame_readers": 1}),
-    "cts0.3": (("-XX:TieredStopAtLevel=1", "-XX:CompileThresholdScaling=0.3"), {}, {}),
-    "cts0.1": (("-XX:TieredStopAtLevel=1", "-XX:CompileThresholdScaling=0.1"), {}, {}),
-    "cts0.03": (("-XX:TieredStopAtLevel=1", "-XX:CompileThresholdScaling=0.03"), {}, {}),
+    # For ``perf record -g`` with Java frames (and ``jcmd PID Compiler.perfmap``).
+    "base-fp": ((C1, CTS, "-XX:+PreserveFramePointer"), {}, {}),
 }
 
 
@@ -166,9 +169,10 @@ async def _traffic(bootstrap: str, options: dict, stop: asyncio.Event) -> None:
 
 async def _cell(name: str, age: float, seconds: float) -> tuple[float, float, dict[str, float]]:
     jvm, extra, producer_options = VARIANTS[name]
-    saved = broker_mod.JVM_OPTIONS, dict(broker_mod.SINGLE_NODE)
+    saved = broker_mod.JVM_OPTIONS, broker_mod.BROKER_JVM_OPTIONS, dict(broker_mod.SINGLE_NODE)
     if jvm is not None:
         broker_mod.JVM_OPTIONS = (*jvm, *broker_mod.JVM_OPTIONS[-1:])  # keep log4j
+        broker_mod.BROKER_JVM_OPTIONS = ("-XX:+UseSerialGC",)
     broker_mod.SINGLE_NODE.update(extra)
     try:
         started = time.monotonic()
@@ -189,7 +193,7 @@ async def _cell(name: str, age: float, seconds: float) -> tuple[float, float, di
             stop.set()
             await traffic
     finally:
-        broker_mod.JVM_OPTIONS, broker_mod.SINGLE_NODE = saved[0], saved[1]
+        broker_mod.JVM_OPTIONS, broker_mod.BROKER_JVM_OPTIONS, broker_mod.SINGLE_NODE = saved
     wall = t1 - t0
     broker = 100 * (b1 - b0) / CLK_TCK / wall
     client = 100 * ((c1.user - c0.user) + (c1.system - c0.system)) / wall
