@@ -61,7 +61,8 @@ JVM_OPTIONS = ("-XX:TieredStopAtLevel=1", f"-Dlog4j2.configurationFile={LOG4J_CO
 # The serial collector suits a heap this small and runs no background GC threads.
 # C1 compiles a method after 30 % of the default invocation counts: a fresh broker leaves
 # the interpreter sooner (interpreted code was 18 % of its CPU at 25-45 s of age), ~0.6 %
-# of a core less for one stream in the first minute, for ~2.5 MiB more code cache
+# of a core less for one stream with no viewer in the first minute (no difference seen
+# with viewers), for ~2.5 MiB more code cache
 # (docs/benchmarks.md, "What one Kafka request costs").
 BROKER_JVM_OPTIONS = ("-XX:+UseSerialGC", "-XX:CompileThresholdScaling=0.3")
 
