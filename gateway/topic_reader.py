@@ -1,0 +1,247 @@
+"""One Kafka consumer per node for every control-plane topic it follows.
+
+A node follows several small topics for as long as it runs (the stream and node
+registries, the session history, the directory, thumbnails, keyframe requests, Q&A
+boards). An idle consumer sends a fetch every ``fetch_max_wait_ms``, so one consumer
+per topic cost the broker and the node a request per topic per wait; one consumer for
+all of them costs one per wait (per broker that leads one of them). Apache Kafka answers
+a waiting fetch as soon as any fetched partition gets a record, so a record on one topic
+is not held back by the others' silence.
+
+aiokafka's ``assign()`` replaces the whole assignment and forgets every position, so a
+topic followed later is added by re-assigning all of them and seeking the others back
+to where they were; this happens in the reader's own task, between polls, so no record
+is lost or read twice. Each :class:`Following` keeps its own next offset: two followers
+of one topic may start at different places (a second one reading the history again),
+and each gets every record once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from .bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
+
+logger = logging.getLogger(__name__)
+
+POLL_TIMEOUT_MS = 1000
+RETRY_S = 1.0  # after a failed poll (the broker gone): the fetcher reconnects meanwhile
+
+
+def _future() -> asyncio.Future:
+    return asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class Following:
+    """One follower of one topic (partition 0): what it is handed, and where it is."""
+
+    tp: TopicPartition
+    on_record: Callable[[ConsumerRecord, bool], None]
+    """Called with each record in order, and whether it was appended after following
+    began (``False``: read from the topic's history)."""
+    on_current: Callable[[], None] | None
+    """Called when a fetch found nothing more to read: the follower holds the whole
+    topic at this moment. Never before the history has been read."""
+    history: bool
+    end: int = 0
+    """The topic's end offset when following began."""
+    next: int = 0
+    """Offset of the first record not yet handed over."""
+    loaded: asyncio.Future = field(default_factory=_future)
+    """Done once the history (up to ``end``) has been handed over; failed if the reader
+    stopped on an error first."""
+
+
+class TopicReader:
+    """A node's one consumer for its control-plane topics; :meth:`of` gives the bus's."""
+
+    _readers: weakref.WeakKeyDictionary[Bus, TopicReader] = weakref.WeakKeyDictionary()
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._followings: dict[TopicPartition, list[Following]] = {}
+        self._added: list[Following] = []
+        self._removed: list[Following] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_poll: dict[TopicPartition, int | None] = {}
+
+    @classmethod
+    def of(cls, bus: Bus) -> TopicReader:
+        """The one reader of ``bus`` (made on first use)."""
+        reader = cls._readers.get(bus)
+        if reader is None:
+            reader = cls._readers[bus] = cls(bus)
+        return reader
+
+    async def follow(
+        self,
+        topic: str,
+        on_record: Callable[[ConsumerRecord, bool], None],
+        *,
+        history: bool,
+        on_current: Callable[[], None] | None = None,
+    ) -> Following:
+        """Follow partition 0 of ``topic`` from its beginning (``history``: returns once
+        everything up to its current end has been handed over) or from its end."""
+        following = Following(TopicPartition(topic, 0), on_record, on_current, history)
+        self._added.append(following)
+        self._changed.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="topic-reader")
+        try:
+            await asyncio.shield(following.loaded)
+        except BaseException:
+            self.unfollow(following)
+            raise
+        return following
+
+    def unfollow(self, following: Following) -> None:
+        """Stop handing records to ``following`` (at once; the consumer is re-assigned,
+        or stopped with the last one, in the reader's task)."""
+        if following in self._added:
+            self._added.remove(following)
+        else:
+            self._removed.append(following)
+        following.on_current = None
+        following.on_record = _ignore
+        self._changed.set()
+
+    async def _run(self) -> None:
+        consumer = self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
+        try:
+            await consumer.start()
+            while True:
+                if self._added or self._removed:
+                    await self._reassign(consumer)
+                if not self._followings:
+                    return
+                try:
+                    records = await self._poll(consumer)
+                except KafkaError as exc:
+                    logger.warning("control-plane reader: %s; retrying", exc)
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                await self._dispatch(consumer, records)
+        except Exception as exc:
+            logger.exception("control-plane reader stopped")
+            waiting = [f for fs in self._followings.values() for f in fs] + self._added
+            self._added = []
+            for following in waiting:
+                if not following.loaded.done():
+                    following.loaded.set_exception(exc)
+            raise
+        finally:
+            self._followings.clear()
+            self._last_poll.clear()
+            await consumer.stop()
+            if self._added:  # came while the consumer stopped
+                self._task = asyncio.create_task(self._run(), name="topic-reader")
+
+    async def _poll(self, consumer: AIOKafkaConsumer) -> dict:
+        """The next records, or none as soon as a follower comes or goes."""
+        self._changed.clear()
+        poll = asyncio.ensure_future(consumer.getmany(timeout_ms=POLL_TIMEOUT_MS))
+        changed = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait({poll, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            # Cancelled at its wait: records leave the fetcher's buffer only after it,
+            # so none are lost (they are fetched again after the re-assignment).
+            poll.cancel()
+        (result,) = await asyncio.gather(poll, return_exceptions=True)
+        if isinstance(result, asyncio.CancelledError):
+            return {}
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def _reassign(self, consumer: AIOKafkaConsumer) -> None:
+        """Apply the followers that came and went: one new assignment, the partitions
+        kept seeked back to their positions, the new ones to their start."""
+        added, self._added = self._added, []
+        removed, self._removed = self._removed, []
+        for following in removed:
+            others = self._followings.get(following.tp, [])
+            if following in others:
+                others.remove(following)
+            if not others:
+                self._followings.pop(following.tp, None)
+                self._last_poll.pop(following.tp, None)
+        if not self._followings and not added:
+            # Left as it was: the consumer stops next. (Stopping it just after a new
+            # assignment can hang aiokafka's fetcher, which swallows the cancellation
+            # while it cancels the old assignment's fetches.)
+            return
+        kept = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+        for following in added:
+            self._followings.setdefault(following.tp, []).append(following)
+        if set(self._followings) != set(kept):
+            consumer.assign(list(self._followings))
+            for tp, position in kept.items():
+                if tp in self._followings:
+                    consumer.seek(tp, position)
+            self._last_poll = {tp: None for tp in self._followings}
+        if not added:
+            return
+        tps = list({f.tp for f in added})
+        rewind = {f.tp for f in added if f.history}
+        if rewind:
+            await consumer.seek_to_beginning(*rewind)
+        fresh = [tp for tp in tps if tp not in kept and tp not in rewind]
+        if fresh:
+            await consumer.seek_to_end(*fresh)
+        ends = await consumer.end_offsets(tps)
+        positions = {tp: await consumer.position(tp) for tp in tps}
+        for following in added:
+            tp = following.tp
+            if following.history:
+                following.next, following.end = positions[tp], ends[tp]
+            else:  # nothing already in the topic, everything appended from now on
+                start = positions[tp] if tp in fresh else ends[tp]
+                following.next = following.end = start
+                following.loaded.set_result(None)
+        self._check_loaded(positions)
+
+    async def _dispatch(self, consumer: AIOKafkaConsumer, records: dict) -> None:
+        for tp, batch in records.items():
+            for record in batch:
+                for following in list(self._followings.get(tp, ())):
+                    if record.offset >= following.next:
+                        following.next = record.offset + 1
+                        following.on_record(record, record.offset >= following.end)
+        positions = {tp: await consumer.position(tp) for tp in self._followings}
+        self._check_loaded(positions)
+        for tp, position in positions.items():
+            # A fetch answered since the last poll (of this assignment: a new one
+            # starts with none), and nothing left unread: the followers held the whole
+            # topic at this moment.
+            poll = consumer.last_poll_timestamp(tp)
+            if poll is None or poll == self._last_poll.get(tp):
+                continue
+            self._last_poll[tp] = poll
+            if position >= (consumer.highwater(tp) or 0):
+                for following in self._followings[tp]:
+                    if following.loaded.done() and following.on_current is not None:
+                        following.on_current()
+
+    def _check_loaded(self, positions: dict[TopicPartition, int]) -> None:
+        """Mark loaded the followers whose history has been handed over."""
+        for tp, position in positions.items():
+            for following in self._followings.get(tp, ()):
+                if not following.loaded.done() and position >= following.end:
+                    following.loaded.set_result(None)
+
+
+def _ignore(record: ConsumerRecord, live: bool) -> None:
+    pass

@@ -1,0 +1,120 @@
+"""One consumer per node for the control-plane topics (gateway/topic_reader.py): topics
+followed at different times, while records keep coming, each reach every follower once
+and in order, against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from whipcast.gateway.bus import Bus
+from whipcast.gateway.metrics import Metrics
+from whipcast.gateway.settings import Settings
+from whipcast.gateway.topic_reader import TopicReader
+
+WRITES = 60
+
+
+async def _until(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_followers_come_and_go_without_losing_records(kafka) -> None:
+    prefix = f"reader{uuid.uuid4().hex[:6]}"
+    a, b = f"{prefix}.a", f"{prefix}.b"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(a, 1, 1), NewTopic(b, 1, 1)])
+    await admin.close()
+    bus = Bus(Settings.from_env(env={}, kafka_bootstrap=kafka.bootstrap), Metrics())
+    await bus.start()
+    consumers = []
+    make_consumer = bus.consumer
+
+    def counted(*args, **kwargs):
+        consumers.append(make_consumer(*args, **kwargs))
+        return consumers[-1]
+
+    bus.consumer = counted  # type: ignore[method-assign]
+    reader = TopicReader.of(bus)
+    got: dict[str, list[tuple[bytes, bool]]] = defaultdict(list)
+    current: dict[str, int] = defaultdict(int)
+
+    def collect(name: str):
+        return lambda record, live: got[name].append((record.value, live))
+
+    def count(name: str):
+        def now_current() -> None:
+            current[name] += 1
+
+        return now_current
+
+    followings = []
+    try:
+        for n in range(2):
+            await bus.send_record(a, "k", f"a{n}".encode())
+        await bus.send_record(b, "k", b"b0")
+        followings.append(await reader.follow(a, collect("a"), history=True))
+        assert got["a"] == [(b"a0", False), (b"a1", False)]
+
+        # Records keep coming on ``a`` while followers of both topics come and go, each
+        # one re-assigning the consumer: none may be lost or handed over twice.
+        async def write() -> None:
+            for n in range(2, WRITES):
+                await bus.send_record(a, "k", f"a{n}".encode())
+
+        writer = asyncio.create_task(write())
+        await asyncio.sleep(0.05)
+        followings.append(await reader.follow(b, collect("b"), history=True, on_current=count("b")))
+        tail = await reader.follow(a, collect("a-end"), history=False)
+        await asyncio.sleep(0.05)
+        followings.append(await reader.follow(a, collect("a-again"), history=True))
+        reader.unfollow(tail)
+        await asyncio.sleep(0.05)
+        followings.append(await reader.follow(a, collect("a-end2"), history=False))
+        await asyncio.wait_for(writer, 30)
+        expected = [f"a{n}".encode() for n in range(WRITES)]
+        assert await _until(lambda: len(got["a"]) >= WRITES and len(got["a-again"]) >= WRITES)
+        await asyncio.sleep(0.3)  # anything handed over twice would have come by now
+        assert [value for value, _ in got["a"]] == expected
+        assert [value for value, _ in got["a-again"]] == expected
+        assert all(live for _, live in got["a"][2:])
+        # A follower from the end gets a run of the records that came after it, all live.
+        for name in ("a-end", "a-end2"):
+            values = [value for value, _ in got[name]]
+            start = expected.index(values[0]) if values else 0
+            assert values == expected[start : start + len(values)], (name, values)
+            assert all(live for _, live in got[name])
+        assert got["b"] == [(b"b0", False)]
+
+        # ``b`` is silent, yet its follower hears that it is current (the one fetch
+        # covers both topics), and a record on it comes live.
+        seen = current["b"]
+        assert await _until(lambda: current["b"] >= seen + 2)
+        await bus.send_record(b, "k", b"b1")
+        assert await _until(lambda: len(got["b"]) == 2)
+        assert got["b"][1] == (b"b1", True)
+
+        # A follower that left gets nothing more; the others still do.
+        reader.unfollow(followings.pop(0))
+        await bus.send_record(a, "k", b"last")
+        assert await _until(lambda: got["a-again"][-1][0] == b"last")
+        assert got["a"][-1][0] == expected[-1]
+        assert len(consumers) == 1
+    finally:
+        for following in followings:
+            reader.unfollow(following)
+        ok = await _until(lambda: reader._task is None or reader._task.done(), 10)
+        if not ok:
+            reader._task.print_stack()
+        assert ok
+        await bus.stop()
+    assert consumers[0]._closed
