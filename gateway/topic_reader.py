@@ -56,6 +56,8 @@ class Following:
     """The topic's end offset when following began."""
     next: int = 0
     """Offset of the first record not yet handed over."""
+    failed: bool = False
+    """Its callback raised: it was dropped (the others go on)."""
     loaded: asyncio.Future = field(default_factory=_future)
     """Done once the history (up to ``end``) has been handed over; failed if the reader
     stopped on an error first."""
@@ -219,7 +221,8 @@ class TopicReader:
                 for following in list(self._followings.get(tp, ())):
                     if record.offset >= following.next:
                         following.next = record.offset + 1
-                        following.on_record(record, record.offset >= following.end)
+                        live = record.offset >= following.end
+                        self._hand(following, following.on_record, record, live)
         positions = {tp: await consumer.position(tp) for tp in self._followings}
         self._check_loaded(positions)
         for tp, position in positions.items():
@@ -233,7 +236,18 @@ class TopicReader:
             if position >= (consumer.highwater(tp) or 0):
                 for following in self._followings[tp]:
                     if following.loaded.done() and following.on_current is not None:
-                        following.on_current()
+                        self._hand(following, following.on_current)
+
+    def _hand(self, following: Following, callback: Callable, *args) -> None:
+        """Call a follower's callback; one that raises is dropped, not the reader."""
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("dropped a follower of %s", following.tp.topic)
+            following.failed = True
+            self.unfollow(following)
+            if not following.loaded.done():
+                following.loaded.set_exception(KafkaError("the follower failed"))
 
     def _check_loaded(self, positions: dict[TopicPartition, int]) -> None:
         """Mark loaded the followers whose history has been handed over."""
