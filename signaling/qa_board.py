@@ -26,7 +26,6 @@ from whipcast.gateway.topic_reader import Following, TopicReader
 
 from .ratelimit import RateLimiter
 
-
 LOAD_TIMEOUT_S = 10.0
 
 
