@@ -8,12 +8,18 @@ all of them costs one per wait (per broker that leads one of them). Apache Kafka
 a waiting fetch as soon as any fetched partition gets a record, so a record on one topic
 is not held back by the others' silence.
 
+A topic's history (a view's start: everything up to its end), or only its end offset
+for a follower of what comes next, is read with a short-lived consumer of its own: on
+the shared one every offset lookup would queue behind its waiting fetch at the broker
+(Kafka answers a connection's requests in order), a fetch wait per lookup and per
+topic at a node's start. The shared consumer then takes over at that offset.
+
 aiokafka's ``assign()`` replaces the whole assignment and forgets every position, so a
 topic followed later is added by re-assigning all of them and seeking the others back
 to where they were; this happens in the reader's own task, between polls, so no record
-is lost or read twice. Each :class:`Following` keeps its own next offset: two followers
-of one topic may start at different places (a second one reading the history again),
-and each gets every record once, in order.
+is lost or handed over twice. Each :class:`Following` keeps its own next offset: two
+followers of one topic may be at different places, and each gets every record once,
+in order.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import asyncio
 import logging
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -36,10 +42,6 @@ POLL_TIMEOUT_MS = 1000
 RETRY_S = 1.0  # after a failed poll (the broker gone): the fetcher reconnects meanwhile
 
 
-def _future() -> asyncio.Future:
-    return asyncio.get_running_loop().create_future()
-
-
 @dataclass(eq=False)
 class Following:
     """One follower of one topic (partition 0): what it is handed, and where it is."""
@@ -50,17 +52,11 @@ class Following:
     began (``False``: read from the topic's history)."""
     on_current: Callable[[], None] | None
     """Called when a fetch found nothing more to read: the follower holds the whole
-    topic at this moment. Never before the history has been read."""
-    history: bool
-    end: int = 0
-    """The topic's end offset when following began."""
-    next: int = 0
+    topic at this moment."""
+    next: int
     """Offset of the first record not yet handed over."""
     failed: bool = False
     """Its callback raised: it was dropped (the others go on)."""
-    loaded: asyncio.Future = field(default_factory=_future)
-    """Done once the history (up to ``end``) has been handed over; failed if the reader
-    stopped on an error first."""
 
 
 class TopicReader:
@@ -93,18 +89,16 @@ class TopicReader:
         history: bool,
         on_current: Callable[[], None] | None = None,
     ) -> Following:
-        """Follow partition 0 of ``topic`` from its beginning (``history``: returns once
-        everything up to its current end has been handed over) or from its end."""
-        following = Following(TopicPartition(topic, 0), on_record, on_current, history)
+        """Follow partition 0 of ``topic``: with ``history``, first hand over everything
+        up to its current end (returns after that), else only what is appended from now
+        on."""
+        tp = TopicPartition(topic, 0)
+        start = await self._catch_up(tp, on_record if history else None)
+        following = Following(tp, on_record, on_current, start)
         self._added.append(following)
         self._changed.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="topic-reader")
-        try:
-            await asyncio.shield(following.loaded)
-        except BaseException:
-            self.unfollow(following)
-            raise
         return following
 
     def unfollow(self, following: Following) -> None:
@@ -117,6 +111,27 @@ class TopicReader:
         following.on_current = None
         following.on_record = _ignore
         self._changed.set()
+
+    async def _catch_up(
+        self, tp: TopicPartition, on_record: Callable[[ConsumerRecord, bool], None] | None
+    ) -> int:
+        """Hand over ``tp`` from its beginning up to its current end (``on_record``
+        ``None``: only find the end); returns the offset to follow on from."""
+        consumer = self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
+        await consumer.start()
+        try:
+            end = (await consumer.end_offsets([tp]))[tp]
+            if on_record is None:
+                return end
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            while (position := await consumer.position(tp)) < end:
+                for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
+                    for record in records:
+                        on_record(record, False)
+            return position
+        finally:
+            await consumer.stop()
 
     async def _run(self) -> None:
         consumer = self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
@@ -134,13 +149,11 @@ class TopicReader:
                     await asyncio.sleep(RETRY_S)
                     continue
                 await self._dispatch(consumer, records)
-        except Exception as exc:
+        except Exception:
             logger.exception("control-plane reader stopped")
-            waiting = [f for fs in self._followings.values() for f in fs] + self._added
+            for following in [f for fs in self._followings.values() for f in fs] + self._added:
+                following.failed = True
             self._added = []
-            for following in waiting:
-                if not following.loaded.done():
-                    following.loaded.set_exception(exc)
             raise
         finally:
             self._followings.clear()
@@ -169,8 +182,8 @@ class TopicReader:
         return result
 
     async def _reassign(self, consumer: AIOKafkaConsumer) -> None:
-        """Apply the followers that came and went: one new assignment, the partitions
-        kept seeked back to their positions, the new ones to their start."""
+        """Apply the followers that came and went: one new assignment, every partition
+        seeked to where its followers are."""
         added, self._added = self._added, []
         removed, self._removed = self._removed, []
         for following in removed:
@@ -179,41 +192,24 @@ class TopicReader:
                 others.remove(following)
             if not others:
                 self._followings.pop(following.tp, None)
-                self._last_poll.pop(following.tp, None)
         if not self._followings and not added:
             # Left as it was: the consumer stops next. (Stopping it just after a new
             # assignment can hang aiokafka's fetcher, which swallows the cancellation
             # while it cancels the old assignment's fetches.)
             return
         kept = {tp: await consumer.position(tp) for tp in consumer.assignment()}
-        for following in added:
-            self._followings.setdefault(following.tp, []).append(following)
-        if set(self._followings) != set(kept):
-            consumer.assign(list(self._followings))
-            for tp, position in kept.items():
-                if tp in self._followings:
-                    consumer.seek(tp, position)
-            self._last_poll = {tp: None for tp in self._followings}
-        if not added:
-            return
-        tps = list({f.tp for f in added})
-        rewind = {f.tp for f in added if f.history}
-        if rewind:
-            await consumer.seek_to_beginning(*rewind)
-        fresh = [tp for tp in tps if tp not in kept and tp not in rewind]
-        if fresh:
-            await consumer.seek_to_end(*fresh)
-        ends = await consumer.end_offsets(tps)
-        positions = {tp: await consumer.position(tp) for tp in tps}
+        seek = {tp: position for tp, position in kept.items() if tp in self._followings}
         for following in added:
             tp = following.tp
-            if following.history:
-                following.next, following.end = positions[tp], ends[tp]
-            else:  # nothing already in the topic, everything appended from now on
-                start = positions[tp] if tp in fresh else ends[tp]
-                following.next = following.end = start
-                following.loaded.set_result(None)
-        self._check_loaded(positions)
+            seek[tp] = min(seek.get(tp, following.next), following.next)
+            self._followings.setdefault(tp, []).append(following)
+        reassigned = set(self._followings) != set(kept)
+        if reassigned:
+            consumer.assign(list(self._followings))
+            self._last_poll = {tp: None for tp in self._followings}
+        for tp, position in seek.items():
+            if reassigned or kept[tp] != position:
+                consumer.seek(tp, position)
 
     async def _dispatch(self, consumer: AIOKafkaConsumer, records: dict) -> None:
         for tp, batch in records.items():
@@ -221,11 +217,8 @@ class TopicReader:
                 for following in list(self._followings.get(tp, ())):
                     if record.offset >= following.next:
                         following.next = record.offset + 1
-                        live = record.offset >= following.end
-                        self._hand(following, following.on_record, record, live)
-        positions = {tp: await consumer.position(tp) for tp in self._followings}
-        self._check_loaded(positions)
-        for tp, position in positions.items():
+                        self._hand(following, following.on_record, record, True)
+        for tp in list(self._followings):
             # A fetch answered since the last poll (of this assignment: a new one
             # starts with none), and nothing left unread: the followers held the whole
             # topic at this moment.
@@ -233,9 +226,9 @@ class TopicReader:
             if poll is None or poll == self._last_poll.get(tp):
                 continue
             self._last_poll[tp] = poll
-            if position >= (consumer.highwater(tp) or 0):
-                for following in self._followings[tp]:
-                    if following.loaded.done() and following.on_current is not None:
+            if await consumer.position(tp) >= (consumer.highwater(tp) or 0):
+                for following in list(self._followings.get(tp, ())):
+                    if following.on_current is not None:
                         self._hand(following, following.on_current)
 
     def _hand(self, following: Following, callback: Callable, *args) -> None:
@@ -246,15 +239,6 @@ class TopicReader:
             logger.exception("dropped a follower of %s", following.tp.topic)
             following.failed = True
             self.unfollow(following)
-            if not following.loaded.done():
-                following.loaded.set_exception(KafkaError("the follower failed"))
-
-    def _check_loaded(self, positions: dict[TopicPartition, int]) -> None:
-        """Mark loaded the followers whose history has been handed over."""
-        for tp, position in positions.items():
-            for following in self._followings.get(tp, ()):
-                if not following.loaded.done() and position >= following.end:
-                    following.loaded.set_result(None)
 
 
 def _ignore(record: ConsumerRecord, live: bool) -> None:
