@@ -125,7 +125,7 @@ class CompactedView(Generic[T]):
 
     async def stop(self) -> None:
         if self._following is not None:
-            TopicReader.of(self._bus).unfollow(self._following)
+            await TopicReader.of(self._bus).unfollow(self._following)
             self._following = None
 
     def _receive(self, record: ConsumerRecord, live: bool) -> None:

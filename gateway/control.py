@@ -81,4 +81,4 @@ async def follow_keyframe_requests(
     try:
         await asyncio.Future()  # until cancelled
     finally:
-        reader.unfollow(following)
+        await reader.unfollow(following)

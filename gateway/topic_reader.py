@@ -101,9 +101,19 @@ class TopicReader:
             self._task = asyncio.create_task(self._run(), name="topic-reader")
         return following
 
-    def unfollow(self, following: Following) -> None:
-        """Stop handing records to ``following`` (at once; the consumer is re-assigned,
-        or stopped with the last one, in the reader's task)."""
+    async def unfollow(self, following: Following) -> None:
+        """Stop handing records to ``following`` at once; the consumer is re-assigned in
+        the reader's task, or, after the last follower, stopped before this returns."""
+        self._drop(following)
+        task = self._task
+        if (
+            task is not None
+            and not self._added
+            and all(f in self._removed for fs in self._followings.values() for f in fs)
+        ):
+            await asyncio.gather(asyncio.shield(task), return_exceptions=True)
+
+    def _drop(self, following: Following) -> None:
         if following in self._added:
             self._added.remove(following)
         else:
@@ -238,7 +248,7 @@ class TopicReader:
         except Exception:
             logger.exception("dropped a follower of %s", following.tp.topic)
             following.failed = True
-            self.unfollow(following)
+            self._drop(following)
 
 
 def _ignore(record: ConsumerRecord, live: bool) -> None:

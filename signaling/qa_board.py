@@ -155,7 +155,7 @@ class Board:
         for subscription in list(self.subscribers):
             subscription.close()
         if self._following is not None:
-            self._reader.unfollow(self._following)
+            await self._reader.unfollow(self._following)
             self._following = None
 
     @property
