@@ -174,7 +174,6 @@ class TopicReader:
 
     async def _poll(self, consumer: AIOKafkaConsumer) -> dict:
         """The next records, or none as soon as a follower comes or goes."""
-        self._changed.clear()
         poll = asyncio.ensure_future(consumer.getmany(timeout_ms=POLL_TIMEOUT_MS))
         changed = asyncio.ensure_future(self._changed.wait())
         try:
@@ -194,6 +193,7 @@ class TopicReader:
     async def _reassign(self, consumer: AIOKafkaConsumer) -> None:
         """Apply the followers that came and went: one new assignment, every partition
         seeked to where its followers are."""
+        self._changed.clear()
         added, self._added = self._added, []
         removed, self._removed = self._removed, []
         for following in removed:
@@ -203,9 +203,9 @@ class TopicReader:
             if not others:
                 self._followings.pop(following.tp, None)
         if not self._followings and not added:
-            # Left as it was: the consumer stops next. (Stopping it just after a new
-            # assignment can hang aiokafka's fetcher, which swallows the cancellation
-            # while it cancels the old assignment's fetches.)
+            # Left as it is: the consumer stops next. (Stopping it in the same turn as
+            # a new assignment hangs: aiokafka's fetcher swallows the cancellation while
+            # it cancels the replaced assignment's fetches.)
             return
         kept = {tp: await consumer.position(tp) for tp in consumer.assignment()}
         seek = {tp: position for tp, position in kept.items() if tp in self._followings}

@@ -121,3 +121,30 @@ async def test_followers_come_and_go_without_losing_records(kafka) -> None:
         assert reader._task is None or reader._task.done()
         await bus.stop()
     assert all(c._closed for c in consumers)
+
+
+async def test_leaving_at_once_stops_the_consumer(kafka) -> None:
+    """Followers leaving right after one came (a node stopped just after it started):
+    the consumer stops. (Re-assigned to nothing and stopped in the same turn, it hung:
+    aiokafka's fetcher swallowed the stop while it cancelled the old fetches.)"""
+    prefix = f"reader{uuid.uuid4().hex[:6]}"
+    topics = [f"{prefix}.{n}" for n in range(2)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 1, 1) for topic in topics])
+    await admin.close()
+    bus = Bus(Settings.from_env(env={}, kafka_bootstrap=kafka.bootstrap), Metrics())
+    await bus.start()
+    reader = TopicReader.of(bus)
+    try:
+        for turns in range(6):
+            first = await reader.follow(topics[0], lambda record, live: None, history=True)
+            await asyncio.sleep(0.3)  # the consumer has started and polls
+            second = await reader.follow(topics[1], lambda record, live: None, history=False)
+            for _ in range(turns):  # the reader re-assigns, and is a few turns on
+                await asyncio.sleep(0)
+            await asyncio.wait_for(reader.unfollow(first), 10)
+            await asyncio.wait_for(reader.unfollow(second), 10)
+            assert reader._task.done()
+    finally:
+        await bus.stop()
