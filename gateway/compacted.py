@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Generic, TypeVar
 
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
-from .bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
+from .bus import Bus
+from .topic_reader import Following, TopicReader
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,13 @@ class Beat:
 
 
 class CompactedView(Generic[T]):
-    """Follows ``topic`` into :attr:`records`.
+    """Follows ``topic`` into :attr:`records`, through the node's one
+    :class:`~whipcast.gateway.topic_reader.TopicReader`.
 
     For heartbeat topics, ``confirm`` (records that claim a live writer) and
     ``heartbeat_s`` (how often writers re-send) make :meth:`start` wait for the fresh
     beats that confirm what the history says; ``stale_after_s`` bounds which history
-    records are worth waiting for. Views whose records nobody judges by silence pass
-    ``fetch_wait_ms=None`` (the frame readers' longer wait): a record still arrives at
-    once, and the idle view sends fewer empty fetches.
+    records are worth waiting for.
     """
 
     def __init__(
@@ -81,7 +81,6 @@ class CompactedView(Generic[T]):
         confirm: Callable[[T], bool] | None = None,
         heartbeat_s: float = 0.0,
         stale_after_s: float = 0.0,
-        fetch_wait_ms: int | None = CONTROL_FETCH_MAX_WAIT_MS,
     ) -> None:
         self._bus = bus
         self._topic = topic
@@ -89,76 +88,56 @@ class CompactedView(Generic[T]):
         self._confirm = confirm
         self._heartbeat_s = heartbeat_s
         self._stale_after_s = stale_after_s
-        self._fetch_wait_ms = fetch_wait_ms
         self.records: dict[str, T] = {}
         self._changed = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._following: Following | None = None
         self._current_at = -math.inf
-        self._last_poll: int | None = None
+        self._newest_ms = -math.inf
+        self._appended_ms: dict[str, int] = {}
 
     async def start(self) -> None:
         """Load the topic up to its current end, then keep following it."""
-        consumer = self._bus.consumer(self._fetch_wait_ms)
-        await consumer.start()
-        tp = TopicPartition(self._topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        newest_ms = -math.inf
-        appended_ms: dict[str, int] = {}
-        while await consumer.position(tp) < end:
-            for records in (await consumer.getmany(tp, timeout_ms=1000)).values():
-                for record in records:
-                    self._apply(record, live=False)
-                    newest_ms = max(newest_ms, record.timestamp)
-                    if record.key is not None:
-                        appended_ms[record.key.decode(errors="replace")] = record.timestamp
+        self._following = await TopicReader.of(self._bus).follow(
+            self._topic, self._receive, history=True, on_current=self._now_current
+        )
         self._current_at = time.monotonic()
+        appended_ms, self._appended_ms = self._appended_ms, {}
         if self._confirm is not None:
-            recent = newest_ms - 1000 * self._stale_after_s
+            recent = self._newest_ms - 1000 * self._stale_after_s
             waiting = {
                 name
                 for name, info in self.records.items()
                 if appended_ms.get(name, -math.inf) >= recent and self._confirm(info)
             }
-            await self._confirm_beats(consumer, tp, waiting)
-        self._task = asyncio.create_task(self._follow(consumer, tp), name=f"view-{self._topic}")
+            await self._confirm_beats(waiting)
 
-    async def _confirm_beats(self, consumer, tp: TopicPartition, waiting: set[str]) -> None:
-        """Read on, for up to a heartbeat interval, until every record in ``waiting``
-        has been beaten afresh (or has gone)."""
-        deadline = time.monotonic() + self._heartbeat_s + 0.5
-        while time.monotonic() < deadline:
-            waiting = {
-                n for n in waiting if n in self.records and self.records[n].silence() == math.inf
-            }
-            if not waiting:
-                return
-            await self._poll(consumer, tp, timeout_ms=200)
+    async def _confirm_beats(self, waiting: set[str]) -> None:
+        """Wait, for up to a heartbeat interval, until every record in ``waiting`` has
+        been beaten afresh (or has gone)."""
+
+        def confirmed() -> bool:
+            return not any(
+                name in self.records and self.records[name].silence() == math.inf
+                for name in waiting
+            )
+
+        await self.wait_for(confirmed, self._heartbeat_s + 0.5)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._following is not None:
+            await TopicReader.of(self._bus).unfollow(self._following)
+            self._following = None
 
-    async def _follow(self, consumer, tp: TopicPartition) -> None:
-        try:
-            while True:
-                await self._poll(consumer, tp, timeout_ms=1000)
-        finally:
-            await consumer.stop()
+    def _receive(self, record: ConsumerRecord, live: bool) -> None:
+        if not live:
+            self._newest_ms = max(self._newest_ms, record.timestamp)
+            if record.key is not None:
+                self._appended_ms[record.key.decode(errors="replace")] = record.timestamp
+        self._apply(record, live)
 
-    async def _poll(self, consumer, tp: TopicPartition, timeout_ms: int) -> None:
-        for records in (await consumer.getmany(timeout_ms=timeout_ms)).values():
-            for record in records:
-                self._apply(record, live=True)
-        # A fetch answered since the last poll, and nothing left unread: this view held
-        # the whole topic at this moment.
-        poll = consumer.last_poll_timestamp(tp)
-        if poll != self._last_poll:
-            self._last_poll = poll
-            if await consumer.position(tp) >= (consumer.highwater(tp) or 0):
-                self._current_at = time.monotonic()
+    def _now_current(self) -> None:
+        """The reader found nothing more to read: this view held the whole topic now."""
+        self._current_at = time.monotonic()
 
     def _silence_since(self, received: float) -> float:
         return max(0.0, self._current_at - received)

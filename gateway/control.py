@@ -14,9 +14,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import ConsumerRecord
 
-from .bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
+from .bus import Bus
+from .topic_reader import TopicReader
 
 logger = logging.getLogger(__name__)
 
@@ -60,25 +61,24 @@ async def follow_keyframe_requests(
     bus: Bus, handler: Callable[[str, int, int | None], None]
 ) -> None:
     """Ingest side: call ``handler(stream, session, layer)`` for every new request, for
-    ever (``layer`` ``None``: any layer will do)."""
-    consumer = bus.consumer(CONTROL_FETCH_MAX_WAIT_MS)
-    await consumer.start()
+    ever (``layer`` ``None``: any layer will do), through the node's one
+    :class:`~whipcast.gateway.topic_reader.TopicReader`."""
+
+    def receive(record: ConsumerRecord, live: bool) -> None:
+        try:
+            message = json.loads(record.value)
+            stream = record.key.decode()
+            session = int(message["session"])
+            layer = message.get("layer")
+            layer = None if layer is None else int(layer)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+        if message.get("type") == "keyframe":
+            handler(stream, session, layer)
+
+    reader = TopicReader.of(bus)
+    following = await reader.follow(bus.control_topic, receive, history=False)
     try:
-        tp = TopicPartition(bus.control_topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_end(tp)
-        while True:
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
-                for record in records:
-                    try:
-                        message = json.loads(record.value)
-                        stream = record.key.decode()
-                        session = int(message["session"])
-                        layer = message.get("layer")
-                        layer = None if layer is None else int(layer)
-                    except (ValueError, KeyError, TypeError, AttributeError):
-                        continue
-                    if message.get("type") == "keyframe":
-                        handler(stream, session, layer)
+        await asyncio.Future()  # until cancelled
     finally:
-        await consumer.stop()
+        await reader.unfollow(following)

@@ -35,7 +35,7 @@ class SessionsView(CompactedView[StreamInfo]):
     """This node's copy of the session history, followed live from Kafka."""
 
     def __init__(self, bus: Bus, live: Callable[[str], StreamInfo | None]) -> None:
-        super().__init__(bus, bus.sessions_topic, StreamInfo.decode, fetch_wait_ms=None)
+        super().__init__(bus, bus.sessions_topic, StreamInfo.decode)
         self._bus = bus
         self._live = live
 

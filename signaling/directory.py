@@ -38,9 +38,7 @@ class Directory:
         self.topic = f"{settings.topic_prefix}.directory"
         self._settings = settings
         self._log = log
-        self._view: CompactedView[dict] = CompactedView(
-            bus, self.topic, _decode, fetch_wait_ms=None
-        )
+        self._view: CompactedView[dict] = CompactedView(bus, self.topic, _decode)
 
     async def start(self) -> None:
         await self._log.ensure(

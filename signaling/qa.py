@@ -30,11 +30,12 @@ import unicodedata
 
 from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError
-from whipcast.gateway.bus import CONTROL_FETCH_MAX_WAIT_MS, Bus
+from whipcast.gateway.bus import Bus
 from whipcast.gateway.errors import NotLive, SessionError, Unavailable
 from whipcast.gateway.metrics import Metrics
 from whipcast.gateway.registry import RegistryView
 from whipcast.gateway.settings import Settings
+from whipcast.gateway.topic_reader import TopicReader
 
 from .clientid import ClientIds, shared_secret
 from .kafkalog import StateLog
@@ -172,7 +173,7 @@ class QAService:
                 )  # fmt: skip
             elif not await self._log.exists(topic):
                 raise NotLive(f"stream {stream!r} has no questions: it is not live")
-            board = Board(stream, topic, self._bus.consumer(CONTROL_FETCH_MAX_WAIT_MS),
+            board = Board(stream, topic, TopicReader.of(self._bus),
                           self._metrics, self.settings)  # fmt: skip
             try:
                 await board.start()

@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter, Gauge
 from whipcast.gateway.errors import Unavailable
 from whipcast.gateway.metrics import Metrics
 from whipcast.gateway.settings import Settings
+from whipcast.gateway.topic_reader import Following, TopicReader
 
-from .kafkalog import read_to_end
 from .ratelimit import RateLimiter
-
-logger = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 10.0
 
@@ -118,7 +114,7 @@ class Board:
     """One stream's questions on this node, folded from its topic and followed live."""
 
     def __init__(
-        self, stream: str, topic: str, consumer: AIOKafkaConsumer, metrics: BoardMetrics,
+        self, stream: str, topic: str, reader: TopicReader, metrics: BoardMetrics,
         settings: Settings,
     ) -> None:  # fmt: skip
         self.stream = stream
@@ -127,11 +123,11 @@ class Board:
         self.last_used = time.monotonic()
         self.next_offset = 0
         """Offset of the first record not yet applied."""
-        self._tp = TopicPartition(topic, 0)
-        self._consumer = consumer
+        self._topic = topic
+        self._reader = reader
+        self._following: Following | None = None
         self._metrics = metrics
         self._applied = asyncio.Event()
-        self._task: asyncio.Task | None = None
         self._max_questions = settings.qa_max_questions
         self._limits = {
             "question": (
@@ -146,34 +142,34 @@ class Board:
         }  # fmt: skip
 
     async def start(self) -> None:
-        await self._consumer.start()
-        self._consumer.assign([self._tp])
-        if not await read_to_end(self._consumer, self._tp, self._apply, LOAD_TIMEOUT_S):
-            raise Unavailable("the question log could not be read in time; try again")
-        self._task = asyncio.create_task(self._follow(), name=f"qa-{self.stream}")
+        """Fold the log up to its current end, then follow it (through the node's one
+        :class:`~whipcast.gateway.topic_reader.TopicReader`)."""
+        try:
+            self._following = await asyncio.wait_for(
+                self._reader.follow(self._topic, self._receive, history=True), LOAD_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise Unavailable("the question log could not be read in time; try again") from None
 
     async def stop(self) -> None:
         for subscription in list(self.subscribers):
             subscription.close()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self._consumer.stop()
+        if self._following is not None:
+            await self._reader.unfollow(self._following)
+            self._following = None
 
     @property
     def failed(self) -> bool:
-        return self._task is not None and self._task.done()
+        """Its fold raised (a bug): it is reopened on next use."""
+        return self._following is not None and self._following.failed
 
-    async def _follow(self) -> None:
+    def _receive(self, record: ConsumerRecord, live: bool) -> None:
         try:
-            while True:
-                for records in (await self._consumer.getmany(timeout_ms=1000)).values():
-                    for record in records:
-                        self._apply(record)
-        except Exception:  # the board is dropped and reopened on next use; clients reconnect
-            logger.exception("stopped following the questions of %s", self.stream)
+            self._apply(record)
+        except Exception:  # the reader drops this board, reopened on next use
             for subscription in list(self.subscribers):
                 subscription.close()
+            raise
 
     async def wait_applied(self, offset: int, timeout: float) -> bool:
         """Wait (bounded) until the record at ``offset`` has been applied here."""

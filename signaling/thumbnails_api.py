@@ -27,7 +27,7 @@ class Thumbnails:
         self._settings = settings
         self._log = log
         self._view: CompactedView[Thumbnail] = CompactedView(
-            bus, thumbnails_topic(settings.topic_prefix), Thumbnail.decode, fetch_wait_ms=None
+            bus, thumbnails_topic(settings.topic_prefix), Thumbnail.decode
         )
 
     async def start(self) -> None:
