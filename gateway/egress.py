@@ -58,6 +58,10 @@ BURST_CHUNK = 8  # GOP frames sent to a viewer between two yields to the loop
 BUDGET_BURST_S = 1.0  # a viewer's send budget holds this many seconds of its rate
 SELECT_INTERVAL_S = 0.25  # how often a layered stream's viewers' layers are reconsidered
 TRY_CHECK_S = 0.05  # ... and a viewer's that just switched up, to undo a failed try at once
+# A stream whose record still says live, in the same session, but whose ingest has not
+# been heard from lately (a node heartbeat 2 s late: it queued behind a broker failover)
+# keeps its viewers this long before it counts as ended; an ended record ends it at once.
+SILENT_GRACE_S = 3.0
 
 
 @dataclass
@@ -763,6 +767,7 @@ class StreamFanout:
                     self._packetizers[(track, layer)] = packetizer
         self._tasks: list[asyncio.Task] = []
         self._idle_since = time.monotonic()
+        self._silent_since: float | None = None
 
     @property
     def gop(self) -> list[PreparedFrame]:
@@ -1129,7 +1134,8 @@ class EgressNode:
         """End fan-outs whose stream ended, and idle ones after a grace period.
 
         While Kafka is unreachable, and until heartbeats had time to arrive after it is
-        back, nothing can be known about streams, so viewers are kept and resume.
+        back, nothing can be known about streams, so viewers are kept and resume. Nor
+        is a stream only not heard from lately ended at once (``SILENT_GRACE_S``).
         """
         while True:
             await asyncio.sleep(0.5)
@@ -1138,6 +1144,13 @@ class EgressNode:
             for fanout in list(self.fanouts.values()):
                 info = self.view.get(fanout.stream)
                 ended = informed and (info is None or info.session != fanout.session)
+                record = self.view.records.get(fanout.stream)
+                if not ended or record is None or record.state != "live":
+                    fanout._silent_since = None
+                elif record.session == fanout.session:  # live by its record, only silent
+                    if fanout._silent_since is None:
+                        fanout._silent_since = now
+                    ended = now - fanout._silent_since > SILENT_GRACE_S
                 idle = not fanout.viewers and now - fanout._idle_since > self.settings.fanout_linger
                 if ended or idle:
                     if ended:

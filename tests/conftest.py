@@ -4,8 +4,10 @@ it. Nothing here is mocked."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -19,6 +21,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def until(condition, timeout: float, interval: float = 0.02) -> bool:
+    """Wait for ``condition()`` to hold, up to ``timeout`` seconds; whether it did.
+
+    Tests wait for what they need rather than sleep a fixed time: as fast as the machine
+    allows, and bounded generously enough for a loaded one."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
 
 
 @pytest.fixture(scope="session")

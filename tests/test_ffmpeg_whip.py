@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aioice.ice
 import av
 import numpy as np
 import pytest
@@ -44,7 +45,10 @@ from .peers import Viewer, play
 ROOT = Path(__file__).resolve().parent.parent
 FPS = 30
 PUBLISH_SECONDS = 6.0
-LONG_PUBLISH_SECONDS = 45.0
+CONSENT_INTERVAL_S = 1
+"""aioice's consent check interval for the long test (5 s by default): it gives up after
+6 unanswered checks (``CONSENT_FAILURES``), 4.8-7.2 s at 1 s instead of 24-36 s."""
+LONG_PUBLISH_SECONDS = 20.0
 AUDIO_RATE = 48000
 AUDIO_FRAME = 960  # 20 ms of Opus
 CHILD = (
@@ -221,9 +225,14 @@ async def test_ffmpeg_whip_publish(server, stream_name, tmp_path):
     assert run.session_lasted is not None, "the WHIP session outlived FFmpeg's DELETE"
 
 
-async def test_ffmpeg_whip_outlives_consent_checks(server, stream_name, tmp_path, caplog):
+async def test_ffmpeg_whip_outlives_consent_checks(
+    server, stream_name, tmp_path, caplog, monkeypatch
+):
     """A publish longer than ICE consent freshness allows without answers (RFC 7675:
-    aioice gives up after 6 unanswered checks, about 30 s) keeps going to the end."""
+    aioice gives up after 6 unanswered checks, about 30 s at its 5 s interval; checks
+    every second here, so twice that fits in a 20 s publish) keeps going to the end."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", CONSENT_INTERVAL_S)
+    assert LONG_PUBLISH_SECONDS > 2 * 1.2 * CONSENT_INTERVAL_S * aioice.ice.CONSENT_FAILURES
     caplog.set_level(logging.INFO, logger="aioice")
     caplog.set_level(logging.INFO, logger="whipcast.gateway")
     run = await publish_and_watch(server, stream_name, tmp_path, LONG_PUBLISH_SECONDS)

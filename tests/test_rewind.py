@@ -2,7 +2,8 @@
 
 One publisher (frames carry a counter; ``counter / FPS`` seconds after its first frame)
 runs for the whole module; after ``WARMUP_S`` viewers start in its past, seek, pause and
-go live, and a second stream is published, ended, replayed and re-published.
+go live. Meanwhile (first) a second stream is published, ended, replayed and
+re-published.
 """
 
 from __future__ import annotations
@@ -24,13 +25,21 @@ SWITCH_S = 2.0  # a switch must show within 500 ms; bounded generously on a busy
 
 
 @pytest.fixture(scope="module")
-async def source(server):
-    """A publisher that has been live for ``WARMUP_S``."""
+async def warming(server):
+    """The module's publisher, from the first test on (which needs no past of it, so the
+    warm-up runs during that test), and when it went live."""
     publisher = await publish(server.url, "rewind-source", fps=FPS)
     await server.node.view.wait_for(lambda: server.node.view.get("rewind-source"), 10)
-    await asyncio.sleep(WARMUP_S)
-    yield publisher
+    yield publisher, time.monotonic()
     await publisher.close()
+
+
+@pytest.fixture(scope="module")
+async def source(warming):
+    """A publisher that has been live for ``WARMUP_S``."""
+    publisher, live_at = warming
+    await asyncio.sleep(max(0.0, live_at + WARMUP_S - time.monotonic()))
+    return publisher
 
 
 def counter_at(publisher: Publisher, moment: float) -> float:
@@ -114,6 +123,66 @@ def media_clock(seen: list[tuple[float, int, int]], rate: int, start: float, end
             offsets.append(arrival - unwrapped / rate)
     assert offsets, "no packets in the span"
     return min(offsets)
+
+
+async def test_replay_of_an_ended_stream(server, stream_name, warming):
+    """(First: the module's publisher warms up meanwhile.)"""
+    http = aiohttp.ClientSession(base_url=server.url)
+    view = server.node.view
+    publisher = await publish(server.url, stream_name, fps=FPS)
+    await view.wait_for(lambda: view.get(stream_name), 10)
+    session = view.get(stream_name).session
+    await asyncio.sleep(5)
+    await publisher.close()
+    last = publisher.track.counter - 1
+    await view.wait_for(lambda: view.get(stream_name) is None, 5)
+    # The session history is its own compacted view: until it has read the "ended"
+    # record, the replay ends at the last heartbeat (up to 2 s short). Bounded wait.
+    for _ in range(50):
+        async with http.get("/api/streams?state=ended") as response:
+            assert response.status == 200
+            body = await response.json()
+            replays = [r for r in body["streams"] if r["stream"] == stream_name]
+        if replays and replays[0]["duration"] > 4:
+            break
+        await asyncio.sleep(0.1)
+    assert len(replays) == 1
+    replay = replays[0]
+    assert replay["session"] == f"{session:08x}"
+    assert replay["thumbnail"] == f"/api/streams/{stream_name}/thumbnail"
+    assert 4 < replay["duration"] < 10 and replay["ended"] > replay["started"]
+    assert {"title", "started", "ended"} <= set(replay)
+    # A new publish of the same name: the replay must not show its frames.
+    again = await publish(server.url, stream_name, fps=FPS)
+    try:
+        query = f"session={replay['session']}&start={int(replay['started'] * 1000)}"
+        viewer = await play(server.url, stream_name, query)
+        await viewer.wait_frames(2 * FPS)
+        counters = [c for _, c, _ in viewer.frames]
+        assert counters[0] < GOP_S * FPS
+        ended = None
+        for _ in range(150):
+            status, now = await position(viewer)
+            if status == 200 and now["ended"]:
+                ended = now
+                break
+            await asyncio.sleep(0.1)
+        assert ended is not None, "the replay reports its end"
+        assert not ended["live"]
+        counters = [c for _, c, _ in viewer.frames]
+        assert counters == sorted(set(counters)), "in order, and no frame of the new publish"
+        assert counters[-1] >= last - FPS, (counters[-1], last)
+        # Then the server closes the session.
+        for _ in range(100):
+            async with http.get(viewer.location + "/position") as response:
+                if response.status == 404:
+                    break
+            await asyncio.sleep(0.1)
+        assert response.status == 404
+        await viewer.close(delete=False)
+    finally:
+        await again.close()
+        await http.close()
 
 
 async def test_start_in_the_past_plays_from_there_in_real_time(server, source):
@@ -233,65 +302,6 @@ async def test_seek_pause_and_live_without_renegotiation(server, source):
         assert_continuous(packets)
     finally:
         await viewer.close()
-
-
-async def test_replay_of_an_ended_stream(server, stream_name):
-    http = aiohttp.ClientSession(base_url=server.url)
-    view = server.node.view
-    publisher = await publish(server.url, stream_name, fps=FPS)
-    await view.wait_for(lambda: view.get(stream_name), 10)
-    session = view.get(stream_name).session
-    await asyncio.sleep(5)
-    await publisher.close()
-    last = publisher.track.counter - 1
-    await view.wait_for(lambda: view.get(stream_name) is None, 5)
-    # The session history is its own compacted view: until it has read the "ended"
-    # record, the replay ends at the last heartbeat (up to 2 s short). Bounded wait.
-    for _ in range(50):
-        async with http.get("/api/streams?state=ended") as response:
-            assert response.status == 200
-            body = await response.json()
-            replays = [r for r in body["streams"] if r["stream"] == stream_name]
-        if replays and replays[0]["duration"] > 4:
-            break
-        await asyncio.sleep(0.1)
-    assert len(replays) == 1
-    replay = replays[0]
-    assert replay["session"] == f"{session:08x}"
-    assert replay["thumbnail"] == f"/api/streams/{stream_name}/thumbnail"
-    assert 4 < replay["duration"] < 10 and replay["ended"] > replay["started"]
-    assert {"title", "started", "ended"} <= set(replay)
-    # A new publish of the same name: the replay must not show its frames.
-    again = await publish(server.url, stream_name, fps=FPS)
-    try:
-        query = f"session={replay['session']}&start={int(replay['started'] * 1000)}"
-        viewer = await play(server.url, stream_name, query)
-        await viewer.wait_frames(2 * FPS)
-        counters = [c for _, c, _ in viewer.frames]
-        assert counters[0] < GOP_S * FPS
-        ended = None
-        for _ in range(150):
-            status, now = await position(viewer)
-            if status == 200 and now["ended"]:
-                ended = now
-                break
-            await asyncio.sleep(0.1)
-        assert ended is not None, "the replay reports its end"
-        assert not ended["live"]
-        counters = [c for _, c, _ in viewer.frames]
-        assert counters == sorted(set(counters)), "in order, and no frame of the new publish"
-        assert counters[-1] >= last - FPS, (counters[-1], last)
-        # Then the server closes the session.
-        for _ in range(100):
-            async with http.get(viewer.location + "/position") as response:
-                if response.status == 404:
-                    break
-            await asyncio.sleep(0.1)
-        assert response.status == 404
-        await viewer.close(delete=False)
-    finally:
-        await again.close()
-        await http.close()
 
 
 async def _offer() -> tuple[RTCPeerConnection, str]:

@@ -31,17 +31,20 @@ async def start_tap(server, stream: str, *args: str) -> asyncio.subprocess.Proce
 
 
 async def read_for(process: asyncio.subprocess.Process, seconds: float) -> bytes:
-    """What the tap wrote within ``seconds``."""
-    chunks: list[bytes] = []
+    """What the tap wrote within ``seconds`` of its first output (a new Python process
+    takes seconds to import and connect, more on a busy machine: up to 60 s)."""
+    first = await asyncio.wait_for(process.stdout.read(65536), 60)
+    chunks: list[bytes] = [first]
 
     async def pump() -> None:
         while chunk := await process.stdout.read(65536):
             chunks.append(chunk)
 
-    try:
-        await asyncio.wait_for(pump(), seconds)
-    except TimeoutError:
-        pass
+    if first:
+        try:
+            await asyncio.wait_for(pump(), seconds)
+        except TimeoutError:
+            pass
     return b"".join(chunks)
 
 
@@ -67,7 +70,7 @@ async def test_tap_h264_mpegts_until_the_stream_ends(server, stream_name):
         await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 10)
         await asyncio.sleep(1.0)
         process = await start_tap(server, stream_name)
-        data = await read_for(process, READ_S + 3)  # the process starts in ~2 s
+        data = await read_for(process, READ_S)
     finally:
         await publisher.close()
     # The publisher left: the tap finishes by itself, with what was left to read.
@@ -90,7 +93,7 @@ async def test_tap_vp8_webm_from_the_past_until_ctrl_c(server, stream_name):
         _, stderr = await asyncio.wait_for(refused.communicate(), 30)
         assert refused.returncode != 0 and "use webm" in stderr.decode()
         process = await start_tap(server, stream_name, "--start=-3")
-        data = await read_for(process, READ_S + 2)
+        data = await read_for(process, READ_S)
         process.send_signal(signal.SIGINT)
         data += await asyncio.wait_for(process.stdout.read(), 20)
         _, stderr = await asyncio.wait_for(process.communicate(), 10)
