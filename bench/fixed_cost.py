@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -406,8 +407,14 @@ async def _mediamtx(args, children: Children, tmp: Path, log) -> Server:
 
 def in_out_latency(records: list, server_ports: set[int]) -> list[float]:
     """ms from a frame's last packet reaching the server to the server sending it to a
-    viewer, for every (frame, viewer) pair; outgoing flows are matched to incoming ones
-    by the RTP timestamp offset most of their first packets agree on."""
+    viewer, for every (frame, viewer) pair.
+
+    Outgoing flows are matched to incoming ones by an RTP timestamp offset that their
+    first packets agree on. The frames that came in just before a send all get a vote,
+    so a server that keeps timestamps ties the true offset with one or two frame
+    intervals (each an older frame); of the offsets with about the most votes, the one
+    with the shortest median latency is the match (an older frame only adds a frame
+    interval)."""
     incoming: dict[int, list[tuple[int, int]]] = defaultdict(list)  # ts -> [(ns, flow)]
     in_list: list[tuple[int, int]] = []
     outgoing: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
@@ -418,6 +425,17 @@ def in_out_latency(records: list, server_ports: set[int]) -> list[float]:
         elif sport in server_ports:
             outgoing[(sport, dport)].append((ns, ts))
     in_list.sort()
+
+    def latencies(packets: list[tuple[int, int]], offset: int) -> list[float]:
+        found = []
+        for ns, ts in packets:
+            sources = incoming.get((ts - offset) & 0xFFFFFFFF)
+            if sources:
+                earlier = [s for s, _ in sources if s <= ns]
+                if earlier:
+                    found.append((ns - max(earlier)) / 1e6)
+        return found
+
     out = []
     for packets in outgoing.values():
         votes: Counter[int] = Counter()
@@ -429,13 +447,10 @@ def in_out_latency(records: list, server_ports: set[int]) -> list[float]:
                 votes[(ts - in_list[k][1]) & 0xFFFFFFFF] += 1
         if not votes:
             continue
-        offset, _ = votes.most_common(1)[0]
-        for ns, ts in packets:
-            sources = incoming.get((ts - offset) & 0xFFFFFFFF)
-            if sources:
-                earlier = [s for s, _ in sources if s <= ns]
-                if earlier:
-                    out.append((ns - max(earlier)) / 1e6)
+        top = votes.most_common(1)[0][1]
+        candidates = [latencies(packets, o) for o, n in votes.items() if n >= 0.9 * top]
+        candidates = [c for c in candidates if len(c) * 2 >= len(packets)] or candidates
+        out.extend(min(candidates, key=lambda c: statistics.median(c) if c else math.inf))
     return out
 
 
