@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from whipcast.gateway.frames import Track
 
-from .conftest import start_server
+from .conftest import start_server, until
 from .peers import play, publish
 
 
@@ -55,15 +55,6 @@ def video_receiver(viewer):
     return receiver, receiver.getSynchronizationSources()[0].source
 
 
-async def until(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
 async def test_viewer_pli_is_answered_from_the_cache(quiet_server, stream_name):
     """A viewer's PLI gets that viewer the cached GOP; the publisher (and so every
     other viewer) is asked for a keyframe only when no GOP is cached."""
@@ -82,7 +73,7 @@ async def test_viewer_pli_is_answered_from_the_cache(quiet_server, stream_name):
         newest = viewer.frames[-1][1]
         await receiver._send_rtcp_pli(media_ssrc)  # a real RTCP PLI over SRTCP
         # The GOP again, from its keyframe: counters go back, then on to live.
-        assert await until(lambda: any(key for _, _, key in viewer.frames[start:])), (
+        assert await until(lambda: any(key for _, _, key in viewer.frames[start:]), 5.0), (
             "the viewer got no keyframe after its PLI"
         )
         assert min(c for _, c, _ in viewer.frames[start:]) < newest
@@ -98,7 +89,7 @@ async def test_viewer_pli_is_answered_from_the_cache(quiet_server, stream_name):
         server.node.egress.fanouts[stream_name].gop.clear()
         await asyncio.sleep(server.settings.viewer_keyframe_interval)
         await receiver._send_rtcp_pli(media_ssrc)
-        assert await until(lambda: len(calls) > before), "the publisher never got the PLI"
+        assert await until(lambda: len(calls) > before, 5.0), "the publisher never got the PLI"
         assert session.stats.upstream_keyframes == 1
         await viewer.close()
     finally:

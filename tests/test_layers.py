@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from .conftest import start_server
+from .conftest import start_server, until
 from .layered_source import LAYERS, LayeredSource
 from .peers import Link, play, publish_simulcast
 from .test_adaptation import max_gap
@@ -25,15 +25,6 @@ async def layers_server(kafka):
     server = await start_server(kafka)
     yield server
     await server.runner.cleanup()
-
-
-async def until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 def decoded_share(frames: list[tuple[float, int, bool]], since: float, until_: float) -> float:

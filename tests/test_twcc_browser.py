@@ -10,13 +10,12 @@ Drives ``tests/browser/watch_twcc.mjs`` against a node with an aiortc publisher.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from whipcast.gateway.frames import Track
 
 from .browser_harness import NEEDS_CHROMIUM, run_script
-from .conftest import start_server
+from .conftest import start_server, until
 from .peers import play, publish
 from .test_feedback import wait_live
 
@@ -29,15 +28,6 @@ async def adapt_server(kafka):
     server = await start_server(kafka, viewer_adapt=True)
     yield server
     await server.runner.cleanup()
-
-
-async def until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.1)
-    return True
 
 
 @pytest.mark.timeout(WATCH_S + 90)
