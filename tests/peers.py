@@ -115,6 +115,19 @@ def prefer(pc: RTCPeerConnection, kind: str, mime: str) -> None:
             t.setCodecPreferences(codecs + rtx[:1])
 
 
+async def hang_up(
+    session: aiohttp.ClientSession, location: str, pc: RTCPeerConnection, delete: bool
+) -> int | None:
+    """End a WHIP session (DELETE unless ``delete`` is false); the DELETE's status."""
+    status = None
+    if delete:
+        async with session.delete(location) as response:
+            status = response.status
+    await pc.close()
+    await session.close()
+    return status
+
+
 @dataclass
 class Publisher:
     pc: RTCPeerConnection
@@ -123,13 +136,7 @@ class Publisher:
     session: aiohttp.ClientSession
 
     async def close(self, delete: bool = True) -> int | None:
-        status = None
-        if delete:
-            async with self.session.delete(self.location) as response:
-                status = response.status
-        await self.pc.close()
-        await self.session.close()
-        return status
+        return await hang_up(self.session, self.location, self.pc, delete)
 
 
 async def post_sdp(session: aiohttp.ClientSession, url: str, sdp: str, headers=None):
@@ -439,13 +446,7 @@ class SimulcastPublisher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        status = None
-        if delete:
-            async with self.session.delete(self.location) as response:
-                status = response.status
-        await self.pc.close()
-        await self.session.close()
-        return status
+        return await hang_up(self.session, self.location, self.pc, delete)
 
     def _start(self, codec, rtx_pt: int | None) -> None:
         self._codec, self._rtx_pt = codec, rtx_pt
