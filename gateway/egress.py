@@ -983,15 +983,16 @@ class EgressNode:
 
     def snapshot(self, series: StreamSeries) -> None:
         """Per-stream counters for a metrics scrape (read, never reset)."""
+        counts = self.viewer_counts()
         for name, fanout in self.fanouts.items():
             totals = fanout.totals()
             lag_records, lag_ms = fanout.lag
             series.add(
                 "gauge",
                 "whipcast_egress_viewers",
-                "Viewers on this node",
+                "Viewers on this node, live or rewound",
                 name,
-                len(fanout.viewers),
+                counts[name],
             )
             series.add(
                 "counter",
@@ -1096,6 +1097,11 @@ class EgressNode:
     def forget(self, viewer: ViewerSession) -> None:
         if self.viewers.pop(viewer.resource_id, None) is not None:
             self._departed_octets += sum(s.octets_sent for s in viewer.senders.values())
+
+    def viewer_counts(self) -> collections.Counter[str]:
+        """Viewers per stream on this node, following the live edge or rewound (a
+        rewound viewer leaves its stream's fan-out but is still watching it)."""
+        return collections.Counter(v.stream for v in self.viewers.values())
 
     def octets_sent(self) -> int:
         """RTP payload bytes sent to viewers so far (present and departed)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -190,7 +189,7 @@ class Node:
             info.viewers = len(self.egress.viewers)
             info.sessions_started += self.egress.started
             # Counted from sessions, which exist from the POST on, like sessions_started.
-            info.streams = dict(Counter(v.stream for v in self.egress.viewers.values()))
+            info.streams = dict(self.egress.viewer_counts())
             info.bytes_total += self.egress.octets_sent()
         return info
 

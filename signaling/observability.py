@@ -74,6 +74,7 @@ def node_stats(node: Node) -> dict:
                 "rtp_packets_lost": session.rtp_packets_lost,
             }
     if node.egress is not None:
+        counts = node.egress.viewer_counts()
         for name, fanout in node.egress.fanouts.items():
             latency = list(fanout.latency_ms)[-300:]
             totals = fanout.totals()
@@ -82,7 +83,8 @@ def node_stats(node: Node) -> dict:
                 v.estimate.bitrate / 1000 for v in fanout.viewers if v.estimate is not None
             ]
             streams.setdefault(name, {})["egress"] = {
-                "viewers": len(fanout.viewers),
+                "viewers": counts[name],
+                "viewers_rewound": counts[name] - len(fanout.viewers),
                 "frames_sent": totals.frames_sent,
                 "keyframe_drops": totals.keyframe_drops,
                 "retransmissions": totals.retransmissions,

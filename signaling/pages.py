@@ -91,8 +91,7 @@ def _describe(node: Node, name: str) -> dict:
         "audio": info.audio,
     }
     if node.egress is not None and name in node.egress.fanouts:
-        fanout = node.egress.fanouts[name]
-        described["viewers_here"] = len(fanout.viewers)
+        described["viewers_here"] = node.egress.viewer_counts()[name]
     if node.ingest is not None and name in node.ingest.sessions:
         described["ingest"] = vars(node.ingest.sessions[name].stats)
     return described
@@ -127,8 +126,7 @@ def _replays(node: Node) -> list[dict]:
 def _viewers(node: Node, name: str) -> int:
     """Viewers on every egress node: this one counted directly, others from their last
     heartbeat in the node registry."""
-    here = node.egress.fanouts.get(name) if node.egress is not None else None
-    count = len(here.viewers) if here is not None else 0
+    count = node.egress.viewer_counts()[name] if node.egress is not None else 0
     for other in node.nodes.alive("egress"):
         if other.node != node.settings.node_id:
             count += other.streams.get(name, 0)

@@ -75,6 +75,11 @@ async def position(viewer: Viewer, move: dict | None = None) -> tuple[int, dict]
         return response.status, await response.json()
 
 
+async def stream_stats(url: str, stream: str) -> dict:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/api/stats") as response:
+        return (await response.json())["streams"][stream]["egress"]
+
+
 async def frames_after(viewer: Viewer, moment: float, count: int, timeout: float = 10.0):
     """The first ``count`` frames decoded after ``moment``."""
     deadline = time.monotonic() + timeout
@@ -242,6 +247,9 @@ async def test_seek_pause_and_live_without_renegotiation(server, source):
         target = counter_at(source, asked - 8)
         took, _ = await landing(viewer, asked, target - GOP_S * FPS, target + FPS)
         assert took < SWITCH_S
+        # A rewound viewer still counts as a viewer of the stream.
+        egress = await stream_stats(server.url, "rewind-source")
+        assert egress["viewers"] == 1 and egress["viewers_rewound"] == 1, egress
         await asyncio.sleep(2.5)
         # Audio keeps its place next to video: each track's timeline sits on the wall
         # clock where it sat while live (within 80 ms).

@@ -275,6 +275,7 @@ function adaptationTitle(eg) {
       `median ${fmt(eg.estimate_kbps_p50)} kbps`);
   }
   if (eg.viewers_paused) lines.push(`${eg.viewers_paused} viewers with video paused`);
+  if (eg.viewers_rewound) lines.push(`${eg.viewers_rewound} viewers watching the past`);
   return lines.join('\n');
 }
 
