@@ -279,7 +279,7 @@ def send_rtcp_now(dtls: RTCDtlsTransport, data: bytes) -> None:
     route = media_route(dtls)
     if route is not None:
         sock, addr = route
-        sock.sendto(dtls._tx_srtp.protect_rtcp(data), addr)
+        sock.sendto(srtcp_protect(dtls)(data), addr)
 
 
 # DTLS/SRTP transport
@@ -288,6 +288,11 @@ def send_rtcp_now(dtls: RTCDtlsTransport, data: bytes) -> None:
 def srtp_protect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes]:
     """The SRTP protect function of a connected transport (one per packet sent)."""
     return dtls._tx_srtp.protect
+
+
+def srtcp_protect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes]:
+    """The SRTCP protect function of a connected transport (compound RTCP)."""
+    return dtls._tx_srtp.protect_rtcp
 
 
 def srtp_tx_key(dtls: RTCDtlsTransport) -> tuple[str, bytes]:
