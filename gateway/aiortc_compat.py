@@ -147,14 +147,15 @@ class DirectReceive:
 
     aiortc's own path tries to parse every datagram as STUN, queues it on the aioice
     connection and wakes the DTLS transport's receive task, which unprotects, parses
-    and routes it through coroutines: most of a stream's and a viewer's fixed cost in
-    Python. Here a datagram whose first byte says RTP or RTCP (128..191, RFC 7983) on
-    the nominated pair's socket takes the same steps (SRTP unprotect, aiortc's parsers
-    and header-extension map, its RTP router) without queue, task or coroutine; STUN
-    and DTLS still go aioice's and aiortc's way. Recipients are called through their
-    synchronous entry points ``rtp_received(packet, arrival_time_ms)`` and
-    ``rtcp_received(packet)``; one without them (aiortc's stock classes) gets its
-    coroutine run as a task.
+    and routes it through coroutines: a queue hop, a task wake-up and a chain of
+    coroutines per packet a publisher sends and per feedback message a viewer sends
+    (``bench/rx_path_bench.py``). Here a datagram whose first byte says RTP or RTCP
+    (128..191, RFC 7983) on the nominated pair's socket takes the same steps (SRTP
+    unprotect, aiortc's parsers and header-extension map, its RTP router) without
+    queue, task or coroutine; STUN and DTLS still go aioice's and aiortc's way.
+    Recipients are called through their synchronous entry points
+    ``rtp_received(packet, arrival_time_ms)`` and ``rtcp_received(packet)``; one
+    without them (aiortc's stock classes) gets its coroutine run as a task.
 
     While aioice's queue holds datagrams not yet read (those that came before the
     switch), media keeps joining that queue, so nothing overtakes what came first;

@@ -119,9 +119,9 @@ class PeerSession:
         """Once DTLS is up, media datagrams skip aiortc's queue and receive task.
 
         aiortc reports "connected" from inside the DTLS transport's own switch to
-        connected, before its receive task starts and before the receivers and senders
-        are registered (nothing in between yields), so the switch comes before any
-        SRTP is read (see ``aiortc_compat.DirectReceive`` for what came before it).
+        connected, after SRTP is keyed and before its receive task starts, so the switch
+        comes before it reads any SRTP; media that arrived earlier is still in aioice's
+        queue, and ``aiortc_compat.DirectReceive`` lets aiortc deliver that first.
         """
         if pc.connectionState == "connected":
             for transceiver in pc.getTransceivers():
