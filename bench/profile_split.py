@@ -23,6 +23,7 @@ SUBSYSTEMS = [
     ("aiokafka/client", "Kafka client (metadata)"),
     ("aiokafka", "Kafka other"),
     ("gateway/frames", "frame envelope"),
+    ("gateway/aiortc_compat", "direct receive (aiortc_compat)"),
     ("rtcdtlstransport", "DTLS/SRTP (aiortc)"),
     ("pylibsrtp", "DTLS/SRTP (aiortc)"),
     ("gateway/receiver", "RTP receive (receiver.py)"),

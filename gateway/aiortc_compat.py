@@ -11,12 +11,16 @@ instead of with an ``AttributeError`` in the middle of a live stream.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 
 import aioice.ice
+import pylibsrtp
+from aiortc import clock
 from aiortc import codecs as aiortc_codecs
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.vpx import Vp8Encoder
@@ -27,7 +31,7 @@ from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
 from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtpsender import RTCRtpSender
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
-from aiortc.rtp import RtcpRtpfbPacket
+from aiortc.rtp import RtcpPacket, RtcpRtpfbPacket, RtpPacket, is_rtcp
 
 TESTED = {"aiortc": "1.16.0", "aioice": "0.13.0"}
 """The versions whipcast was tested with, and pins."""
@@ -39,10 +43,14 @@ REQUIRED: tuple[tuple[object, str, str], ...] = (
     (aioice.ice, "get_host_addresses", "attr"),
     (aioice.ice.Connection, "_nominated", "init"),
     (aioice.ice.Connection, "_query_consent_task", "init"),
+    (aioice.ice.Connection, "_queue", "init"),
+    (aioice.ice.StunProtocol, "datagram_received", "attr"),
     (RTCIceGatherer, "_connection", "init"),
     (RTCIceTransport, "_connection", "init"),
     (RTCDtlsTransport, "_state", "init"),
     (RTCDtlsTransport, "_tx_srtp", "init"),
+    (RTCDtlsTransport, "_rx_srtp", "init"),
+    (RTCDtlsTransport, "_rtp_header_extensions_map", "init"),
     (RTCDtlsTransport, "_ssl", "init"),
     (RTCDtlsTransport, "_role", "init"),
     (RTCDtlsTransport, "_srtp_profiles", "init"),
@@ -105,6 +113,8 @@ def check(required: Iterable[tuple[object, str, str]] = REQUIRED) -> None:
 
 check()
 
+logger = logging.getLogger(__name__)
+
 
 # ICE (aioice)
 
@@ -131,12 +141,159 @@ def media_route(dtls: RTCDtlsTransport) -> tuple[object, object] | None:
     return pair.protocol.transport, pair.remote_addr
 
 
+class DirectReceive:
+    """SRTP and SRTCP of one connected transport, unprotected and handed to its
+    receivers and senders right in the ICE socket's datagram callback.
+
+    aiortc's own path tries to parse every datagram as STUN, queues it on the aioice
+    connection and wakes the DTLS transport's receive task, which unprotects, parses
+    and routes it through coroutines: a queue hop, a task wake-up and a chain of
+    coroutines per packet a publisher sends and per feedback message a viewer sends
+    (``bench/rx_path_bench.py``). Here a datagram whose first byte says RTP or RTCP
+    (128..191, RFC 7983) on the nominated pair's socket takes the same steps (SRTP
+    unprotect, aiortc's parsers and header-extension map, its RTP router) without
+    queue, task or coroutine; STUN and DTLS still go aioice's and aiortc's way.
+    Recipients are called through their synchronous entry points
+    ``rtp_received(packet, arrival_time_ms)`` and ``rtcp_received(packet)``; one
+    without them (aiortc's stock classes) gets its coroutine run as a task.
+
+    While aioice's queue holds datagrams not yet read (those that came before the
+    switch), media keeps joining that queue, so nothing overtakes what came first;
+    once aiortc's task has drained it, every media datagram comes here. aiortc's
+    receive counters (``getStats`` ``packetsReceived``) then count DTLS only.
+    """
+
+    def __init__(self, dtls: RTCDtlsTransport) -> None:
+        pair = dtls.transport._connection._nominated[1]
+        self.rtp_packets = 0
+        """RTP packets delivered to a receiver on this path."""
+        self.rtcp_packets = 0
+        """Compound RTCP datagrams parsed and routed on this path."""
+        self.dropped = 0
+        """Media datagrams dropped: undecryptable (or replayed), unparsable, unrouted."""
+        self.errors = 0
+        """Exceptions a recipient raised (logged; the path goes on)."""
+        self.active = True
+        """Taken until DTLS leaves the connected state."""
+        self._dtls = dtls
+        self._protocol = pair.protocol
+        self._queue = dtls.transport._connection._queue
+        self._fallback = pair.protocol.datagram_received
+        self._unprotect = dtls._rx_srtp.unprotect
+        self._unprotect_rtcp = dtls._rx_srtp.unprotect_rtcp
+        self._extensions = dtls._rtp_header_extensions_map
+        self._router = dtls._rtp_router
+        self._tasks: set[asyncio.Task] = set()
+        pair.protocol.datagram_received = self.datagram_received
+        dtls.on("statechange", self._on_dtls_state)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        """The socket's callback (in place of aioice's): never raises."""
+        if not data:
+            self.dropped += 1  # aiortc's receive task would die on it (data[0])
+            return
+        if not 127 < data[0] < 192 or self._queue.qsize():
+            self._fallback(data, addr)
+            return
+        try:
+            if is_rtcp(data):
+                self._rtcp(self._unprotect_rtcp(data))
+            else:
+                arrival_time_ms = clock.current_ms()
+                self._rtp(self._unprotect(data), arrival_time_ms)
+        except pylibsrtp.Error:
+            self.dropped += 1
+        except Exception:
+            self.errors += 1
+            logger.log(
+                logging.WARNING if self.errors == 1 else logging.DEBUG,
+                "RTP/RTCP handler failed (%d so far)",
+                self.errors,
+                exc_info=True,
+            )
+
+    def _rtp(self, data: bytes, arrival_time_ms: int) -> None:
+        try:
+            packet = RtpPacket.parse(data, self._extensions)
+        except ValueError:
+            self.dropped += 1
+            return
+        receiver = self._router.route_rtp(packet)
+        if receiver is None:
+            self.dropped += 1
+            return
+        self.rtp_packets += 1
+        handle = getattr(receiver, "rtp_received", None)
+        if handle is not None:
+            handle(packet, arrival_time_ms)
+        else:
+            self._spawn(receiver._handle_rtp_packet(packet, arrival_time_ms=arrival_time_ms))
+
+    def _rtcp(self, data: bytes) -> None:
+        try:
+            packets = RtcpPacket.parse(data)
+        except ValueError:
+            self.dropped += 1
+            return
+        self.rtcp_packets += 1
+        for packet in packets:
+            for recipient in self._router.route_rtcp(packet):
+                handle = getattr(recipient, "rtcp_received", None)
+                if handle is not None:
+                    handle(packet)
+                else:
+                    self._spawn(recipient._handle_rtcp_packet(packet))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_dtls_state(self) -> None:
+        """DTLS closed or failed: the socket's datagrams go aioice's way again."""
+        if self.active and self._dtls._state is not DtlsState.CONNECTED:
+            self._protocol.__dict__.pop("datagram_received", None)
+            self.active = False
+
+
+def receive_directly(dtls: RTCDtlsTransport) -> DirectReceive | None:
+    """Take the direct receive path for a transport whose DTLS is connected (once;
+    None while it is not connected)."""
+    if dtls._state is not DtlsState.CONNECTED or dtls._rx_srtp is None:
+        return None
+    if dtls.transport._connection._nominated.get(1) is None:
+        return None
+    path = direct_receive(dtls)
+    if path is None:
+        path = dtls.whipcast_direct_receive = DirectReceive(dtls)
+    return path
+
+
+def direct_receive(dtls: RTCDtlsTransport) -> DirectReceive | None:
+    """The direct receive path a transport took, if it did."""
+    return getattr(dtls, "whipcast_direct_receive", None)
+
+
+def send_rtcp_now(dtls: RTCDtlsTransport, data: bytes) -> None:
+    """Send compound RTCP (SRTCP-protected) from synchronous code, as the direct
+    receive path's recipients do; nothing while DTLS is not connected."""
+    route = media_route(dtls)
+    if route is not None:
+        sock, addr = route
+        sock.sendto(srtcp_protect(dtls)(data), addr)
+
+
 # DTLS/SRTP transport
 
 
 def srtp_protect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes]:
     """The SRTP protect function of a connected transport (one per packet sent)."""
     return dtls._tx_srtp.protect
+
+
+def srtcp_protect(dtls: RTCDtlsTransport) -> Callable[[bytes], bytes]:
+    """The SRTCP protect function of a connected transport (compound RTCP)."""
+    return dtls._tx_srtp.protect_rtcp
 
 
 def srtp_tx_key(dtls: RTCDtlsTransport) -> tuple[str, bytes]:

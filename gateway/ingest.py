@@ -410,7 +410,7 @@ class IngestSession(PeerSession):
             self.stats.plis_sent += 1
             for receiver in self._receivers:
                 if receiver.media_track is Track.VIDEO:
-                    self.spawn(receiver.send_pli(state.rid))
+                    receiver.send_pli(state.rid)
 
     def publisher_left(self, reason: str) -> None:
         if not self._ended:

@@ -111,7 +111,21 @@ class PeerSession:
         # stalls gathering for seconds on a machine without Internet access.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=list[RTCIceServer]()))
         pc.on("connectionstatechange", lambda: self.on_connection_state(pc.connectionState))
+        pc.on("connectionstatechange", lambda: self._receive_directly(pc))
         return pc
+
+    @staticmethod
+    def _receive_directly(pc: RTCPeerConnection) -> None:
+        """Once DTLS is up, media datagrams skip aiortc's queue and receive task.
+
+        aiortc reports "connected" from inside the DTLS transport's own switch to
+        connected, after SRTP is keyed and before its receive task starts, so the switch
+        comes before it reads any SRTP; media that arrived earlier is still in aioice's
+        queue, and ``aiortc_compat.DirectReceive`` lets aiortc deliver that first.
+        """
+        if pc.connectionState == "connected":
+            for transceiver in pc.getTransceivers():
+                aiortc_compat.receive_directly(transceiver.receiver.transport)
 
     def on_connection_state(self, state: str) -> None:
         if state in ("failed", "closed"):

@@ -115,6 +115,11 @@ class PassthroughReceiver(RTCRtpReceiver):
         pass
 
     async def _handle_rtcp_packet(self, packet) -> None:
+        """aiortc's entry point (datagrams its receive task still reads)."""
+        self.rtcp_received(packet)
+
+    def rtcp_received(self, packet) -> None:
+        """The direct receive path's entry point (``aiortc_compat.DirectReceive``)."""
         if isinstance(packet, RtcpSrPacket):
             ntp = packet.sender_info.ntp_timestamp
             self._lsr[packet.ssrc] = ((ntp >> 16) & 0xFFFFFFFF, time.time())
@@ -153,6 +158,11 @@ class PassthroughReceiver(RTCRtpReceiver):
         return self._by_rtx_ssrc.get(packet.ssrc)
 
     async def _handle_rtp_packet(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """aiortc's entry point (datagrams its receive task still reads)."""
+        self.rtp_received(packet, arrival_time_ms)
+
+    def rtp_received(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        """The direct receive path's entry point (``aiortc_compat.DirectReceive``)."""
         stats = self._session.stats
         stats.packets += 1
         self._session.last_packet = time.monotonic()
@@ -172,7 +182,7 @@ class PassthroughReceiver(RTCRtpReceiver):
                 ssrc=packet.ssrc,
             )
             if remb is not None:
-                await self._send_rtcp(
+                self._send_rtcp(
                     RtcpPsfbPacket(
                         fmt=RTCP_PSFB_APP,
                         ssrc=self._rtcp_ssrc,
@@ -208,7 +218,7 @@ class PassthroughReceiver(RTCRtpReceiver):
                 fmt=RTCP_RTPFB_NACK, ssrc=self._rtcp_ssrc, media_ssrc=packet.ssrc
             )
             nack.lost = sorted(layer.nack.missing)
-            await self._send_rtcp(nack)
+            self._send_rtcp(nack)
         if not packet.payload:
             return  # padding-only probe
 
@@ -251,11 +261,11 @@ class PassthroughReceiver(RTCRtpReceiver):
         """Each layer's media SSRC by RID (``None`` until its first packet)."""
         return {rid: layer.ssrc for rid, layer in self._layers.items()}
 
-    async def send_pli(self, rid: str | None = None) -> None:
+    def send_pli(self, rid: str | None = None) -> None:
         """Ask for a keyframe of one layer (its RID; ``None`` without simulcast)."""
         layer = self._layers.get(rid)
         if layer is not None and layer.ssrc is not None:
-            await self._send_rtcp(
+            self._send_rtcp(
                 RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=self._rtcp_ssrc, media_ssrc=layer.ssrc)
             )
 
@@ -280,13 +290,10 @@ class PassthroughReceiver(RTCRtpReceiver):
                     )
                 )
             if reports:
-                await self._send_rtcp(RtcpRrPacket(ssrc=self._rtcp_ssrc, reports=reports))
+                self._send_rtcp(RtcpRrPacket(ssrc=self._rtcp_ssrc, reports=reports))
 
-    async def _send_rtcp(self, packet) -> None:
-        try:
-            await aiortc_compat.send_rtcp(self.transport, bytes(packet))
-        except ConnectionError:
-            pass
+    def _send_rtcp(self, packet) -> None:
+        aiortc_compat.send_rtcp_now(self.transport, bytes(packet))
 
 
 def _starts_frame(codec: Codec, payload: bytes) -> bool:

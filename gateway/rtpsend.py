@@ -689,6 +689,11 @@ class FanoutSender(RTCRtpSender):
         self.retransmitted += 1
 
     async def _handle_rtcp_packet(self, packet) -> None:
+        """aiortc's entry point (datagrams its receive task still reads)."""
+        self.rtcp_received(packet)
+
+    def rtcp_received(self, packet) -> None:
+        """The direct receive path's entry point (``aiortc_compat.DirectReceive``)."""
         estimate = self.estimate
         if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
             self.nacks_received += 1
