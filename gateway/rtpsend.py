@@ -21,8 +21,11 @@ every packet with SRTP and hands them to the kernel with ``sendmmsg``. Its outpu
 pure-Python path's, byte for byte (``tests/test_native_fanout.py``); that path stays as
 the fallback where the core was not built, or with ``Settings.no_native_fanout``.
 SRTP ownership: a viewer's native :class:`_fanout.Track` protects every packet of its
-media SSRC (live frames and non-RTX resends); aiortc's libsrtp session keeps the RTX
-SSRC and all RTCP, so no SSRC is ever protected by two contexts. Once a track has a
+media SSRC (live frames and non-RTX resends) and every RTCP packet sent from it
+(sender reports, BYE: SRTCP's index is per SSRC too); aiortc's libsrtp session keeps
+the RTX SSRC, so no SSRC is ever protected by two contexts. A native track's sender
+reports come from the node's :class:`SenderReports`: one timer, one native call for
+all of them. Once a track has a
 native Track, that Track also keeps the sequence number, the counters and the NACK
 history, so a frame sent by ``_fanout.send_batch`` for many viewers at once
 (``gateway/batch.py``) needs no Python per viewer.

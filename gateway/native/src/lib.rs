@@ -12,9 +12,10 @@
 //! counters and NACK history itself, so a batch needs no Python per viewer. Every
 //! packet's per-viewer header bytes are written in one place, [`write_packet`].
 //!
-//! A [`Track`] owns the SRTP state (rollover counter) of one media SSRC alone: no other
-//! SRTP context may protect packets of that SSRC. RTX and RTCP stay in aiortc's libsrtp
-//! session, under other SSRCs or in SRTCP's own index space.
+//! A [`Track`] owns the SRTP state (rollover counter) and the SRTCP index of one media
+//! SSRC alone: no other context may protect RTP or RTCP of that SSRC. It builds its
+//! sender reports itself; [`send_reports`] sends the due ones of many tracks in one
+//! call. RTX stays in aiortc's libsrtp session, under its own SSRC.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
