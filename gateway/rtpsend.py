@@ -828,7 +828,8 @@ class SenderReports:
     """The sender reports of every native track of an egress node with one timer: each
     tick, one ``_fanout.send_reports`` call builds, SRTCP-protects and sends the
     reports that are due, so a viewer's reports cost no task, no Python objects and no
-    libsrtp or aioice call. The timer runs while it has tracks."""
+    libsrtp or aioice call. A track leaves when its sender stops or its route is gone
+    (DTLS closed); the timer runs while there are tracks."""
 
     def __init__(self, core: ModuleType) -> None:
         self._core = core
@@ -844,7 +845,7 @@ class SenderReports:
         """Report for ``track`` (a routed ``_fanout.Track``) from now on, starting with
         one at its ``next_report``."""
         self._tracks.append(track)
-        self.sent += self._core.send_reports([track])
+        self._send()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="sender-reports")
 
@@ -856,9 +857,16 @@ class SenderReports:
         try:
             while self._tracks:
                 await asyncio.sleep(REPORT_TICK)
-                self.sent += self._core.send_reports(self._tracks)
+                self._send()
         finally:
             self._task = None
+
+    def _send(self) -> None:
+        sent, gone = self._core.send_reports(self._tracks)
+        self.sent += sent
+        if gone:
+            dropped = set(gone)
+            self._tracks = [t for i, t in enumerate(self._tracks) if i not in dropped]
 
     async def close(self) -> None:
         self._tracks.clear()

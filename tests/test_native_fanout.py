@@ -645,7 +645,7 @@ def test_send_reports_sends_what_is_due():
     time_us = track.last_arrival_us = time.time_ns() // 1000
     with routed(track) as (rx, _), routed(silent):
         now = time.monotonic()
-        assert core.send_reports([track, silent]) == 1
+        assert core.send_reports([track, silent]) == (1, [])
         plain = receiver.unprotect_rtcp(rx.recv(2048))
         ssrc, ntp, rtp_ts, packets, octets = struct.unpack_from("!IQIII", plain, 4)
         assert plain[1] == 200 and ssrc == SSRC and packets == 3 and octets == track.octets_sent
@@ -653,13 +653,37 @@ def test_send_reports_sends_what_is_due():
         assert b"\x01\x02cn" in plain  # the SDES CNAME
         assert now + 2.5 <= track.next_report <= time.monotonic() + 7.5
         assert silent.next_report > now and silent.reports_sent == 0
-        assert core.send_reports([track, silent]) == 0  # nothing due
+        assert core.send_reports([track, silent]) == (0, [])  # nothing due
         track.next_report = 0.0
         track.unroute()
-        assert core.send_reports([track]) == 0 and track.reports_sent == 1
+        assert core.send_reports([silent, track]) == (0, [1]) and track.reports_sent == 1
         rx.settimeout(0.2)
         with pytest.raises(TimeoutError):
             rx.recv(2048)
+
+
+async def test_the_report_timer_keeps_live_tracks_only():
+    """``SenderReports``: a track added reports at once, then from the timer; one
+    whose route is gone leaves, and with no tracks left the timer stops."""
+    profile = "SRTP_AEAD_AES_256_GCM"
+    rng = random.Random(12)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    reports = rtpsend.SenderReports(core)
+    tracks = [core.Track(profile, key, SSRC + i) for i in range(2)]
+    with routed(tracks[0]) as (rx, _), routed(tracks[1]):
+        for track in tracks:
+            sent_frame(track, rng)
+            track.last_arrival_us, track.report_interval = time.time_ns() // 1000, 0.2
+            reports.add(track)
+        assert reports.sent == 2 and len(reports) == 2
+        receiver = libsrtp_receiver(profile, key)
+        assert receiver.unprotect_rtcp(rx.recv(2048))[1] == 200
+        tracks[1].unroute()
+        assert await until(lambda: len(reports) == 1 and reports.sent >= 3, 5)
+        assert receiver.unprotect_rtcp(rx.recv(2048))[1] == 200  # from the timer
+        reports.remove(tracks[0])
+        assert await until(lambda: reports._task is None, 5)
+        await reports.close()
 
 
 async def test_a_viewer_gets_sender_reports_and_the_bye_through_either_path(

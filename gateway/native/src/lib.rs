@@ -1509,9 +1509,10 @@ fn send_batch(
 /// with the GIL released: each SRTCP-protected (see [`Track::protect_rtcp`]) and sent
 /// on its track's route; each track's next report is scheduled at its
 /// `report_interval` x 0.5-1.5. A track that has sent no frame yet is only
-/// rescheduled, one without a route is skipped. Returns the number of reports sent.
+/// rescheduled. Returns `(reports sent, indices of the tracks without a route)`: those
+/// have lost their connection for good and report no more.
 #[pyfunction]
-fn send_reports(py: Python<'_>, tracks: &Bound<'_, PyList>) -> PyResult<u64> {
+fn send_reports(py: Python<'_>, tracks: &Bound<'_, PyList>) -> PyResult<(u64, Vec<usize>)> {
     let mut held: Vec<PyRefMut<'_, Track>> = Vec::with_capacity(tracks.len());
     for item in tracks.iter() {
         held.push(item.downcast_into::<Track>()?.try_borrow_mut()?);
@@ -1520,20 +1521,24 @@ fn send_reports(py: Python<'_>, tracks: &Bound<'_, PyList>) -> PyResult<u64> {
         .iter_mut()
         .map(|t| TrackPtr(&mut **t as *mut Track))
         .collect();
-    let sent = py.allow_threads(move || {
+    let out = py.allow_threads(move || {
         let (now, wall) = (monotonic(), wall_clock());
-        let mut sent = 0;
-        for ptr in ptrs {
+        let (mut sent, mut gone) = (0, Vec::new());
+        for (n, ptr) in ptrs.into_iter().enumerate() {
             // SAFETY: distinct tracks (each borrowed once above), borrows held.
             let track = unsafe { &mut *ptr.0 };
+            if track.dest.is_none() {
+                gone.push(n);
+                continue;
+            }
             let before = track.reports_sent;
             track.report_if_due(now, wall);
             sent += track.reports_sent - before;
         }
-        sent
+        (sent, gone)
     });
     drop(held);
-    Ok(sent)
+    Ok(out)
 }
 
 #[pymodule]
