@@ -23,12 +23,11 @@ the fallback where the core was not built, or with ``Settings.no_native_fanout``
 SRTP ownership: a viewer's native :class:`_fanout.Track` protects every packet of its
 media SSRC (live frames and non-RTX resends) and every RTCP packet sent from it
 (sender reports, BYE: SRTCP's index is per SSRC too); aiortc's libsrtp session keeps
-the RTX SSRC, so no SSRC is ever protected by two contexts. A native track's sender
-reports come from the node's :class:`SenderReports`: one timer, one native call for
-all of them. Once a track has a
-native Track, that Track also keeps the sequence number, the counters and the NACK
-history, so a frame sent by ``_fanout.send_batch`` for many viewers at once
-(``gateway/batch.py``) needs no Python per viewer.
+the RTX SSRC, so no SSRC is ever protected by two contexts. Once a track has a native
+Track, that Track also keeps the sequence number, the counters and the NACK history,
+so a frame sent by ``_fanout.send_batch`` for many viewers at once
+(``gateway/batch.py``) needs no Python per viewer; and its sender reports come from
+the node's :class:`SenderReports`: one timer, one native call for all viewers.
 
 Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at the rate its
 bandwidth estimate sets. A viewer whose budget is spent is a slow viewer: its frames
@@ -742,9 +741,9 @@ class FanoutSender(RTCRtpSender):
         publisher share one clock however far apart they were read from Kafka. The first
         report goes out within 1.5 s for either kind (the player syncs from then on),
         later ones every ``SR_INTERVAL`` x 0.5-1.5 (RFC 3550's randomisation). A track
-        with a direct native route sends its first report from here and then hands the
-        rest to the node's :class:`SenderReports` (one timer, one native call for all
-        its viewers); this task then ends.
+        with a direct native route, due for its first report, is handed to the node's
+        :class:`SenderReports` instead (which sends that report at once and the rest
+        from its one timer, one native call for all viewers), and this task ends.
         """
         interval = 1.0
         while True:
@@ -819,9 +818,10 @@ def sender_report(
     )
 
 
-REPORT_TICK = 0.1
+REPORT_TICK = 0.2
 """Seconds between looks for native tracks' due sender reports (each report's time is
-randomised far more than this anyway)."""
+randomised far more than this anyway). Each look wakes the event loop, which on a VM
+costs more than the reports it sends (``bench/sender_report_cost.py``)."""
 
 
 class SenderReports:
