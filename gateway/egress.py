@@ -49,7 +49,14 @@ from .metrics import StreamSeries
 from .pacer import Pacer
 from .peer import PeerSession, answer_offer, parse_offer
 from .registry import STALE_AFTER_S, RegistryView, StreamInfo
-from .rtpsend import FanoutSender, PreparedFrame, RetransmitPolicy, SendBudget, native_core
+from .rtpsend import (
+    FanoutSender,
+    PreparedFrame,
+    RetransmitPolicy,
+    SendBudget,
+    SenderReports,
+    native_core,
+)
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -206,6 +213,7 @@ class ViewerSession(PeerSession):
                 budget,
                 retransmit,
                 self.node.native,
+                self.node.reports,
             )
             aiortc_compat.replace_sender(transceiver, sender)
             self.senders[track] = sender
@@ -942,6 +950,8 @@ class EgressNode:
         self.keyframes = KeyframeRequester(bus, settings.keyframe_request_interval)
         self.native = native_core(settings.no_native_fanout)
         """The native fan-out core viewers send with, or None for the pure-Python path."""
+        self.reports = SenderReports(self.native) if self.native is not None else None
+        """One timer for the sender reports of all native viewer tracks."""
         self.viewers: dict[str, ViewerSession] = {}
         self.started = 0
         self._departed_octets = 0
@@ -958,6 +968,8 @@ class EgressNode:
             await asyncio.gather(self._janitor, return_exceptions=True)
         await asyncio.gather(*(f.stop() for f in list(self.fanouts.values())))
         self.fanouts.clear()
+        if self.reports is not None:
+            await self.reports.close()
 
     async def play(self, stream: str, offer_sdp: str) -> tuple[ViewerSession, str]:
         offer = parse_offer(offer_sdp, direction="recvonly")

@@ -21,11 +21,13 @@ every packet with SRTP and hands them to the kernel with ``sendmmsg``. Its outpu
 pure-Python path's, byte for byte (``tests/test_native_fanout.py``); that path stays as
 the fallback where the core was not built, or with ``Settings.no_native_fanout``.
 SRTP ownership: a viewer's native :class:`_fanout.Track` protects every packet of its
-media SSRC (live frames and non-RTX resends); aiortc's libsrtp session keeps the RTX
-SSRC and all RTCP, so no SSRC is ever protected by two contexts. Once a track has a
-native Track, that Track also keeps the sequence number, the counters and the NACK
-history, so a frame sent by ``_fanout.send_batch`` for many viewers at once
-(``gateway/batch.py``) needs no Python per viewer.
+media SSRC (live frames and non-RTX resends) and every RTCP packet sent from it
+(sender reports, BYE: SRTCP's index is per SSRC too); aiortc's libsrtp session keeps
+the RTX SSRC, so no SSRC is ever protected by two contexts. Once a track has a native
+Track, that Track also keeps the sequence number, the counters and the NACK history,
+so a frame sent by ``_fanout.send_batch`` for many viewers at once
+(``gateway/batch.py``) needs no Python per viewer; and its sender reports come from
+the node's :class:`SenderReports`: one timer, one native call for all viewers.
 
 Each viewer has a :class:`SendBudget`: bytes it may be sent, refilled at the rate its
 bandwidth estimate sets. A viewer whose budget is spent is a slow viewer: its frames
@@ -59,9 +61,6 @@ from aiortc.rtp import (
     RtcpPsfbPacket,
     RtcpRrPacket,
     RtcpRtpfbPacket,
-    RtcpSdesPacket,
-    RtcpSenderInfo,
-    RtcpSourceInfo,
     RtcpSrPacket,
     unpack_remb_fci,
 )
@@ -306,6 +305,7 @@ class FanoutSender(RTCRtpSender):
         budget: SendBudget,
         retransmit: RetransmitPolicy,
         native: ModuleType | None = None,
+        reports: SenderReports | None = None,
     ) -> None:
         super().__init__(kind, transport)
         self._on_keyframe_request = on_keyframe_request
@@ -326,6 +326,7 @@ class FanoutSender(RTCRtpSender):
         # Resends per packet, kept only for packets resent (nothing per packet sent).
         self._resends: dict[int, tuple[int, int]] = {}  # seq: (send id, resends)
         self._native = native
+        self._reports = reports  # the node's report timer for native tracks
         self._track = None  # native core's Track: SRTP state of self.ssrc, once routed
         self._track_transport = None
         self._direct = False
@@ -384,6 +385,8 @@ class FanoutSender(RTCRtpSender):
 
     async def stop(self) -> None:
         if self._track is not None:
+            if self._reports is not None:
+                self._reports.remove(self._track)
             self._track.unroute()  # its duplicate of the ICE socket closes now, not at GC
             self._direct = False
         if self._rtcp_task is not None:
@@ -391,7 +394,7 @@ class FanoutSender(RTCRtpSender):
             self._rtcp_task.cancel()
             await asyncio.gather(self._rtcp_task, return_exceptions=True)
             self._rtcp_task = None
-            await self._send_rtcp([RtcpByePacket(sources=[self.ssrc])])
+            await self._send_rtcp(bytes(RtcpByePacket(sources=[self.ssrc])))
 
     @property
     def _seq(self) -> int:
@@ -560,6 +563,8 @@ class FanoutSender(RTCRtpSender):
                     self._native = None
                     return None
                 track.seq = self._py_seq
+                track.clock_rate = self.clock_rate
+                track.cname = self._cname[:255]
                 self._track = track  # from now on every packet of self.ssrc is its
                 self.budget.attach(track)
                 self.transport.on("statechange", self._on_dtls_state)
@@ -740,7 +745,10 @@ class FanoutSender(RTCRtpSender):
         The mapping uses each frame's ingest arrival time, so audio and video of one
         publisher share one clock however far apart they were read from Kafka. The first
         report goes out within 1.5 s for either kind (the player syncs from then on),
-        later ones every ``SR_INTERVAL`` x 0.5-1.5 (RFC 3550's randomisation).
+        later ones every ``SR_INTERVAL`` x 0.5-1.5 (RFC 3550's randomisation). A track
+        with a direct native route, due for its first report, is handed to the node's
+        :class:`SenderReports` instead (which sends that report at once and the rest
+        from its one timer, one native call for all viewers), and this task ends.
         """
         interval = 1.0
         while True:
@@ -748,28 +756,126 @@ class FanoutSender(RTCRtpSender):
             last_ts, last_arrival_us = self._last_sent()
             if not last_arrival_us:
                 continue
+            track = self._track
+            if track is not None and self._direct and self._reports is not None:
+                track.report_interval = SR_INTERVAL.get(self.kind, 1.0)
+                track.next_report = 0.0  # due now: this first one goes at once
+                self._reports.add(track)
+                return
             now_us = time.time_ns() // 1000
             elapsed = (now_us - last_arrival_us) / 1e6
             rtp_ts = (last_ts + int(elapsed * self.clock_rate)) & 0xFFFFFFFF
-            packets = [
-                RtcpSrPacket(
-                    ssrc=self.ssrc,
-                    sender_info=RtcpSenderInfo(
-                        ntp_timestamp=clock.current_ntp_time(),
-                        rtp_timestamp=rtp_ts,
-                        packet_count=self.packets_sent & 0xFFFFFFFF,
-                        octet_count=self.octets_sent & 0xFFFFFFFF,
-                    ),
-                ),
-                RtcpSdesPacket(
-                    chunks=[RtcpSourceInfo(ssrc=self.ssrc, items=[(1, self._cname.encode())])]
-                ),
-            ]
-            await self._send_rtcp(packets)
+            report = sender_report(
+                self.ssrc,
+                ntp_time(now_us),
+                rtp_ts,
+                self.packets_sent,
+                self.octets_sent,
+                self._cname.encode(),
+            )
+            await self._send_rtcp(report)
             interval = SR_INTERVAL.get(self.kind, 1.0)
 
-    async def _send_rtcp(self, packets: list) -> None:
+    async def _send_rtcp(self, data: bytes) -> None:
+        """Send compound RTCP from this sender's SSRC: SRTCP-protected by its native
+        track where it has one (that track owns the SSRC's SRTCP index), else by
+        aiortc's libsrtp."""
+        track = self._track
+        if track is None:
+            try:
+                await aiortc_compat.send_rtcp(self.transport, data)
+            except ConnectionError:
+                pass
+            return
+        route = aiortc_compat.media_route(self.transport)
+        if route is not None:
+            transport, addr = route
+            transport.sendto(track.protect_rtcp(data), addr)
+
+
+_SR = struct.Struct("!BBHIQIII")  # SR header, SSRC, NTP time, RTP time, packets, octets
+_SDES = struct.Struct("!BBHIBB")  # SDES header, chunk's SSRC, CNAME item type and length
+NTP_UNIX_OFFSET = 2_208_988_800  # s from 1900 (NTP's epoch) to 1970
+
+
+def ntp_time(now_us: int) -> int:
+    """64-bit NTP time of ``now_us`` µs after the Unix epoch (aiortc's
+    ``clock.current_ntp_time()`` of that instant)."""
+    seconds, micros = divmod(now_us, 1_000_000)
+    return ((seconds + NTP_UNIX_OFFSET) << 32) | ((micros << 32) // 1_000_000)
+
+
+def sender_report(
+    ssrc: int, ntp: int, rtp_ts: int, packets: int, octets: int, cname: bytes
+) -> bytes:
+    """A sender report and an SDES CNAME chunk, byte for byte aiortc's
+    ``RtcpSrPacket`` + ``RtcpSdesPacket`` (built with ``struct``: a report costs no
+    objects), and what the native core's ``Track.report`` builds."""
+    pad = -(4 + 2 + len(cname) + 2) % 4 + 2
+    chunk_words = (4 + 2 + len(cname) + pad) // 4
+    return b"".join(
+        (
+            _SR.pack(0x80, 200, 6, ssrc, ntp, rtp_ts, packets & 0xFFFFFFFF, octets & 0xFFFFFFFF),
+            _SDES.pack(0x81, 202, chunk_words, ssrc, 1, len(cname)),
+            cname,
+            bytes(pad),
+        )
+    )
+
+
+REPORT_TICK = 0.2
+"""Seconds between looks for native tracks' due sender reports (each report's time is
+randomised far more than this anyway). Each look wakes the event loop, which on a VM
+costs more than the reports it sends (``bench/sender_report_cost.py``)."""
+
+
+class SenderReports:
+    """The sender reports of every native track of an egress node with one timer: each
+    tick, one ``_fanout.send_reports`` call builds, SRTCP-protects and sends the
+    reports that are due, so a viewer's reports cost no task, no Python objects and no
+    libsrtp or aioice call. A track leaves when its sender stops or its route is gone
+    (DTLS closed); the timer runs while there are tracks."""
+
+    def __init__(self, core: ModuleType) -> None:
+        self._core = core
+        self._tracks: list = []
+        self._task: asyncio.Task | None = None
+        self.sent = 0
+        """Reports sent (for tests and benchmarks)."""
+
+    def __len__(self) -> int:
+        return len(self._tracks)
+
+    def add(self, track) -> None:
+        """Report for ``track`` (a routed ``_fanout.Track``) from now on, starting with
+        one at its ``next_report``."""
+        self._tracks.append(track)
+        self._send()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="sender-reports")
+
+    def remove(self, track) -> None:
+        if track in self._tracks:
+            self._tracks.remove(track)
+
+    async def _run(self) -> None:
         try:
-            await aiortc_compat.send_rtcp(self.transport, b"".join(bytes(p) for p in packets))
-        except ConnectionError:
-            pass
+            while self._tracks:
+                await asyncio.sleep(REPORT_TICK)
+                self._send()
+        finally:
+            self._task = None
+
+    def _send(self) -> None:
+        sent, gone = self._core.send_reports(self._tracks)
+        self.sent += sent
+        if gone:
+            dropped = set(gone)
+            self._tracks = [t for i, t in enumerate(self._tracks) if i not in dropped]
+
+    async def close(self) -> None:
+        self._tracks.clear()
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

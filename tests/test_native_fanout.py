@@ -14,9 +14,11 @@ import random
 import shutil
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
+from aiortc.rtp import RtcpByePacket, RtcpSrPacket
 from pylibsrtp import Policy, Session
 from whipcast.gateway import aiortc_compat, rtpsend
 from whipcast.gateway.frames import Track
@@ -547,3 +549,201 @@ def test_runs_of_equal_packets_arrive_as_the_same_datagrams():
             assert track.send(frame.native_packets(layout, core), seq, ts) is None
             assert [rx.recv(4096) for _ in sizes] == expected, sizes
             seq, ts = (seq + len(sizes)) & 0xFFFF, ts + 3000
+
+
+def libsrtp_receiver(profile: str, key: bytes) -> Session:
+    """A receiving libsrtp session for what ``key`` protects (a viewer's side)."""
+    return Session(
+        Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND, srtp_profile=LIBSRTP[profile][0])
+    )
+
+
+def sent_frame(track, rng: random.Random, seq: int = 100, ts: int = 5000) -> None:
+    """Count one frame as sent by ``track`` (not sent anywhere: protected only)."""
+    frame = prepared(3, Layout(96, None, None), rng)
+    track.protect_frame(frame.native_packets(Layout(96, None, None), core), seq, ts)
+
+
+@pytest.mark.parametrize("profile", core.PROFILES)
+def test_srtcp_matches_libsrtp(profile):
+    """Reports and a BYE SRTCP-protected by a track are libsrtp's bytes, index after
+    index (past 255: every byte of the index used), and a viewer's libsrtp takes them;
+    at the end of the 31-bit index space the track refuses, as libsrtp does."""
+    rng = random.Random(profile)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    reference_session, track = libsrtp(profile, key), core.Track(profile, key, SSRC)
+    receiver = libsrtp_receiver(profile, key)
+    track.cname = "{6c0ffee0-0000-4000-8000-000000000001}"
+    sent_frame(track, rng)
+    for i in range(300):
+        plain = track.report(rng.getrandbits(64), 1_700_000_000_000_000 + i * 1000)
+        if i % 50 == 49:
+            plain = bytes(RtcpByePacket(sources=[SSRC]))
+        protected = track.protect_rtcp(plain)
+        assert protected == reference_session.protect_rtcp(plain), i
+        assert receiver.unprotect_rtcp(protected) == plain, i
+    assert track.rtcp_index == 300
+    track.rtcp_index = 0x7FFFFFFD
+    plain = track.report(1, 1)
+    for index in (0x7FFFFFFE, 0x7FFFFFFF):
+        assert receiver.unprotect_rtcp(track.protect_rtcp(plain)) == plain
+        assert track.rtcp_index == index
+    with pytest.raises(ValueError, match="SRTCP index spent"):
+        track.protect_rtcp(plain)
+    with pytest.raises(ValueError, match="another SSRC"):
+        track.protect_rtcp(bytes(RtcpByePacket(sources=[SSRC + 1])))
+
+
+@pytest.mark.parametrize("cname", ["", "a", "ab", "abc", "abcd", "{8f6ad3a1-2c1e-4b8e-9d2a}"])
+def test_reports_are_aiortcs_bytes(cname):
+    """The native report, the Python path's and aiortc's objects agree byte for byte;
+    the RTP time is the last frame's, moved on by the wall-clock time since it arrived."""
+    from aiortc.rtp import RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket
+
+    rng = random.Random(cname)
+    track = core.Track("SRTP_AEAD_AES_128_GCM", rng.randbytes(28), SSRC)
+    track.cname, track.clock_rate = cname, 48000
+    sent_frame(track, rng, ts=0xFFFFFF00)  # the RTP time wraps below
+    track.last_arrival_us = 1_700_000_000_000_000
+    now_us = track.last_arrival_us + 250_000
+    ntp = rtpsend.ntp_time(now_us)
+    rtp_ts = (0xFFFFFF00 + 12000) & 0xFFFFFFFF  # 0.25 s at 48 kHz
+    counts = (track.packets_sent, track.octets_sent)
+    assert counts[0] == 3 and counts[1] > 0
+    aiortc_bytes = bytes(
+        RtcpSrPacket(ssrc=SSRC, sender_info=RtcpSenderInfo(ntp, rtp_ts, *counts))
+    ) + bytes(RtcpSdesPacket(chunks=[RtcpSourceInfo(ssrc=SSRC, items=[(1, cname.encode())])]))
+    assert rtpsend.sender_report(SSRC, ntp, rtp_ts, *counts, cname.encode()) == aiortc_bytes
+    assert track.report(ntp, now_us) == aiortc_bytes
+    with pytest.raises(ValueError, match="255"):
+        track.cname = "x" * 256
+
+
+def test_ntp_time_is_aiortcs():
+    from datetime import UTC, datetime
+
+    from aiortc import clock
+
+    now_us = 1_764_500_000_123_456
+    moment = datetime.fromtimestamp(now_us // 1_000_000, UTC).replace(
+        microsecond=now_us % 1_000_000
+    )
+    assert rtpsend.ntp_time(now_us) == clock.datetime_to_ntp(moment)
+
+
+def test_send_reports_sends_what_is_due():
+    """``send_reports`` sends a routed track's report when it is due, on its route,
+    SRTCP-protected, and schedules the next at 0.5-1.5 intervals; a track that sent no
+    frame yet or has no route sends none."""
+    profile = "SRTP_AES128_CM_SHA1_80"
+    rng = random.Random(11)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    receiver = libsrtp_receiver(profile, key)
+    track, silent = core.Track(profile, key, SSRC), core.Track(profile, key, SSRC + 1)
+    track.cname, track.report_interval = "cn", 5.0
+    sent_frame(track, rng)
+    time_us = track.last_arrival_us = time.time_ns() // 1000
+    with routed(track) as (rx, _), routed(silent):
+        now = time.monotonic()
+        assert core.send_reports([track, silent]) == (1, [])
+        plain = receiver.unprotect_rtcp(rx.recv(2048))
+        ssrc, ntp, rtp_ts, packets, octets = struct.unpack_from("!IQIII", plain, 4)
+        assert plain[1] == 200 and ssrc == SSRC and packets == 3 and octets == track.octets_sent
+        assert abs((ntp >> 32) - (time_us // 1_000_000 + rtpsend.NTP_UNIX_OFFSET)) <= 5
+        assert b"\x01\x02cn" in plain  # the SDES CNAME
+        assert now + 2.5 <= track.next_report <= time.monotonic() + 7.5
+        assert silent.next_report > now and silent.reports_sent == 0
+        assert core.send_reports([track, silent]) == (0, [])  # nothing due
+        track.next_report = 0.0
+        track.unroute()
+        assert core.send_reports([silent, track]) == (0, [1]) and track.reports_sent == 1
+        rx.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            rx.recv(2048)
+
+
+async def test_the_report_timer_keeps_live_tracks_only():
+    """``SenderReports``: a track added reports at once, then from the timer; one
+    whose route is gone leaves, and with no tracks left the timer stops."""
+    profile = "SRTP_AEAD_AES_256_GCM"
+    rng = random.Random(12)
+    key = rng.randbytes(LIBSRTP[profile][1])
+    reports = rtpsend.SenderReports(core)
+    tracks = [core.Track(profile, key, SSRC + i) for i in range(2)]
+    with routed(tracks[0]) as (rx, _), routed(tracks[1]):
+        for track in tracks:
+            sent_frame(track, rng)
+            track.last_arrival_us, track.report_interval = time.time_ns() // 1000, 0.2
+            reports.add(track)
+        assert reports.sent == 2 and len(reports) == 2
+        receiver = libsrtp_receiver(profile, key)
+        assert receiver.unprotect_rtcp(rx.recv(2048))[1] == 200
+        tracks[1].unroute()
+        assert await until(lambda: len(reports) == 1 and reports.sent >= 3, 5)
+        assert receiver.unprotect_rtcp(rx.recv(2048))[1] == 200  # from the timer
+        reports.remove(tracks[0])
+        assert await until(lambda: reports._task is None, 5)
+        await reports.close()
+
+
+async def test_a_viewer_gets_sender_reports_and_the_bye_through_either_path(
+    either_server, stream_name
+):
+    """A real viewer's aiortc takes every track's reports (SRTCP checked there, replay
+    window included) with NTP time near now, RTP time moving with it, and the packet
+    and octet counts sent so far; natively the node's one timer sends them. A BYE
+    after them still passes the viewer's replay check: natively it is protected by
+    the track that owns the SSRC's SRTCP index, not by a second context."""
+    path, server = either_server
+    publisher = await publish(server.url, stream_name)
+    try:
+        assert await server.node.view.wait_for(lambda: server.node.view.get(stream_name), 5)
+        viewer = await play(server.url, stream_name)
+        got: list = []
+        for transceiver in viewer.pc.getTransceivers():
+            receiver = transceiver.receiver
+            handle = receiver._handle_rtcp_packet  # what the viewer's aiortc routes SRTCP to
+
+            async def capture(packet, handle=handle) -> None:
+                got.append((time.time(), packet))
+                await handle(packet)
+
+            receiver._handle_rtcp_packet = capture
+        await viewer.wait_frames(10)
+        session = sessions(server, stream_name)[0]
+        video, audio = session.senders[Track.VIDEO], session.senders[Track.AUDIO]
+
+        def reports(ssrc: int) -> list:
+            return [(t, p) for t, p in got if isinstance(p, RtcpSrPacket) and p.ssrc == ssrc]
+
+        assert await until(lambda: len(reports(video.ssrc)) >= 3 and reports(audio.ssrc), 15)
+        for sender in (video, audio):
+            seen = reports(sender.ssrc)
+            for received_at, packet in seen:
+                info = packet.sender_info
+                ntp_s = (info.ntp_timestamp >> 32) - rtpsend.NTP_UNIX_OFFSET
+                assert abs(ntp_s - received_at) < 3, "NTP time is wall-clock time"
+                assert 0 < info.packet_count <= sender.packets_sent
+                assert 0 < info.octet_count <= sender.octets_sent
+            for (_, a), (_, b) in zip(seen, seen[1:], strict=False):
+                a, b = a.sender_info, b.sender_info
+                assert b.packet_count >= a.packet_count and b.ntp_timestamp > a.ntp_timestamp
+                wall = (b.ntp_timestamp - a.ntp_timestamp) / 2**32
+                rtp = ((b.rtp_timestamp - a.rtp_timestamp) & 0xFFFFFFFF) / sender.clock_rate
+                # RTP time moves with wall-clock time (loosely: a loaded machine's
+                # publisher may fall behind its frame rate, so frames arrive late).
+                assert abs(rtp - wall) < 0.5 + wall / 2, (rtp, wall)
+        reports_sent = server.node.egress.reports.sent if path == "native" else 0
+        if path == "native":
+            assert reports_sent >= 4
+            for sender in (video, audio):
+                assert sender._rtcp_task.done(), "handed over to the node's timer"
+                assert sender._track.reports_sent >= 1
+                assert sender._track.clock_rate == sender.clock_rate
+        else:
+            assert server.node.egress.reports is None
+        await video._send_rtcp(bytes(RtcpByePacket(sources=[video.ssrc])))
+        assert await until(lambda: any(isinstance(p, RtcpByePacket) for _, p in got), 5)
+        await viewer.close()
+    finally:
+        await publisher.close()

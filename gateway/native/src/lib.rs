@@ -12,9 +12,10 @@
 //! counters and NACK history itself, so a batch needs no Python per viewer. Every
 //! packet's per-viewer header bytes are written in one place, [`write_packet`].
 //!
-//! A [`Track`] owns the SRTP state (rollover counter) of one media SSRC alone: no other
-//! SRTP context may protect packets of that SSRC. RTX and RTCP stay in aiortc's libsrtp
-//! session, under other SSRCs or in SRTCP's own index space.
+//! A [`Track`] owns the SRTP state (rollover counter) and the SRTCP index of one media
+//! SSRC alone: no other context may protect RTP or RTCP of that SSRC. It builds its
+//! sender reports itself; [`send_reports`] sends the due ones of many tracks in one
+//! call. RTX stays in aiortc's libsrtp session, under its own SSRC.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use aes::cipher::{KeyIvInit, StreamCipher};
 use aes::{Aes128, Aes256};
+use aes_gcm::aead::generic_array::GenericArray;
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes128Gcm, Aes256Gcm, KeyInit, Nonce};
 use hmac::{Hmac, Mac};
@@ -77,7 +79,10 @@ fn derive(master_key: &[u8], master_salt: &[u8], label: u8, out: &mut [u8]) {
 }
 
 impl Cipher {
-    fn new(profile: &str, key_salt: &[u8]) -> Result<Self, String> {
+    /// The SRTP (`rtcp` false) or SRTCP (`rtcp` true: labels 3-5 of RFC 3711 section
+    /// 4.3.2) session keys of one direction.
+    fn new(profile: &str, key_salt: &[u8], rtcp: bool) -> Result<Self, String> {
+        let label = if rtcp { 3 } else { 0 };
         let (key_len, salt_len) = match profile {
             CM_SHA1_80 => (16, 14),
             GCM_128 => (16, 12),
@@ -94,16 +99,16 @@ impl Cipher {
         Ok(match profile {
             CM_SHA1_80 => {
                 let (mut key, mut salt, mut auth) = ([0u8; 16], [0u8; 14], [0u8; 20]);
-                derive(master_key, master_salt, 0, &mut key);
-                derive(master_key, master_salt, 1, &mut auth);
-                derive(master_key, master_salt, 2, &mut salt);
+                derive(master_key, master_salt, label, &mut key);
+                derive(master_key, master_salt, label + 1, &mut auth);
+                derive(master_key, master_salt, label + 2, &mut salt);
                 let auth = <Hmac<Sha1> as Mac>::new_from_slice(&auth).expect("any key length");
                 Cipher::CmSha1 { key, salt, auth }
             }
             GCM_128 => {
                 let (mut key, mut salt) = ([0u8; 16], [0u8; 12]);
-                derive(master_key, master_salt, 0, &mut key);
-                derive(master_key, master_salt, 2, &mut salt);
+                derive(master_key, master_salt, label, &mut key);
+                derive(master_key, master_salt, label + 2, &mut salt);
                 Cipher::Gcm128 {
                     aead: Box::new(Aes128Gcm::new(&key.into())),
                     salt,
@@ -111,8 +116,8 @@ impl Cipher {
             }
             _ => {
                 let (mut key, mut salt) = ([0u8; 32], [0u8; 12]);
-                derive(master_key, master_salt, 0, &mut key);
-                derive(master_key, master_salt, 2, &mut salt);
+                derive(master_key, master_salt, label, &mut key);
+                derive(master_key, master_salt, label + 2, &mut salt);
                 Cipher::Gcm256 {
                     aead: Box::new(Aes256Gcm::new(&key.into())),
                     salt,
@@ -171,6 +176,74 @@ impl Cipher {
             }
         }
     }
+}
+
+impl Cipher {
+    /// SRTCP-protect one compound RTCP packet in place (`buf` holds it; the trailer
+    /// is appended): everything past the first 8 bytes (header and sender SSRC)
+    /// encrypted, then the E flag and 31-bit SRTCP `index` (RFC 3711 section 3.4);
+    /// AES-CM appends the HMAC-SHA1-80 tag over all that, GCM puts its tag before the
+    /// index and takes the first 8 bytes and the index as AAD (RFC 7714 section 9).
+    fn protect_rtcp(&self, buf: &mut Vec<u8>, ssrc: u32, index: u32) {
+        let trailer = (0x8000_0000 | index).to_be_bytes();
+        match self {
+            Cipher::CmSha1 { key, salt, auth } => {
+                let mut iv = [0u8; 16];
+                iv[..14].copy_from_slice(salt);
+                for (i, b) in ssrc.to_be_bytes().iter().enumerate() {
+                    iv[4 + i] ^= b;
+                }
+                for (i, b) in index.to_be_bytes().iter().enumerate() {
+                    iv[10 + i] ^= b;
+                }
+                Aes128Ctr::new(key.into(), &iv.into()).apply_keystream(&mut buf[8..]);
+                buf.extend_from_slice(&trailer);
+                let mut mac = auth.clone();
+                mac.update(buf);
+                let tag = mac.finalize().into_bytes();
+                buf.extend_from_slice(&tag[..10]);
+            }
+            Cipher::Gcm128 { aead, salt } => {
+                let nonce = gcm_rtcp_iv(salt, ssrc, index);
+                let tag = gcm_rtcp(aead.as_ref(), &nonce, buf, &trailer);
+                buf.extend_from_slice(&tag);
+                buf.extend_from_slice(&trailer);
+            }
+            Cipher::Gcm256 { aead, salt } => {
+                let nonce = gcm_rtcp_iv(salt, ssrc, index);
+                let tag = gcm_rtcp(aead.as_ref(), &nonce, buf, &trailer);
+                buf.extend_from_slice(&tag);
+                buf.extend_from_slice(&trailer);
+            }
+        }
+    }
+}
+
+/// RFC 7714 section 9.1: (00 00 || SSRC || 00 00 || 0 || SRTCP index) XOR salt.
+fn gcm_rtcp_iv(salt: &[u8; 12], ssrc: u32, index: u32) -> [u8; 12] {
+    let mut iv = [0u8; 12];
+    iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+    iv[8..12].copy_from_slice(&(index & 0x7FFF_FFFF).to_be_bytes());
+    for (v, s) in iv.iter_mut().zip(salt) {
+        *v ^= s;
+    }
+    iv
+}
+
+/// Encrypt `buf[8..]` in place; the AAD is the first 8 bytes and the trailer.
+fn gcm_rtcp<A: AeadInPlace>(
+    aead: &A,
+    nonce: &[u8; 12],
+    buf: &mut [u8],
+    trailer: &[u8; 4],
+) -> Vec<u8> {
+    let (head, body) = buf.split_at_mut(8);
+    let mut aad = [0u8; 12];
+    aad[..8].copy_from_slice(head);
+    aad[8..].copy_from_slice(trailer);
+    aead.encrypt_in_place_detached(GenericArray::from_slice(nonce), &aad, body)
+        .expect("report within GCM limits")
+        .to_vec()
 }
 
 /// RFC 7714 section 8.1: (00 00 || SSRC || ROC || SEQ) XOR salt.
@@ -419,6 +492,37 @@ fn monotonic_us() -> u64 {
     t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
 }
 
+/// (NTP time, µs since the Unix epoch) of now, from one CLOCK_REALTIME reading: NTP
+/// as aiortc's `clock.current_ntp_time()` computes it.
+fn wall_clock() -> (u64, i64) {
+    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
+    let micros = t.tv_nsec as u64 / 1000;
+    let ntp = ((t.tv_sec as u64 + NTP_UNIX_OFFSET) << 32) | ((micros << 32) / 1_000_000);
+    (ntp, t.tv_sec as i64 * 1_000_000 + micros as i64)
+}
+
+/// Seconds from 1900 (NTP's epoch) to 1970 (Unix's).
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+
+/// A uniform number in [0, 1) for report intervals (splitmix64; not for secrets).
+fn jitter() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0);
+    let mut seed = STATE.load(Ordering::Relaxed);
+    if seed == 0 {
+        seed = monotonic_us() | 1;
+    }
+    seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    STATE.store(seed, Ordering::Relaxed);
+    let mut z = seed;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// One viewer's transport-wide sequence counter and a ring of (send time µs, size)
 /// per number (as `twcc.SendLog`): shared by the viewer's tracks, which number and
 /// log each packet as they send it; a feedback message is parsed and matched against it
@@ -627,6 +731,23 @@ struct Track {
     gso: bool,
     /// The viewer's transport-wide numbering, where it negotiated transport-cc.
     log: Option<Arc<Mutex<Ring>>>,
+    /// SRTCP context of the same SSRC: every RTCP packet sent from it is this track's.
+    rtcp: Cipher,
+    /// Last SRTCP index used (libsrtp starts at 1, refuses past 2^31 - 1).
+    #[pyo3(get, set)]
+    rtcp_index: u32,
+    /// Sender reports: the CNAME its SDES carries, the RTP clock rate, the mean
+    /// interval in s (RFC 3550's x 0.5-1.5 per report) and when the next one is due
+    /// (`time.monotonic()`; [`send_reports`] sends it then); reports sent.
+    cname: Vec<u8>,
+    #[pyo3(get, set)]
+    clock_rate: u32,
+    #[pyo3(get, set)]
+    report_interval: f64,
+    #[pyo3(get, set)]
+    next_report: f64,
+    #[pyo3(get)]
+    reports_sent: u64,
 }
 
 /// Where one `send` of a frame (or a pacer's slice of it) goes in a viewer's stream.
@@ -934,6 +1055,79 @@ impl Track {
         done
     }
 
+    /// This track's sender report as aiortc builds one (`RtcpSrPacket` then
+    /// `RtcpSdesPacket` with the CNAME): the RTP time of wall-clock `now_us` follows
+    /// from the last frame's timestamp and ingest arrival time (so a publisher's audio
+    /// and video share one clock), `ntp` is the same instant as NTP time.
+    fn report(&self, ntp: u64, now_us: i64) -> Vec<u8> {
+        let elapsed = (now_us - self.last_arrival_us) as f64 / 1e6;
+        let ticks = (elapsed * self.clock_rate as f64) as i64;
+        let rtp_ts = (self.last_ts as i64).wrapping_add(ticks) as u32;
+        let mut out = Vec::with_capacity(40 + self.cname.len() + 16);
+        out.extend_from_slice(&[0x80, 200, 0, 6]);
+        out.extend_from_slice(&self.ssrc.to_be_bytes());
+        out.extend_from_slice(&ntp.to_be_bytes());
+        out.extend_from_slice(&rtp_ts.to_be_bytes());
+        out.extend_from_slice(&(self.packets_sent as u32).to_be_bytes());
+        out.extend_from_slice(&(self.octets_sent as u32).to_be_bytes());
+        // SDES: one chunk, CNAME, two zero octets, padded to a 32-bit boundary.
+        let chunk = (4 + 2 + self.cname.len() + 2).div_ceil(4) * 4;
+        out.extend_from_slice(&[0x81, 202]);
+        out.extend_from_slice(&((chunk / 4) as u16).to_be_bytes());
+        out.extend_from_slice(&self.ssrc.to_be_bytes());
+        out.extend_from_slice(&[1, self.cname.len() as u8]);
+        out.extend_from_slice(&self.cname);
+        out.resize(28 + 4 + chunk, 0);
+        out
+    }
+
+    /// SRTCP-protect `buf` with the next SRTCP index; None once the index space is
+    /// spent (2^31 - 1 reports: libsrtp then refuses with `key_expired` too).
+    fn protect_rtcp_next(&mut self, buf: &mut Vec<u8>) -> Option<()> {
+        if self.rtcp_index >= 0x7FFF_FFFF {
+            return None;
+        }
+        self.rtcp_index += 1;
+        self.rtcp.protect_rtcp(buf, self.ssrc, self.rtcp_index);
+        Some(())
+    }
+
+    /// One datagram to the route, not waiting: a report the socket has no room for
+    /// is lost (the next one follows within seconds).
+    fn send_datagram(&self, buf: &[u8]) -> bool {
+        let Some(dest) = self.dest else {
+            return false;
+        };
+        // SAFETY: our own descriptor, a buffer and address valid for the call.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd,
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+                &dest as *const _ as *const libc::sockaddr,
+                self.dest_len,
+            )
+        };
+        rc >= 0
+    }
+
+    /// The sender report of [`send_reports`] if due at `now` (monotonic s); schedules
+    /// the next. `wall` is (NTP time, µs since the Unix epoch) of the same instant.
+    fn report_if_due(&mut self, now: f64, wall: (u64, i64)) {
+        if self.dest.is_none() || self.next_report > now {
+            return;
+        }
+        self.next_report = now + self.report_interval * (0.5 + jitter());
+        if self.last_arrival_us == 0 {
+            return; // nothing sent yet: nothing to map
+        }
+        let mut buf = self.report(wall.0, wall.1);
+        if self.protect_rtcp_next(&mut buf).is_some() && self.send_datagram(&buf) {
+            self.reports_sent += 1;
+        }
+    }
+
     fn sendmmsg_plain(&mut self, buf: &[u8], spans: &[(usize, usize)]) -> usize {
         let gso = std::mem::replace(&mut self.gso, false);
         let sent = self.sendmmsg(buf, spans);
@@ -1005,7 +1199,8 @@ impl Track {
     #[new]
     #[pyo3(signature = (profile, key_salt, ssrc, history = 256))]
     fn new(profile: &str, key_salt: &[u8], ssrc: u32, history: usize) -> PyResult<Self> {
-        let cipher = Cipher::new(profile, key_salt).map_err(PyValueError::new_err)?;
+        let cipher = Cipher::new(profile, key_salt, false).map_err(PyValueError::new_err)?;
+        let rtcp = Cipher::new(profile, key_salt, true).map_err(PyValueError::new_err)?;
         Ok(Track {
             cipher,
             ssrc,
@@ -1029,6 +1224,13 @@ impl Track {
             sends: 0,
             gso: true,
             log: None,
+            rtcp,
+            rtcp_index: 0,
+            cname: Vec::new(),
+            clock_rate: 90_000,
+            report_interval: 1.0,
+            next_report: 0.0,
+            reports_sent: 0,
         })
     }
 
@@ -1201,6 +1403,50 @@ impl Track {
     fn index(&self) -> u64 {
         self.newest
     }
+
+    /// The CNAME sender reports carry in their SDES (at most 255 bytes).
+    #[getter]
+    fn cname(&self) -> String {
+        String::from_utf8_lossy(&self.cname).into_owned()
+    }
+
+    #[setter]
+    fn set_cname(&mut self, cname: &str) -> PyResult<()> {
+        if cname.len() > 255 {
+            return Err(PyValueError::new_err("a CNAME is at most 255 bytes"));
+        }
+        self.cname = cname.as_bytes().to_vec();
+        Ok(())
+    }
+
+    /// This track's sender report and SDES (plain RTCP) at NTP time `ntp`, which is
+    /// `now_us` µs after the Unix epoch: what [`send_reports`] protects and sends.
+    #[pyo3(name = "report")]
+    fn py_report<'py>(&self, py: Python<'py>, ntp: u64, now_us: i64) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.report(ntp, now_us))
+    }
+
+    /// SRTCP-protect a compound RTCP packet sent from this track's SSRC (a BYE, the
+    /// sender reports of a track without a route) with the next SRTCP index: once a
+    /// track exists, no other context may protect RTCP of its SSRC, or the two
+    /// index sequences would collide in the viewer's replay check.
+    fn protect_rtcp<'py>(
+        &mut self,
+        py: Python<'py>,
+        packet: &[u8],
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        if packet.len() < 8 || packet[0] >> 6 != 2 {
+            return Err(PyValueError::new_err("not an RTCP packet"));
+        }
+        if u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]) != self.ssrc {
+            return Err(PyValueError::new_err("RTCP of another SSRC"));
+        }
+        let mut buf = Vec::with_capacity(packet.len() + 20);
+        buf.extend_from_slice(packet);
+        self.protect_rtcp_next(&mut buf)
+            .ok_or_else(|| PyValueError::new_err("SRTCP index spent"))?;
+        Ok(PyBytes::new(py, &buf))
+    }
 }
 
 /// One frame to every track in `tracks` (viewers of one layout), in one call with the
@@ -1259,11 +1505,48 @@ fn send_batch(
     Ok((passed, unsent))
 }
 
+/// The sender reports due now of `tracks` (any viewers' routed tracks), in one call
+/// with the GIL released: each SRTCP-protected (see [`Track::protect_rtcp`]) and sent
+/// on its track's route; each track's next report is scheduled at its
+/// `report_interval` x 0.5-1.5. A track that has sent no frame yet is only
+/// rescheduled. Returns `(reports sent, indices of the tracks without a route)`: those
+/// have lost their connection for good and report no more.
+#[pyfunction]
+fn send_reports(py: Python<'_>, tracks: &Bound<'_, PyList>) -> PyResult<(u64, Vec<usize>)> {
+    let mut held: Vec<PyRefMut<'_, Track>> = Vec::with_capacity(tracks.len());
+    for item in tracks.iter() {
+        held.push(item.downcast_into::<Track>()?.try_borrow_mut()?);
+    }
+    let ptrs: Vec<TrackPtr> = held
+        .iter_mut()
+        .map(|t| TrackPtr(&mut **t as *mut Track))
+        .collect();
+    let out = py.allow_threads(move || {
+        let (now, wall) = (monotonic(), wall_clock());
+        let (mut sent, mut gone) = (0, Vec::new());
+        for (n, ptr) in ptrs.into_iter().enumerate() {
+            // SAFETY: distinct tracks (each borrowed once above), borrows held.
+            let track = unsafe { &mut *ptr.0 };
+            if track.dest.is_none() {
+                gone.push(n);
+                continue;
+            }
+            let before = track.reports_sent;
+            track.report_if_due(now, wall);
+            sent += track.reports_sent - before;
+        }
+        (sent, gone)
+    });
+    drop(held);
+    Ok(out)
+}
+
 #[pymodule]
 fn _fanout(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Packets>()?;
     m.add_class::<Track>()?;
     m.add_function(wrap_pyfunction!(send_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(send_reports, m)?)?;
     m.add_class::<SendLog>()?;
     m.add("PROFILES", (CM_SHA1_80, GCM_128, GCM_256))?;
     Ok(())
