@@ -124,6 +124,22 @@ def use_host_addresses(addresses: tuple[str, ...]) -> None:
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(addresses)
 
 
+_stun_datagram_received = aioice.ice.StunProtocol.datagram_received
+
+
+def _datagram_received_unless_empty(self, data: bytes, addr: tuple) -> None:
+    if data:
+        _stun_datagram_received(self, data, addr)
+
+
+def drop_empty_datagrams() -> None:
+    """aioice queues a datagram that is not STUN for aiortc's DTLS transport, whose
+    receive task reads its first byte: one empty UDP datagram from anywhere ends that
+    task and closes the connection (aiortc 1.16). Drop empty datagrams before aioice
+    sees them (process-wide; the direct receive path drops them itself)."""
+    aioice.ice.StunProtocol.datagram_received = _datagram_received_unless_empty
+
+
 def stop_consent_checks(ice: RTCIceTransport) -> None:
     """Cancel aioice's RFC 7675 consent checks of one connection."""
     task = ice._connection._query_consent_task

@@ -18,6 +18,8 @@ from . import aiortc_compat
 from .errors import SessionError, UnprocessableOffer
 from .settings import Settings
 
+aiortc_compat.drop_empty_datagrams()
+
 logger = logging.getLogger(__name__)
 
 

@@ -7,14 +7,15 @@ import asyncio
 import os
 import socket
 
-from aiortc import RTCPeerConnection
+import aiohttp
+from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpReceiveParameters
 from aiortc.rtp import RtcpReceiverInfo, RtcpRrPacket, RtpPacket
 from whipcast.gateway import aiortc_compat
 from whipcast.gateway.frames import Track
 
 from .conftest import until
-from .peers import play, publish
+from .peers import play, post_sdp, publish
 
 
 def direct_path(pc) -> aiortc_compat.DirectReceive | None:
@@ -24,10 +25,10 @@ def direct_path(pc) -> aiortc_compat.DirectReceive | None:
     return aiortc_compat.direct_receive(transports.pop())
 
 
-def server_media_addresses(client_pc) -> list[tuple[str, int]]:
+def server_media_addresses(answer: str) -> list[tuple[str, int]]:
     """The gateway's loopback host candidates, from the answer a test peer got."""
     addresses = []
-    for line in client_pc.remoteDescription.sdp.splitlines():
+    for line in answer.splitlines():
         parts = line.split()
         candidate = line.startswith("a=candidate:") and parts[2].lower() == "udp"
         if candidate and parts[4] == "127.0.0.1":
@@ -92,7 +93,7 @@ async def test_garbage_on_the_media_socket_is_dropped(server, stream_name):
         assert rx is not None
         dropped, errors = rx.dropped, rx.errors
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            for address in server_media_addresses(publisher.pc):
+            for address in server_media_addresses(publisher.pc.remoteDescription.sdp):
                 for datagram in GARBAGE:
                     sock.sendto(datagram, address)
         assert await until(lambda: rx.dropped - dropped >= len(GARBAGE), 10), rx.dropped
@@ -107,6 +108,31 @@ async def test_garbage_on_the_media_socket_is_dropped(server, stream_name):
         finally:
             assert await viewer.close() == 200
     finally:
+        assert await publisher.close() == 200
+
+
+async def test_an_empty_datagram_before_dtls_does_not_end_the_session(server, stream_name):
+    """aiortc's DTLS task reads a queued datagram's first byte: an empty one sent to the
+    gateway's port before the handshake used to end the session."""
+    publisher = await publish(server.url, stream_name)
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        offer = pc.localDescription.sdp
+        async with aiohttp.ClientSession(base_url=server.url) as http:
+            status, _, answer = await post_sdp(http, f"/whep/{stream_name}", offer)
+        assert status == 201, answer
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for address in server_media_addresses(answer):
+                sock.sendto(b"", address)
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        video = next(t for t in pc.getTransceivers() if t.kind == "video")
+        frame = await asyncio.wait_for(video.receiver.track.recv(), 20)
+        assert frame is not None and pc.connectionState == "connected"
+    finally:
+        await pc.close()
         assert await publisher.close() == 200
 
 
