@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import av
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
 from whipcast.gateway.recorder import TopicAssignor, stream_pattern
@@ -261,6 +262,20 @@ async def test_sigkilled_recorder_loses_at_most_2_s_and_another_continues(kafka,
                 return True
 
             await wait_for(both_ready, "recorders did not start", timeout=90)
+            # Both in the consumer group before the stream comes: a recorder joining
+            # later would take the stream over (rendezvous) and finish part 1 itself.
+            admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+            await admin.start()
+            try:
+
+                async def both_members():
+                    (response,) = await admin.describe_consumer_groups(["whipcast.recorders"])
+                    _, _, state, _, _, members, *_ = response.groups[0]
+                    return state == "Stable" and len(members) >= 2
+
+                await wait_for(both_members, "recorders did not both join their group")
+            finally:
+                await admin.close()
             publisher = await publish(server.url, stream)
             try:
 
