@@ -217,5 +217,6 @@ async def _run(args) -> None:
             f"{med(c.get('age_p99', 0) for c in r):.1f}"
         )
 
+
 if __name__ == "__main__":
     main()
