@@ -347,7 +347,8 @@ class FrameProducer:
         now_ms = int(time.time() * 1000)
         while queue:
             value = queue[0][0]
-            if builder.append(0, timestamp=now_ms, key=None, value=value, headers=[]) is None:
+            offset = len(taken)  # offset delta within the batch
+            if builder.append(offset, timestamp=now_ms, key=None, value=value, headers=[]) is None:
                 break  # full: the rest goes in the next request
             taken.append(queue.popleft())
             self._pending_bytes -= len(value)
