@@ -311,6 +311,8 @@ class FrameProducer:
     def _flush(self) -> None:
         """Start a request for every leader that has records queued and none in flight."""
         self._scheduled = False
+        if self._closed:
+            return
         leader_for = self._client.cluster.leader_for_partition
         by_node: dict[int, list[TopicPartition]] = {}
         unknown = False
