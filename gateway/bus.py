@@ -28,7 +28,7 @@ from aiokafka.errors import InvalidPartitionsError, KafkaError, TopicAlreadyExis
 from aiokafka.structs import TopicPartition
 
 from .frames import Frame, FrameFormatError, Track, partition_layer, video_partition
-from .kafka_frames import FrameFetcher, FrameProducer
+from .kafka_frames import FrameProducer
 from .metrics import Metrics
 from .settings import Settings
 
@@ -354,17 +354,7 @@ class FrameReader:
         self.layers = layers
         """Video layers read: fewer than asked for if the topic lacks their partitions."""
         self._behind: set[int] = set()  # video partitions whose history is not read yet
-        # Offsets are looked up with a consumer (at start and ``at_end``); records are
-        # fetched by a lean loop of the reader's own (gateway/kafka_frames.py says why).
         self._consumer = bus.consumer()
-        self._fetcher = FrameFetcher(
-            bus.settings.kafka_client_options(),
-            self.topic,
-            max_wait_ms=bus.settings.kafka_fetch_wait_ms,
-            partition_bytes=MAX_RECORD_BYTES,
-            max_bytes=4 * MAX_RECORD_BYTES,
-            reset=self._newest,
-        )
         self._lookback = lookback
         self._start = start
         self.session = session
@@ -383,19 +373,18 @@ class FrameReader:
 
     async def start(self) -> None:
         await self._consumer.start()
-        fetcher = self._fetcher
-        await fetcher.start()
         if self.layers > 1:  # a layer whose partition is missing is not waited for
             known = await self._bus.producer.partitions_for(self.topic)
             while self.layers > 1 and video_partition(self.layers - 1) not in known:
                 self.layers -= 1
                 self._partitions.pop()
         partitions = [TopicPartition(self.topic, p) for p in self._partitions]
+        self._consumer.assign(partitions)
         if self._start is not None:
             for tp in partitions:
                 self._live_from[tp.partition] = 0
                 self._read_to[tp.partition] = self._start[Track(tp.partition)]
-                fetcher.seek(tp.partition, self._start[Track(tp.partition)])
+                self._consumer.seek(tp, self._start[Track(tp.partition)])
             self.caught_up.set()
             return
         ends = await self._consumer.end_offsets(partitions)
@@ -404,34 +393,27 @@ class FrameReader:
             self._live_from[tp.partition] = ends[tp]
             if tp.partition != Track.AUDIO:
                 start = max(begins[tp], ends[tp] - self._lookback)
-                fetcher.seek(tp.partition, start)
+                self._consumer.seek(tp, start)
                 if start < ends[tp]:
                     self._behind.add(tp.partition)
             else:
-                fetcher.seek(tp.partition, ends[tp])
+                self._consumer.seek(tp, ends[tp])
         if not self._behind:
             self.caught_up.set()
 
     async def stop(self) -> None:
-        await self._fetcher.stop()
         await self._consumer.stop()
-
-    async def _newest(self, partitions: list[int]) -> dict[int, int]:
-        """Where a partition whose position fell out of the log goes on: its end."""
-        tps = [TopicPartition(self.topic, p) for p in partitions]
-        ends = await self._consumer.end_offsets(tps)
-        return {tp.partition: ends[tp] for tp in tps}
 
     async def read(self) -> AsyncIterator[list[ReadFrame]]:
         """Batches of frames in partition order, as soon as the broker has them."""
-        fetch = self._fetcher.fetch
         while True:
-            batches = await fetch()
+            batches = await self._consumer.getmany(timeout_ms=1000, max_records=500)
             out = []
-            for partition, records in batches.items():
-                live_from = self._live_from[partition]
-                layer = partition_layer(partition) or 0
-                self._read_to[partition] = records[-1].offset + 1
+            for tp, records in batches.items():
+                live_from = self._live_from[tp.partition]
+                layer = partition_layer(tp.partition) or 0
+                if records:
+                    self._read_to[tp.partition] = records[-1].offset + 1
                 for record in records:
                     try:
                         frame = Frame.decode(record.value)
@@ -445,21 +427,23 @@ class FrameReader:
                             continue
                         self._seen.add(frame.track)
                     out.append(ReadFrame(frame, record.offset < live_from, layer))
-                    if partition in self._behind and record.offset >= live_from - 1:
-                        self._behind.discard(partition)
+                    if tp.partition in self._behind and record.offset >= live_from - 1:
+                        self._behind.discard(tp.partition)
                         if not self._behind:
                             self.caught_up.set()
             if out:
                 self.lag_ms = time.time() * 1000 - out[-1].frame.arrival_us / 1000
-                if Track.VIDEO in batches:
-                    highwater = self._fetcher.highwater.get(Track.VIDEO, 0)
-                    self.lag_records = max(0, highwater - batches[Track.VIDEO][-1].offset - 1)
+                video = TopicPartition(self.topic, Track.VIDEO)
+                if video in batches:
+                    highwater = self._consumer.highwater(video) or 0
+                    self.lag_records = max(0, highwater - batches[video][-1].offset - 1)
                 yield out
 
     def behind(self, track: Track) -> bool:
         """Whether the broker reported records of ``track`` that are not read yet (or has
         not answered for it yet: a reader catching up must not take unknown for none)."""
-        highwater = self._fetcher.highwater.get(track)
+        tp = TopicPartition(self.topic, track)
+        highwater = self._consumer.highwater(tp)
         return highwater is None or highwater > self._read_to.get(track, 0)
 
     async def at_end(self) -> bool:
@@ -467,7 +451,7 @@ class FrameReader:
         partitions = [TopicPartition(self.topic, track) for track in Track]
         ends = await self._consumer.end_offsets(partitions)
         for tp in partitions:
-            unread = self._fetcher.positions[tp.partition] < ends[tp]
+            unread = await self._consumer.position(tp) < ends[tp]
             if unread and Track(tp.partition) not in self.finished:
                 return False
         return True

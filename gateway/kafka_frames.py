@@ -1,31 +1,26 @@
-"""Frame records to and from Kafka: lean paths built from aiokafka's client and protocol.
+"""Frame records into Kafka: a lean produce path built from aiokafka's client and protocol.
 
-Why library paths were replaced: a stream's frames are its Kafka traffic, one produce
-request per video frame (audio rides along: ``gateway/ingest.py``) and, on every egress
-node with a viewer, one fetch per produce request: ~30 of each per second per stream.
-Through aiokafka's generic producer and consumer, the node spent ~0.9 ms of CPU per
-produce request and ~0.8 ms per fetch (``bench/kclient_cost.py``; docs/benchmarks.md,
-section 2f), most of it their machinery rather than the request: per produce, a record
-future and a batch future per partition, the sender task woken through ``asyncio.wait``
-over every pending future, a task per request; per fetch, the consumer's fetcher task
-woken twice to rebuild its plan from the subscription state, a task per request, a
-waiter per ``getmany``. The same requests sent on aiokafka's client
-(``AIOKafkaClient.send``) from the caller's own task or one task per request cost ~35 %
-(produce) and ~45 % (fetch) less. Everything on the wire is as before: the requests
-(aiokafka picks their versions), acks=1, the broker's fetch wait (answered as soon as
-a record lands), the record batches (aiokafka's builder and reader, CRCs checked).
+Why a library path was replaced: a stream's frames are its Kafka traffic, one produce
+request per video frame (audio rides along: ``gateway/ingest.py``), ~30 per second per
+stream. Through aiokafka's generic producer the node spent ~0.9–1.0 ms of CPU per
+produce request (``bench/kclient_cost.py``; docs/benchmarks.md, "The Kafka client's CPU
+per request"), most of it the producer's machinery rather than the request: a record
+future per record and a batch future per partition, the sender task woken through
+``asyncio.wait`` over every pending future, a task per request, the accumulator's
+bookkeeping. The same request sent on aiokafka's client (``AIOKafkaClient.send``, the
+producer's own client and connection) from one task per request costs ~20 % less per
+frame in the same benchmark (~0.2 ms). Everything on the wire is as before: the
+request (aiokafka picks its version), acks=1, the record batches (aiokafka's builder).
 
 :class:`FrameProducer` keeps what aiokafka's producer guaranteed for frames: one request
 in flight per leader and partition (order), every record acknowledged or counted as lost
 (``on_acked`` with its latency / ``on_failed``), retries after a leader change or a lost
-connection until ``timeout_ms``, a bounded queue. :class:`FrameFetcher` follows
-partitions of one topic with one fetch in flight per leader, retries the same way and
-resets an out-of-range position through a callback. Control-plane records keep
-aiokafka's producer and consumers (few, and their semantics are the library's).
+connection until ``timeout_ms``, a bounded queue. Control-plane records keep aiokafka's
+producer, and readers its consumer.
 
-No private aiokafka name is used; the classes and methods used below the producer and
-consumer API are listed in :data:`REQUIRED` and checked at import, like
-``gateway/aiortc_compat.py``, so an aiokafka that changes them fails at start-up.
+No private aiokafka name is used; the classes and methods used below the producer API
+are listed in :data:`REQUIRED` and checked at import, like ``gateway/aiortc_compat.py``,
+so an aiokafka that changes them fails at start-up.
 """
 
 from __future__ import annotations
@@ -34,20 +29,17 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from importlib import metadata
 
 import aiokafka.errors as Errors
 from aiokafka import AIOKafkaClient
-from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.protocol.produce import ProduceRequest
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition
 
 logger = logging.getLogger(__name__)
 
-READ_UNCOMMITTED = 0
 RETRY_BACKOFF_S = 0.1
 
 REQUIRED: tuple[tuple[object, str, str], ...] = (
@@ -57,15 +49,12 @@ REQUIRED: tuple[tuple[object, str, str], ...] = (
     (AIOKafkaClient, "add_topic", "attr"),
     (AIOKafkaClient, "force_metadata_update", "attr"),
     (AIOKafkaClient, "cluster", "init"),
-    (FetchRequest, "topics", "attr"),
     (ProduceRequest, "required_acks", "attr"),
     (DefaultRecordBatchBuilder, "append", "attr"),
     (DefaultRecordBatchBuilder, "build", "attr"),
-    (MemoryRecords, "next_batch", "attr"),
     (Errors, "for_code", "attr"),
-    (Errors, "CorruptRecordException", "attr"),
 )
-"""What this module uses of aiokafka below its consumer and producer (no private name):
+"""What this module uses of aiokafka below its producer (no private name):
 (owner, name, how), "init" = an attribute the class's ``__init__`` assigns."""
 
 
@@ -87,164 +76,6 @@ def check() -> None:
 
 
 check()
-
-Reset = Callable[[list[int]], Awaitable[dict[int, int]]]
-
-
-class FrameFetcher:
-    """Fetches records of some partitions of one topic, in order, without a consumer.
-
-    ``positions`` holds the next offset to read per partition (set with :meth:`seek`),
-    ``highwater`` the broker's last reported end per partition.
-    """
-
-    def __init__(
-        self,
-        client_options: dict[str, object],
-        topic: str,
-        *,
-        max_wait_ms: int,
-        partition_bytes: int,
-        max_bytes: int,
-        reset: Reset,
-    ) -> None:
-        self.topic = topic
-        self._options = client_options
-        self._client: AIOKafkaClient | None = None
-        self.max_wait_ms = max_wait_ms
-        self._partition_bytes = partition_bytes
-        self._max_bytes = max_bytes
-        self._reset = reset
-        self.positions: dict[int, int] = {}
-        self.highwater: dict[int, int] = {}
-        self._tps: dict[int, TopicPartition] = {}
-        self._busy: set[int] = set()  # partitions with a fetch in flight
-        self._pending: dict[int, asyncio.Task] = {}  # node -> fetch (several leaders)
-        self.errors = 0
-
-    async def start(self) -> None:
-        self._client = AIOKafkaClient(**self._options)
-        await self._client.bootstrap()
-        await self._client.add_topic(self.topic)
-
-    async def stop(self) -> None:
-        for task in self._pending.values():
-            task.cancel()
-        await asyncio.gather(*self._pending.values(), return_exceptions=True)
-        self._pending.clear()
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    def seek(self, partition: int, offset: int) -> None:
-        self.positions[partition] = offset
-        self._tps.setdefault(partition, TopicPartition(self.topic, partition))
-
-    async def fetch(self) -> dict[int, list]:
-        """Records per partition from the next answered fetch (waits at most about
-        ``max_wait_ms``; may return none)."""
-        assert self._client is not None, "start() first"
-        by_node: dict[int, list[int]] = {}
-        leader_for = self._client.cluster.leader_for_partition
-        unknown = False
-        for partition, tp in self._tps.items():
-            if partition in self._busy:
-                continue
-            node = leader_for(tp)
-            if node is None or node < 0:
-                unknown = True
-            else:
-                by_node.setdefault(node, []).append(partition)
-        if unknown:
-            self._client.force_metadata_update()
-        if not self._pending:
-            if len(by_node) == 1:  # the usual case: the stream's partitions share a leader
-                [(node, partitions)] = by_node.items()
-                return await self._fetch(node, partitions)
-            if not by_node:
-                await asyncio.sleep(RETRY_BACKOFF_S)
-                return {}
-        for node, partitions in by_node.items():
-            if node not in self._pending:
-                self._pending[node] = asyncio.ensure_future(self._fetch(node, partitions))
-        done, _ = await asyncio.wait(self._pending.values(), return_when=asyncio.FIRST_COMPLETED)
-        out: dict[int, list] = {}
-        for node, task in list(self._pending.items()):
-            if task in done:
-                del self._pending[node]
-                out.update(task.result())
-        return out
-
-    async def _fetch(self, node: int, partitions: list[int]) -> dict[int, list]:
-        offsets = {p: self.positions[p] for p in partitions}
-        wanted = [(p, offset, self._partition_bytes) for p, offset in offsets.items()]
-        assert self._client is not None
-        request = FetchRequest(
-            self.max_wait_ms, 1, self._max_bytes, READ_UNCOMMITTED, [(self.topic, wanted)]
-        )
-        self._busy.update(partitions)
-        try:
-            response = await self._client.send(node, request)
-        except Errors.KafkaError as exc:  # connection lost, node gone, timed out
-            self._failed(f"fetch from node {node} failed: {exc!r}")
-            await asyncio.sleep(RETRY_BACKOFF_S)
-            return {}
-        finally:
-            self._busy.difference_update(partitions)
-        out: dict[int, list] = {}
-        reset = []
-        retry = False
-        for _topic, answered in response.topics:
-            for partition, error_code, highwater, *rest in answered:
-                if self.positions.get(partition) != offsets.get(partition):
-                    continue  # sought elsewhere meanwhile
-                if error_code == 0:
-                    self.highwater[partition] = highwater
-                    records = self._records(partition, rest[-1])
-                    if records:
-                        out[partition] = records
-                elif error_code == Errors.OffsetOutOfRangeError.errno:
-                    reset.append(partition)
-                else:
-                    error = Errors.for_code(error_code)
-                    self._failed(f"fetch of {self.topic}/{partition}: {error.__name__}")
-                    retry = True
-                    if getattr(error, "invalid_metadata", False) or error in (
-                        Errors.NotLeaderForPartitionError,
-                        Errors.UnknownTopicOrPartitionError,
-                    ):
-                        self._client.force_metadata_update()
-        if reset:
-            logger.info("%s: offsets out of range, reading on from the newest", self.topic)
-            for partition, offset in (await self._reset(reset)).items():
-                self.positions[partition] = offset
-        if retry:  # e.g. a leader change: give the metadata update time
-            await asyncio.sleep(RETRY_BACKOFF_S)
-        return out
-
-    def _records(self, partition: int, data: bytes | None) -> list:
-        """The records of a fetched batch set from the current position on; advances it."""
-        if not data:
-            return []
-        position = self.positions[partition]
-        out = []
-        records = MemoryRecords(data)
-        while (batch := records.next_batch()) is not None:
-            if not batch.validate_crc():
-                raise Errors.CorruptRecordException(f"invalid CRC in {self.topic}/{partition}")
-            if not batch.is_control_batch:
-                for record in batch:
-                    if record.offset >= position:
-                        out.append(record)
-            position = max(position, batch.next_offset)
-        self.positions[partition] = position
-        return out
-
-    def _failed(self, message: str) -> None:
-        self.errors += 1
-        if self.errors == 1 or self.errors % 100 == 0:
-            logger.warning("%s (%d so far)", message, self.errors)
-
 
 METADATA_RETRY_S = 0.02
 MAX_PENDING_BYTES = 64 * 1024 * 1024

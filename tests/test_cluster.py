@@ -192,8 +192,8 @@ async def test_leader_killed_mid_stream(kafka_cluster):
 async def test_frames_across_two_leaders(kafka_cluster, stream_name):
     """A stream topic whose partitions have different leaders (one made before a
     stream's partitions shared one, or after a partial failover): the frame producer
-    sends to both leaders at once and one reader fetches from both, every frame in
-    order (gateway/kafka_frames.py, one request in flight per leader)."""
+    sends to both leaders at once (gateway/kafka_frames.py, one request in flight per
+    leader) and a reader gets every frame, in order."""
     settings = Settings.from_env(env={}, kafka_bootstrap=kafka_cluster.bootstrap)
     bus = Bus(settings, Metrics())
     await bus.start()

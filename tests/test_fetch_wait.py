@@ -74,6 +74,6 @@ async def test_fetch_wait_flag_reaches_the_frame_readers_consumer():
     args = build_parser().parse_args(["egress", "--kafka-fetch-wait-ms", "20"])
     settings = settings_from(args).with_(kafka_bootstrap="127.0.0.1:9")
     bus = Bus(settings, Metrics())
-    assert FrameReader(bus, "s")._fetcher.max_wait_ms == 20
+    assert bus.consumer()._fetch_max_wait_ms == 20
     assert bus.consumer(500)._fetch_max_wait_ms == 500
     assert Bus(Settings(), Metrics()).consumer()._fetch_min_bytes == 1
