@@ -28,6 +28,7 @@ from aiokafka.errors import InvalidPartitionsError, KafkaError, TopicAlreadyExis
 from aiokafka.structs import TopicPartition
 
 from .frames import Frame, FrameFormatError, Track, partition_layer, video_partition
+from .kafka_frames import FrameProducer
 from .metrics import Metrics
 from .settings import Settings
 
@@ -44,6 +45,7 @@ MAX_RECORD_BYTES = 8 * 1024 * 1024
 # viewers (tests/test_cluster.py); 200 ms costs a few requests per second per node.
 CONTROL_FETCH_MAX_WAIT_MS = 200
 PROBE_INTERVAL_S = 2.0
+PRODUCE_TIMEOUT_MS = 10000
 # Durability per topic (docs/architecture.md has the table and the reasons): every topic
 # gets up to three replicas, so that a broker loss moves leadership instead of losing
 # the data; control-plane state written with acks=all also needs two in-sync copies.
@@ -77,6 +79,7 @@ class Bus:
         self._prefix = settings.topic_prefix
         self._replicas = 1
         self.produce_errors = 0
+        self._frames: FrameProducer | None = None
 
     # Topic names
     def stream_topic(self, stream: str) -> str:
@@ -113,9 +116,17 @@ class Bus:
             acks=1,
             linger_ms=0,
             max_request_size=MAX_RECORD_BYTES,
-            request_timeout_ms=10000,
+            request_timeout_ms=PRODUCE_TIMEOUT_MS,
         )
         await self.producer.start()
+        # Frames take a lean path on the producer's client (gateway/kafka_frames.py).
+        self._frames = FrameProducer(
+            self.producer.client,
+            timeout_ms=PRODUCE_TIMEOUT_MS,
+            max_record_bytes=MAX_RECORD_BYTES,
+            on_acked=self.metrics.produce_latency.observe,
+            on_failed=self._produce_failed,
+        )
         self._replicas = replication_factor(
             self.settings, len(self.producer.client.cluster.brokers())
         )
@@ -169,6 +180,9 @@ class Bus:
         if self._probe is not None:
             self._probe.cancel()
             await asyncio.gather(self._probe, return_exceptions=True)
+        if self._frames is not None:
+            await self._frames.stop()
+            self._frames = None
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None
@@ -263,25 +277,12 @@ class Bus:
         """Queue a frame for sending (to its track's partition unless ``partition`` is
         given: a simulcast layer's); returns once queued, not when acknowledged.
 
-        A frame that cannot even be queued (broker unreachable for longer than the
-        producer's timeouts) is counted and dropped: live media cannot wait for it.
+        A frame not acknowledged within the producer's timeout (broker unreachable,
+        no leader) is counted and dropped: live media cannot wait for it. Each
+        acknowledged one feeds the produce-latency metric.
         """
-        assert self.producer is not None
-        try:
-            future = await self.producer.send(
-                topic, frame.encode(), partition=frame.track if partition is None else partition
-            )
-        except KafkaError as exc:
-            self._produce_failed(exc)
-            return
-        sent = time.perf_counter()
-        future.add_done_callback(lambda done: self._acked(done, sent))
-
-    def _acked(self, future: asyncio.Future, sent: float) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self._produce_failed(future.exception())
-        else:
-            self.metrics.produce_latency.observe(time.perf_counter() - sent)
+        assert self._frames is not None
+        self._frames.send(topic, frame.track if partition is None else partition, frame.encode())
 
     def _produce_failed(self, exc: BaseException | None) -> None:
         """Count a lost frame; log at most every few seconds, not once per frame."""

@@ -16,6 +16,10 @@ import aiohttp
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
+from whipcast.gateway.bus import Bus, FrameReader
+from whipcast.gateway.frames import Codec, Frame, Track
+from whipcast.gateway.metrics import Metrics
+from whipcast.gateway.settings import Settings
 
 from .conftest import start_server, until
 from .peers import play, publish
@@ -183,3 +187,60 @@ async def test_leader_killed_mid_stream(kafka_cluster):
         await admin.close()
         await server.runner.cleanup()
     print(f"test took {time.monotonic() - started:.1f} s")
+
+
+async def test_frames_across_two_leaders(kafka_cluster, stream_name):
+    """A stream topic whose partitions have different leaders (one made before a
+    stream's partitions shared one, or after a partial failover): the frame producer
+    sends to both leaders at once (gateway/kafka_frames.py, one request in flight per
+    leader) and a reader gets every frame, in order."""
+    settings = Settings.from_env(env={}, kafka_bootstrap=kafka_cluster.bootstrap)
+    bus = Bus(settings, Metrics())
+    await bus.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_cluster.bootstrap)
+    await admin.start()
+    reader = None
+    try:
+        brokers = sorted(b.nodeId for b in bus.producer.client.cluster.brokers())
+        topic = bus.stream_topic(stream_name)
+        split = {0: [brokers[0]], 1: [brokers[1]]}
+        await admin.create_topics([NewTopic(topic, -1, -1, replica_assignments=split)])
+        leaders: set[int] = set()
+        for _ in range(100):  # until every broker's metadata has the new topic
+            (described,) = await admin.describe_topics([topic])
+            leaders = {p["leader"] for p in described["partitions"] if p["leader"] >= 0}
+            if described["error_code"] == 0 and len(leaders) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(leaders) == 2, described
+        reader = FrameReader(bus, stream_name)
+        await reader.start()
+        got: list[Frame] = []
+
+        async def read() -> None:
+            async for batch in reader.read():
+                got.extend(item.frame for item in batch)
+
+        task = asyncio.create_task(read())
+        sent = {Track.VIDEO: 0, Track.AUDIO: 0}
+        for _ in range(30):
+            for track in (Track.VIDEO, Track.AUDIO, Track.AUDIO):
+                payload = bytes(3000 if track is Track.VIDEO else 160)
+                codec = Codec.H264 if track is Track.VIDEO else Codec.OPUS
+                seq = sent[track]
+                frame = Frame(track, codec, seq == 0, seq, 3, seq, time.time_ns() // 1000, payload)
+                await bus.send_frame(topic, frame)
+                sent[track] += 1
+            await asyncio.sleep(0.01)
+        done = await until(lambda: len(got) >= sum(sent.values()), 20)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert done, f"read {len(got)} of {sum(sent.values())}"
+        for track in Track:
+            assert [f.sequence for f in got if f.track is track] == list(range(sent[track]))
+        assert bus.produce_errors == 0
+    finally:
+        if reader is not None:
+            await reader.stop()
+        await admin.close()
+        await bus.stop()
