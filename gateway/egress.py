@@ -748,6 +748,9 @@ class StreamFanout:
         self._awaiting: list[set[ViewerSession]] = [set() for _ in range(self.layer_count)]
         """Per layer, viewers that switch up to it at its next keyframe."""
         self.frames = 0
+        self.audio_rtp: int | None = None
+        """RTP timestamp of the last audio frame handed out: every later one follows it
+        (a replay returning live keeps the viewer's audio time from going back)."""
         self.gop_overflows = 0
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=2048)
         # Frames carry the ingest's wall-clock arrival time; only when that ingest is this
@@ -919,6 +922,7 @@ class StreamFanout:
             targets = self._on_layer[layer]
             batch = self.batches.get((Track.VIDEO, layer))
         else:
+            self.audio_rtp = frame.rtp_timestamp
             targets = self.viewers
             batch = self.batches.get((Track.AUDIO, 0))
         if batch:  # one native call for its members; the Python path for the others

@@ -115,6 +115,7 @@ class Cursor:
         self.done = False
         self._anchor_us = 0
         """Arrival time of the frame the playback clock started on: nothing older plays."""
+        self._audio_read: int | None = None  # RTP timestamp of the last audio frame read
         self._reader = FrameReader(
             rewinder.egress.bus,
             info.stream,
@@ -167,6 +168,17 @@ class Cursor:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._reader.stop()
 
+    @property
+    def audio_after(self) -> int | None:
+        """An RTP timestamp every audio frame this cursor delivers from now on follows
+        (None: no audio read yet). Kafka orders audio only within its partition, so
+        where it stands against the video the joiner's timeline is set by is up to
+        the fetches; a joiner's audio must not go back all the same."""
+        audio = self._buffer[Track.AUDIO]
+        if audio:
+            return (audio[0].frame.rtp_timestamp - 1) & _MASK
+        return self._audio_read
+
     def _buffered_us(self) -> int:
         """How far ahead of the playback clock the buffer reaches, for the track that
         reaches least far: one fetch can bring seconds more audio than video, and
@@ -192,6 +204,8 @@ class Cursor:
                 packetizer = self._packetizers.get(frame.track)
                 if packetizer is None:
                     continue
+                if frame.track is Track.AUDIO:
+                    self._audio_read = frame.rtp_timestamp
                 prepared = PreparedFrame(
                     frame, packetizer.packetize(frame.payload), frame.track is Track.VIDEO
                 )
@@ -406,7 +420,7 @@ class Playback:
         self.paused_ms = None
         gop = list(cursor.gop)
         assert cursor.shift_us is not None
-        self._rebase(cursor.shift_us, gop)
+        self._rebase(cursor.shift_us, gop, cursor.audio_after)
         self._burst(gop)
         self.cursor = cursor
         cursor.playbacks.add(self)
@@ -420,7 +434,7 @@ class Playback:
         self._detach()
         self.paused_ms = None
         gop = list(fanout.gop)
-        self._rebase(0, gop)
+        self._rebase(0, gop, fanout.audio_rtp)
         self._burst(gop)
         self.live = True
         self.viewer.follow_live(fanout)
@@ -446,8 +460,17 @@ class Playback:
             self.cursor = None
 
     # Sending
-    def _rebase(self, shift_us: int, burst: list[PreparedFrame]) -> None:
-        """Move the viewer's timeline to a new playback clock (see the module doc)."""
+    def _rebase(self, shift_us: int, burst: list[PreparedFrame], audio_after: int | None) -> None:
+        """Move the viewer's timeline to a new playback clock (see the module doc).
+
+        ``audio_after``: an RTP timestamp every audio frame of the new source follows
+        (None: unknown). Neither track may go back across the switch: the burst must
+        start after the video the player has, the new source's next audio after the
+        audio it has. Which of the two the old source sent last, and how far the new
+        one's audio trails its video, depends on how the fetches of the two partitions
+        fell (Kafka orders each partition alone), so each track is checked, and both
+        are shifted alike by the larger shortfall to keep them in sync.
+        """
         self.viewer.drop_pending_video()
         delta_us = shift_us - self._shift_us
         senders = self.viewer.senders
@@ -455,17 +478,20 @@ class Playback:
             sender.ts_offset += delta_us * sender.clock_rate // 1_000_000
             sender.clock_shift_us = shift_us
         self._shift_us = shift_us
+        behind_us = 0
         video = senders.get(Track.VIDEO)
-        if video is None or not burst or not video.packets_sent:
-            return
-        # The burst must start after what the player already has: a shared cursor's
-        # clock may lag this viewer's; shift both tracks alike to keep them in sync.
-        newest = (burst[-1].frame.rtp_timestamp + video.ts_offset) & _MASK
-        needed = video.last_timestamp + len(burst) + 1
-        behind = ((needed - newest + 0x80000000) & _MASK) - 0x80000000
-        if behind > 0:
+        if video is not None and burst and video.packets_sent:
+            # A shared cursor's clock may lag this viewer's.
+            newest = (burst[-1].frame.rtp_timestamp + video.ts_offset) & _MASK
+            needed = video.last_timestamp + len(burst) + 1
+            behind_us = _shortfall_us(needed, newest, video.clock_rate)
+        audio = senders.get(Track.AUDIO)
+        if audio is not None and audio_after is not None and audio.packets_sent:
+            after = (audio_after + audio.ts_offset) & _MASK
+            behind_us = max(behind_us, _shortfall_us(audio.last_timestamp, after, audio.clock_rate))
+        if behind_us > 0:
             for sender in senders.values():
-                sender.ts_offset += -(-behind * sender.clock_rate // video.clock_rate)
+                sender.ts_offset += -(-behind_us * sender.clock_rate // 1_000_000)
 
     def _burst(self, gop: list[PreparedFrame]) -> None:
         """A GOP up to the current frame, timestamps packed: decoded at once."""
@@ -522,6 +548,12 @@ class Playback:
     async def _close_later(self) -> None:
         await asyncio.sleep(self.rewinder.settings.replay_end_grace_s)
         await self.viewer.close()
+
+
+def _shortfall_us(needed: int, have: int, clock_rate: int) -> int:
+    """How far RTP timestamp ``have`` is before ``needed``, in µs rounded up (0: not)."""
+    behind = ((needed - have + 0x80000000) & _MASK) - 0x80000000
+    return -(-behind * 1_000_000 // clock_rate) if behind > 0 else 0
 
 
 def check_target(target_ms: float, window: Window) -> None:
