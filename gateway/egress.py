@@ -1163,7 +1163,12 @@ class EgressNode:
             await asyncio.sleep(0.5)
             now = time.monotonic()
             informed = self.bus.reachable and now - self.bus.reachable_since > STALE_AFTER_S
+            # A rewound viewer left its fan-out but still watches the stream (and may
+            # go back live): the linger counts from when the stream's last viewer left.
+            watched = self.viewer_counts()
             for fanout in list(self.fanouts.values()):
+                if watched[fanout.stream]:
+                    fanout._idle_since = now
                 info = self.view.get(fanout.stream)
                 ended = informed and (info is None or info.session != fanout.session)
                 record = self.view.records.get(fanout.stream)

@@ -251,6 +251,9 @@ async def test_seek_pause_and_live_without_renegotiation(server, source):
         egress = await stream_stats(server.url, "rewind-source")
         assert egress["viewers"] == 1 and egress["viewers_rewound"] == 1, egress
         await asyncio.sleep(2.5)
+        # ... for longer than the fan-out lingers without viewers (1 s here).
+        egress = await stream_stats(server.url, "rewind-source")
+        assert egress["viewers"] == 1 and egress["viewers_rewound"] == 1, egress
         # Audio keeps its place next to video: each track's timeline sits on the wall
         # clock where it sat while live (within 80 ms).
         end = time.monotonic()
