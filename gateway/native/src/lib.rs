@@ -836,6 +836,22 @@ struct TrackPtr(*mut Track);
 // SAFETY: each pointer is to a distinct Track whose PyRefMut outlives its use.
 unsafe impl Send for TrackPtr {}
 
+/// Every track of `tracks` borrowed mutably (a track listed twice fails here), and a
+/// pointer to each for work with the GIL released while the borrows are held.
+fn borrow_tracks<'py>(
+    tracks: &Bound<'py, PyList>,
+) -> PyResult<(Vec<PyRefMut<'py, Track>>, Vec<TrackPtr>)> {
+    let mut held: Vec<PyRefMut<'py, Track>> = Vec::with_capacity(tracks.len());
+    for item in tracks.iter() {
+        held.push(item.downcast_into::<Track>()?.try_borrow_mut()?);
+    }
+    let ptrs = held
+        .iter_mut()
+        .map(|t| TrackPtr(&mut **t as *mut Track))
+        .collect();
+    Ok((held, ptrs))
+}
+
 impl Track {
     fn close_fd(&mut self) {
         if self.fd >= 0 {
@@ -1473,14 +1489,7 @@ fn send_batch(
         ));
     }
     let sent_at = abs_send_time.map(|v| v & 0xFF_FFFF);
-    let mut held: Vec<PyRefMut<'_, Track>> = Vec::with_capacity(tracks.len());
-    for item in tracks.iter() {
-        held.push(item.downcast_into::<Track>()?.try_borrow_mut()?);
-    }
-    let ptrs: Vec<TrackPtr> = held
-        .iter_mut()
-        .map(|t| TrackPtr(&mut **t as *mut Track))
-        .collect();
+    let (held, ptrs) = borrow_tracks(tracks)?;
     let (passed, unsent) = py.allow_threads(move || {
         let (mut passed, mut unsent) = (Vec::new(), Vec::new());
         for (n, ptr) in ptrs.into_iter().enumerate() {
@@ -1513,14 +1522,7 @@ fn send_batch(
 /// have lost their connection for good and report no more.
 #[pyfunction]
 fn send_reports(py: Python<'_>, tracks: &Bound<'_, PyList>) -> PyResult<(u64, Vec<usize>)> {
-    let mut held: Vec<PyRefMut<'_, Track>> = Vec::with_capacity(tracks.len());
-    for item in tracks.iter() {
-        held.push(item.downcast_into::<Track>()?.try_borrow_mut()?);
-    }
-    let ptrs: Vec<TrackPtr> = held
-        .iter_mut()
-        .map(|t| TrackPtr(&mut **t as *mut Track))
-        .collect();
+    let (held, ptrs) = borrow_tracks(tracks)?;
     let out = py.allow_threads(move || {
         let (now, wall) = (monotonic(), wall_clock());
         let (mut sent, mut gone) = (0, Vec::new());
